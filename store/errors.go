@@ -1,0 +1,103 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// The kinds of failure every backend reports; test with errors.Is.
+var (
+	ErrNotFound    = errors.New("key not found")
+	ErrConflict    = errors.New("version conflict")
+	ErrUnavailable = errors.New("store unavailable")
+	ErrTimeout     = errors.New("store timeout")
+	ErrInvalid     = errors.New("invalid request")
+)
+
+// Error is a failed store call: what was asked, of which server, and why.
+type Error struct {
+	Op       string // get, list, put, delete, cas, txn, watch, register, open
+	Key      string
+	Endpoint string
+	Kind     error // one of the Err* values above
+	Cause    error // the backend's own error, if any
+}
+
+func (e *Error) Error() string {
+	msg := fmt.Sprintf("store %s", e.Op)
+	if e.Key != "" {
+		msg += fmt.Sprintf(" %q", e.Key)
+	}
+	if e.Endpoint != "" {
+		msg += " at " + e.Endpoint
+	}
+	msg += ": " + e.Kind.Error()
+	if e.Cause != nil && e.Cause.Error() != e.Kind.Error() {
+		msg += ": " + e.Cause.Error()
+	}
+	return msg
+}
+
+// Unwrap lets errors.Is match both the kind and the cause.
+func (e *Error) Unwrap() []error {
+	if e.Cause == nil {
+		return []error{e.Kind}
+	}
+	return []error{e.Kind, e.Cause}
+}
+
+// Fail builds an *Error. When ctx has expired the kind becomes ErrTimeout,
+// whatever the backend said, so callers see one consistent answer.
+func Fail(ctx context.Context, op, key, endpoint string, kind, cause error) error {
+	if kind != ErrNotFound && kind != ErrConflict && ctx != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		kind = ErrTimeout
+	}
+	return &Error{Op: op, Key: key, Endpoint: endpoint, Kind: kind, Cause: cause}
+}
+
+// ValidKey reports whether key is a well-formed relative key.
+func ValidKey(key string) error {
+	if key == "" {
+		return fmt.Errorf("%w: empty key", ErrInvalid)
+	}
+	if key[0] == '/' || key[len(key)-1] == '/' {
+		return fmt.Errorf("%w: key %q must not start or end with /", ErrInvalid, key)
+	}
+	for i := 1; i < len(key); i++ {
+		if key[i] == '/' && key[i-1] == '/' {
+			return fmt.Errorf("%w: key %q has an empty segment", ErrInvalid, key)
+		}
+	}
+	return nil
+}
+
+// CheckOps validates a transaction before a backend runs it.
+func CheckOps(ops []Op) error {
+	if len(ops) == 0 {
+		return fmt.Errorf("%w: empty transaction", ErrInvalid)
+	}
+	if len(ops) > MaxTxnOps {
+		return fmt.Errorf("%w: %d operations, at most %d", ErrInvalid, len(ops), MaxTxnOps)
+	}
+	seen := make(map[string]bool, len(ops))
+	for _, op := range ops {
+		if err := ValidKey(op.Key); err != nil {
+			return err
+		}
+		if seen[op.Key] {
+			return fmt.Errorf("%w: key %q appears twice in one transaction", ErrInvalid, op.Key)
+		}
+		seen[op.Key] = true
+		switch op.Kind {
+		case OpCreate, OpPut:
+		case OpUpdate, OpDelete:
+			if op.Version <= 0 {
+				return fmt.Errorf("%w: %s of %q needs a version", ErrInvalid, op.Kind, op.Key)
+			}
+		default:
+			return fmt.Errorf("%w: unknown operation %d on %q", ErrInvalid, op.Kind, op.Key)
+		}
+	}
+	return nil
+}
