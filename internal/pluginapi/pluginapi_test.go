@@ -1,0 +1,139 @@
+package pluginapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/docker/go-plugins-helpers/ipam"
+	"github.com/docker/go-plugins-helpers/network"
+)
+
+// fakeNet answers every call; CreateNetwork fails and Leave panics, so the
+// tests can see how the router reports both.
+type fakeNet struct{ created *network.CreateEndpointRequest }
+
+func (f *fakeNet) GetCapabilities(context.Context) (*network.CapabilitiesResponse, error) {
+	return &network.CapabilitiesResponse{Scope: "local", ConnectivityScope: "global"}, nil
+}
+func (f *fakeNet) CreateNetwork(_ context.Context, r *network.CreateNetworkRequest) error {
+	return errors.New("subnet clash on " + r.NetworkID)
+}
+func (f *fakeNet) AllocateNetwork(context.Context, *network.AllocateNetworkRequest) (*network.AllocateNetworkResponse, error) {
+	return nil, nil
+}
+func (f *fakeNet) DeleteNetwork(context.Context, *network.DeleteNetworkRequest) error { return nil }
+func (f *fakeNet) FreeNetwork(context.Context, *network.FreeNetworkRequest) error     { return nil }
+func (f *fakeNet) CreateEndpoint(_ context.Context, r *network.CreateEndpointRequest) (*network.CreateEndpointResponse, error) {
+	f.created = r
+	return &network.CreateEndpointResponse{}, nil
+}
+func (f *fakeNet) DeleteEndpoint(context.Context, *network.DeleteEndpointRequest) error { return nil }
+func (f *fakeNet) EndpointInfo(context.Context, *network.InfoRequest) (*network.InfoResponse, error) {
+	return &network.InfoResponse{Value: map[string]string{}}, nil
+}
+func (f *fakeNet) Join(context.Context, *network.JoinRequest) (*network.JoinResponse, error) {
+	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: "veth0", DstPrefix: "eth"}}, nil
+}
+func (f *fakeNet) Leave(context.Context, *network.LeaveRequest) error { panic("boom") }
+func (f *fakeNet) DiscoverNew(context.Context, *network.DiscoveryNotification) error {
+	return nil
+}
+func (f *fakeNet) DiscoverDelete(context.Context, *network.DiscoveryNotification) error {
+	return nil
+}
+func (f *fakeNet) ProgramExternalConnectivity(context.Context, *network.ProgramExternalConnectivityRequest) error {
+	return nil
+}
+func (f *fakeNet) RevokeExternalConnectivity(context.Context, *network.RevokeExternalConnectivityRequest) error {
+	return nil
+}
+
+type fakeIpam struct{}
+
+func (fakeIpam) GetCapabilities(context.Context) (*ipam.CapabilitiesResponse, error) {
+	return &ipam.CapabilitiesResponse{}, nil
+}
+func (fakeIpam) GetDefaultAddressSpaces(context.Context) (*ipam.AddressSpacesResponse, error) {
+	return &ipam.AddressSpacesResponse{LocalDefaultAddressSpace: "l", GlobalDefaultAddressSpace: "g"}, nil
+}
+func (fakeIpam) RequestPool(context.Context, *ipam.RequestPoolRequest) (*ipam.RequestPoolResponse, error) {
+	return &ipam.RequestPoolResponse{PoolID: "p", Pool: "10.0.0.0/24"}, nil
+}
+func (fakeIpam) ReleasePool(context.Context, *ipam.ReleasePoolRequest) error { return nil }
+func (fakeIpam) RequestAddress(context.Context, *ipam.RequestAddressRequest) (*ipam.RequestAddressResponse, error) {
+	return &ipam.RequestAddressResponse{Address: "10.0.0.2/24"}, nil
+}
+func (fakeIpam) ReleaseAddress(context.Context, *ipam.ReleaseAddressRequest) error { return nil }
+
+func post(t *testing.T, h http.Handler, path, body string) (int, map[string]any) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, path, strings.NewReader(body)))
+	raw, _ := io.ReadAll(rec.Body)
+	var out map[string]any
+	if err := json.Unmarshal(raw, &out); err != nil {
+		t.Fatalf("%s: reply %q is not a JSON object: %v", path, raw, err)
+	}
+	return rec.Code, out
+}
+
+func newRouter(n *fakeNet) *Router {
+	return New(n, fakeIpam{}, slog.New(slog.NewTextHandler(io.Discard, nil)), nil)
+}
+
+func TestActivateListsBothDrivers(t *testing.T) {
+	code, out := post(t, newRouter(&fakeNet{}), "/Plugin.Activate", "")
+	impl, _ := out["Implements"].([]any)
+	if code != 200 || len(impl) != 2 || impl[0] != "NetworkDriver" || impl[1] != "IpamDriver" {
+		t.Fatalf("activate: %d %v", code, out)
+	}
+}
+
+func TestCallsReachTheDrivers(t *testing.T) {
+	n := &fakeNet{}
+	rt := newRouter(n)
+	code, out := post(t, rt, "/IpamDriver.RequestAddress", `{"PoolID":"p"}`)
+	if code != 200 || out["Address"] != "10.0.0.2/24" {
+		t.Fatalf("RequestAddress: %d %v", code, out)
+	}
+	code, out = post(t, rt, "/NetworkDriver.CreateEndpoint", `{"NetworkID":"n1","EndpointID":"e1","Interface":{"Address":"10.0.0.2/24"}}`)
+	if code != 200 || n.created == nil || n.created.Interface.Address != "10.0.0.2/24" {
+		t.Fatalf("CreateEndpoint: %d %v, driver saw %+v", code, out, n.created)
+	}
+	code, out = post(t, rt, "/NetworkDriver.Join", `{"NetworkID":"n1","EndpointID":"e1"}`)
+	if iface, _ := out["InterfaceName"].(map[string]any); code != 200 || iface["SrcName"] != "veth0" {
+		t.Fatalf("Join: %d %v", code, out)
+	}
+}
+
+func TestErrorsAreReportedInErr(t *testing.T) {
+	rt := newRouter(&fakeNet{})
+	for _, c := range []struct{ path, body, want string }{
+		{"/NetworkDriver.CreateNetwork", `{"NetworkID":"n1"}`, "subnet clash on n1"},
+		{"/NetworkDriver.CreateNetwork", `{"NetworkID":`, "cannot decode the JSON body"},
+		{"/NetworkDriver.CreateNetwork", `{"NetworkID":42}`, "cannot decode"},
+		{"/NetworkDriver.Leave", `{}`, "internal error in NetworkDriver.Leave: boom"},
+		{"/NetworkDriver.Nope", `{}`, "unknown plugin call /NetworkDriver.Nope"},
+	} {
+		code, out := post(t, rt, c.path, c.body)
+		msg, _ := out["Err"].(string)
+		if code == 200 || !strings.Contains(msg, c.want) {
+			t.Errorf("%s %s: %d %v, want an Err containing %q", c.path, c.body, code, out, c.want)
+		}
+	}
+}
+
+func TestHugeBodyIsRefused(t *testing.T) {
+	body := `{"NetworkID":"` + strings.Repeat("x", MaxBody+10) + `"}`
+	code, out := post(t, newRouter(&fakeNet{}), "/NetworkDriver.CreateNetwork", body)
+	if msg, _ := out["Err"].(string); code != 400 || !strings.Contains(msg, "too large") {
+		t.Fatalf("huge body: %d %v", code, out)
+	}
+}

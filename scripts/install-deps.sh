@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need on a fresh Debian 12
+# machine (as root): Docker 20.10, etcd, ZooKeeper, busybox for the test
+# image, iperf3, and a Consul server built once from the Go module proxy
+# (kept outside the repository and reused).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '==> %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: run as root (it installs packages and the tests create network namespaces)" >&2
+  exit 1
+fi
+
+packages=(docker.io etcd-server etcd-client zookeeper libslf4j-java busybox-static iperf3 iproute2
+  iptables procps psmisc jq ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  step "Debian packages already installed"
+fi
+
+step "Go modules"
+go mod download
+
+step "Consul server binary"
+bash scripts/build-consul.sh
+step "dependencies ready"
