@@ -58,14 +58,8 @@ func Open(ctx context.Context, cfg store.Config) (*Store, error) {
 		return nil, store.Fail(ctx, "open", "", cfg.URL, store.ErrUnavailable, err)
 	}
 	s := &Store{path: loc.Path, url: cfg.URL, changed: make(chan struct{}), closed: make(chan struct{})}
-	err = s.update(ctx, "open", "", func(tx *bbolt.Tx) error {
-		if _, err := tx.CreateBucketIfNotExists(kvBucket); err != nil {
-			return err
-		}
-		_, err := tx.CreateBucketIfNotExists(metaBucket)
-		return err
-	})
-	if err != nil {
+	// The first write creates the buckets.
+	if err := s.update(ctx, "open", "", func(*bbolt.Tx) error { return nil }); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -100,12 +94,22 @@ func (s *Store) with(ctx context.Context, op, key string, writable bool, fn func
 		return store.Fail(ctx, op, key, s.url, store.ErrUnavailable, err)
 	}
 	defer db.Close()
-	if writable {
-		err = db.Update(fn)
-	} else {
-		err = db.View(fn)
+	if !writable {
+		return db.View(func(tx *bbolt.Tx) error {
+			if tx.Bucket(kvBucket) == nil || tx.Bucket(metaBucket) == nil {
+				return store.Fail(ctx, op, key, s.url, store.ErrUnavailable, errors.New("not a store file (no buckets)"))
+			}
+			return fn(tx)
+		})
 	}
-	return err
+	return db.Update(func(tx *bbolt.Tx) error {
+		for _, b := range [][]byte{kvBucket, metaBucket} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return fn(tx)
+	})
 }
 
 func (s *Store) view(ctx context.Context, op, key string, fn func(tx *bbolt.Tx) error) error {

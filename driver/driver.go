@@ -1,0 +1,458 @@
+// Package driver is the libnetwork NetworkDriver: it gives Docker networks
+// a cluster-wide identity (an overlay), records endpoints in the store, and
+// keeps this host's data plane in step with the store.
+package driver
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/docker/go-plugins-helpers/network"
+
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+// Overlay is what the data plane needs to build one overlay on this host.
+type Overlay struct {
+	Name     string
+	VNI      uint32
+	Encap    string
+	Subnets  []netip.Prefix
+	Gateways []netip.Addr // per subnet; invalid when none
+	MTU      int          // 0: derive from the underlay
+}
+
+// Endpoint is one container interface on an overlay.
+type Endpoint struct {
+	ID   string
+	MAC  net.HardwareAddr
+	IPv4 netip.Prefix
+	IPv6 netip.Prefix // invalid when none
+}
+
+// Peer is an endpoint on another host.
+type Peer struct {
+	Host netip.Addr // the remote host's underlay address
+	MAC  net.HardwareAddr
+	IPs  []netip.Addr
+}
+
+// DataPlane programs this host's kernel. The driver tells it what should
+// exist; every method is idempotent.
+type DataPlane interface {
+	// Check reports whether the kernel can build encap, with a clear error if not.
+	Check(encap string) error
+	// EnsureOverlay builds (or finds and repairs) the overlay's bridge and tunnel.
+	EnsureOverlay(ov Overlay) error
+	// RemoveOverlay deletes everything the overlay has on this host.
+	RemoveOverlay(vni uint32) error
+	// Overlays lists the VNIs of the overlays present on this host.
+	Overlays() ([]uint32, error)
+	// AddEndpoint creates the endpoint's interface pair and returns the name
+	// of the end libnetwork moves into the container.
+	AddEndpoint(vni uint32, ep Endpoint) (string, error)
+	// RemoveEndpoint deletes the endpoint's interfaces, if still there.
+	RemoveEndpoint(vni uint32, epID string) error
+	// SetPeers makes the overlay's static forwarding and neighbour entries
+	// exactly peers, leaving correct entries untouched; it returns how many
+	// entries it added or removed.
+	SetPeers(vni uint32, peers []Peer) (int, error)
+}
+
+// Config is what the driver needs.
+type Config struct {
+	Store    store.Store
+	Plane    DataPlane
+	HostAddr netip.Addr // this host's underlay (advertise) address
+	Scope    string     // "local" (plain hosts) or "global" (swarm)
+	LiveTTL  time.Duration
+	Log      *slog.Logger
+}
+
+// Driver is the NetworkDriver.
+type Driver struct {
+	cfg  Config
+	host string
+	log  *slog.Logger
+
+	mu        sync.Mutex
+	networks  map[string]*localNetwork // by Docker network id
+	endpoints map[string]*localEndpoint
+
+	peers *peerSync
+	done  chan struct{}
+}
+
+type localNetwork struct {
+	ID      string
+	Rec     networkRecord
+	Overlay overlayRecord
+}
+
+type localEndpoint struct {
+	ID      string
+	Network string
+	Rec     endpointRecord
+}
+
+// New returns a driver; call Start before serving calls.
+func New(cfg Config) *Driver {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Scope == "" {
+		cfg.Scope = network.LocalScope
+	}
+	if cfg.LiveTTL == 0 {
+		cfg.LiveTTL = 15 * time.Second
+	}
+	d := &Driver{
+		cfg:       cfg,
+		host:      cfg.HostAddr.String(),
+		log:       cfg.Log,
+		networks:  map[string]*localNetwork{},
+		endpoints: map[string]*localEndpoint{},
+	}
+	d.peers = newPeerSync(d)
+	d.done = make(chan struct{})
+	return d
+}
+
+// Start loads this host's networks and endpoints from the store, registers
+// the host, and keeps the data plane in step with the store until ctx ends.
+// When the store is unreachable it keeps trying in the background: the
+// plugin serves what it can and converges once the store is back.
+func (d *Driver) Start(ctx context.Context) {
+	go func() { defer close(d.done); d.peers.run(ctx) }()
+}
+
+// Done is closed once the driver stopped after Start's ctx ended.
+func (d *Driver) Done() <-chan struct{} { return d.done }
+
+// GetCapabilities: local scope on plain hosts, global in swarm; the
+// overlay connects hosts, so connectivity is always global.
+func (d *Driver) GetCapabilities(ctx context.Context) (*network.CapabilitiesResponse, error) {
+	return &network.CapabilitiesResponse{Scope: d.cfg.Scope, ConnectivityScope: network.GlobalScope}, nil
+}
+
+// CreateNetwork joins (or creates) the overlay the network names.
+func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequest) error {
+	if r.NetworkID == "" {
+		return errors.New("CreateNetwork without a NetworkID")
+	}
+	spec, err := parseCreate(r)
+	if err != nil {
+		return err
+	}
+	if err := d.cfg.Plane.Check(spec.Encap); err != nil {
+		return err
+	}
+	ov, err := joinOverlay(ctx, d.cfg.Store, spec, d.host)
+	if err != nil {
+		return err
+	}
+	rec := networkRecord{Overlay: ov.Name, Internal: spec.Internal, MTU: spec.MTU}
+	if _, err := d.cfg.Store.Put(ctx, netmapKey(d.host, r.NetworkID), encode(rec)); err != nil {
+		leaveOverlay(ctx, d.cfg.Store, ov.Name, d.host)
+		return fmt.Errorf("record network %.12s: %w", r.NetworkID, err)
+	}
+	d.mu.Lock()
+	d.networks[r.NetworkID] = &localNetwork{ID: r.NetworkID, Rec: rec, Overlay: ov}
+	d.mu.Unlock()
+	d.log.Info("network created", "network", short(r.NetworkID), "overlay", ov.Name, "vni", ov.VNI, "subnets", ov.Subnets)
+	return nil
+}
+
+// DeleteNetwork forgets the network here and leaves its overlay.
+func (d *Driver) DeleteNetwork(ctx context.Context, r *network.DeleteNetworkRequest) error {
+	n, err := d.network(ctx, r.NetworkID)
+	if err != nil {
+		return err
+	}
+	if err := d.cfg.Store.Delete(ctx, netmapKey(d.host, n.ID)); err != nil {
+		return fmt.Errorf("delete network %.12s: %w", n.ID, err)
+	}
+	if err := leaveOverlay(ctx, d.cfg.Store, n.Overlay.Name, d.host); err != nil {
+		return fmt.Errorf("delete network %.12s: leave overlay %s: %w", n.ID, n.Overlay.Name, err)
+	}
+	d.mu.Lock()
+	delete(d.networks, n.ID)
+	d.mu.Unlock()
+	d.peers.kick()
+	d.log.Info("network deleted", "network", short(n.ID), "overlay", n.Overlay.Name)
+	return nil
+}
+
+// network finds a network of this host, in memory or (after a restart) in the store.
+func (d *Driver) network(ctx context.Context, id string) (*localNetwork, error) {
+	d.mu.Lock()
+	n := d.networks[id]
+	d.mu.Unlock()
+	if n != nil {
+		return n, nil
+	}
+	if id == "" {
+		return nil, errors.New("no NetworkID given")
+	}
+	kv, err := d.cfg.Store.Get(ctx, netmapKey(d.host, id))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("network %.12s is not a network of this plugin on this host", id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("network %.12s: %w", id, err)
+	}
+	rec, err := decodeKV[networkRecord](kv)
+	if err != nil {
+		return nil, err
+	}
+	okv, err := d.cfg.Store.Get(ctx, overlayKey(rec.Overlay))
+	if err != nil {
+		return nil, fmt.Errorf("network %.12s: overlay %s: %w", id, rec.Overlay, err)
+	}
+	ov, err := decodeKV[overlayRecord](okv)
+	if err != nil {
+		return nil, err
+	}
+	n = &localNetwork{ID: id, Rec: rec, Overlay: ov}
+	d.mu.Lock()
+	d.networks[id] = n
+	d.mu.Unlock()
+	return n, nil
+}
+
+// CreateEndpoint records the endpoint (address from IPAM, MAC chosen here
+// when Docker gave none) so every host can program its peers.
+func (d *Driver) CreateEndpoint(ctx context.Context, r *network.CreateEndpointRequest) (*network.CreateEndpointResponse, error) {
+	n, err := d.network(ctx, r.NetworkID)
+	if err != nil {
+		return nil, err
+	}
+	if r.EndpointID == "" || r.Interface == nil || r.Interface.Address == "" {
+		return nil, fmt.Errorf("endpoint %.12s: Docker gave no IPv4 address (use --ipam-driver with this plugin)", r.EndpointID)
+	}
+	ip4, err := netip.ParsePrefix(r.Interface.Address)
+	if err != nil {
+		return nil, fmt.Errorf("endpoint %.12s: address %q: %v", r.EndpointID, r.Interface.Address, err)
+	}
+	rec := endpointRecord{Network: n.ID, Host: d.host, IPv4: ip4.String(), IPv6: r.Interface.AddressIPv6}
+	resp := &network.CreateEndpointResponse{}
+	if r.Interface.MacAddress != "" {
+		if _, err := net.ParseMAC(r.Interface.MacAddress); err != nil {
+			return nil, fmt.Errorf("endpoint %.12s: mac %q: %v", r.EndpointID, r.Interface.MacAddress, err)
+		}
+		rec.MAC = r.Interface.MacAddress
+	} else {
+		rec.MAC = newMAC().String()
+		resp.Interface = &network.EndpointInterface{MacAddress: rec.MAC}
+	}
+	if _, err := d.cfg.Store.CompareAndSwap(ctx, endpointKey(n.Overlay.Name, r.EndpointID), encode(rec), 0); err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return nil, fmt.Errorf("endpoint %.12s already exists", r.EndpointID)
+		}
+		return nil, fmt.Errorf("record endpoint %.12s: %w", r.EndpointID, err)
+	}
+	d.mu.Lock()
+	d.endpoints[r.EndpointID] = &localEndpoint{ID: r.EndpointID, Network: n.ID, Rec: rec}
+	d.mu.Unlock()
+	d.log.Info("endpoint created", "network", short(n.ID), "endpoint", short(r.EndpointID), "ip", rec.IPv4, "mac", rec.MAC)
+	return resp, nil
+}
+
+// newMAC returns a random locally administered unicast MAC.
+func newMAC() net.HardwareAddr {
+	mac := make(net.HardwareAddr, 6)
+	rand.Read(mac)
+	mac[0] = (mac[0] | 0x02) &^ 0x01
+	return mac
+}
+
+func (d *Driver) endpoint(ctx context.Context, netID, epID string) (*localNetwork, *localEndpoint, error) {
+	n, err := d.network(ctx, netID)
+	if err != nil {
+		return nil, nil, err
+	}
+	d.mu.Lock()
+	ep := d.endpoints[epID]
+	d.mu.Unlock()
+	if ep != nil {
+		return n, ep, nil
+	}
+	if epID == "" {
+		return nil, nil, errors.New("no EndpointID given")
+	}
+	kv, err := d.cfg.Store.Get(ctx, endpointKey(n.Overlay.Name, epID))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil, fmt.Errorf("endpoint %.12s does not exist on network %.12s", epID, netID)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("endpoint %.12s: %w", epID, err)
+	}
+	rec, err := decodeKV[endpointRecord](kv)
+	if err != nil {
+		return nil, nil, err
+	}
+	ep = &localEndpoint{ID: epID, Network: netID, Rec: rec}
+	d.mu.Lock()
+	d.endpoints[epID] = ep
+	d.mu.Unlock()
+	return n, ep, nil
+}
+
+// overlayOf builds the data plane's view of a network.
+func overlayOf(n *localNetwork) Overlay {
+	ov := Overlay{Name: n.Overlay.Name, VNI: n.Overlay.VNI, Encap: n.Overlay.Encap, MTU: n.Overlay.MTU}
+	if n.Rec.MTU != 0 {
+		ov.MTU = n.Rec.MTU
+	}
+	for i, s := range n.Overlay.Subnets {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			continue
+		}
+		var gw netip.Addr
+		if i < len(n.Overlay.Gateways) {
+			gw, _ = netip.ParseAddr(n.Overlay.Gateways[i])
+		}
+		ov.Subnets = append(ov.Subnets, p)
+		ov.Gateways = append(ov.Gateways, gw)
+	}
+	return ov
+}
+
+// Join builds the overlay here if needed and hands libnetwork the
+// container end of a veth pair. No gateway is returned: libnetwork then
+// gives the container its way out through docker_gwbridge (with NAT and
+// port publishing by Docker), and none at all on --internal networks.
+func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.JoinResponse, error) {
+	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.cfg.Plane.EnsureOverlay(overlayOf(n)); err != nil {
+		return nil, fmt.Errorf("join %.12s: build overlay %s: %w", ep.ID, n.Overlay.Name, err)
+	}
+	dpEP, err := dataEndpoint(ep)
+	if err != nil {
+		return nil, err
+	}
+	ifName, err := d.cfg.Plane.AddEndpoint(n.Overlay.VNI, dpEP)
+	if err != nil {
+		return nil, fmt.Errorf("join %.12s: %w", ep.ID, err)
+	}
+	d.peers.kick()
+	d.log.Info("endpoint joined", "network", short(n.ID), "endpoint", short(ep.ID), "interface", ifName)
+	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifName, DstPrefix: "eth"}}, nil
+}
+
+func dataEndpoint(ep *localEndpoint) (Endpoint, error) {
+	mac, err := net.ParseMAC(ep.Rec.MAC)
+	if err != nil {
+		return Endpoint{}, fmt.Errorf("endpoint %.12s: stored mac %q: %v", ep.ID, ep.Rec.MAC, err)
+	}
+	out := Endpoint{ID: ep.ID, MAC: mac}
+	if out.IPv4, err = netip.ParsePrefix(ep.Rec.IPv4); err != nil {
+		return Endpoint{}, fmt.Errorf("endpoint %.12s: stored address %q: %v", ep.ID, ep.Rec.IPv4, err)
+	}
+	if ep.Rec.IPv6 != "" {
+		if out.IPv6, err = netip.ParsePrefix(ep.Rec.IPv6); err != nil {
+			return Endpoint{}, fmt.Errorf("endpoint %.12s: stored address %q: %v", ep.ID, ep.Rec.IPv6, err)
+		}
+	}
+	return out, nil
+}
+
+// Leave removes the endpoint's interfaces; the record stays until DeleteEndpoint.
+func (d *Driver) Leave(ctx context.Context, r *network.LeaveRequest) error {
+	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
+	if err != nil {
+		return err
+	}
+	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, ep.ID); err != nil {
+		return fmt.Errorf("leave %.12s: %w", ep.ID, err)
+	}
+	d.log.Info("endpoint left", "network", short(n.ID), "endpoint", short(ep.ID))
+	return nil
+}
+
+// DeleteEndpoint removes the endpoint's record; the overlay's bridge and
+// tunnel go with the last local endpoint (the peer sync does that).
+func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRequest) error {
+	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
+	if err != nil {
+		return err
+	}
+	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, ep.ID); err != nil {
+		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
+	}
+	if err := d.cfg.Store.Delete(ctx, endpointKey(n.Overlay.Name, ep.ID)); err != nil {
+		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
+	}
+	d.mu.Lock()
+	delete(d.endpoints, ep.ID)
+	d.mu.Unlock()
+	d.peers.kick()
+	d.log.Info("endpoint deleted", "network", short(n.ID), "endpoint", short(ep.ID))
+	return nil
+}
+
+// EndpointInfo reports what operators may want to see in docker inspect.
+func (d *Driver) EndpointInfo(ctx context.Context, r *network.InfoRequest) (*network.InfoResponse, error) {
+	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
+	if err != nil {
+		return nil, err
+	}
+	return &network.InfoResponse{Value: map[string]string{
+		"overlay": n.Overlay.Name,
+		"vni":     fmt.Sprint(n.Overlay.VNI),
+		"host":    ep.Rec.Host,
+		"mac":     ep.Rec.MAC,
+	}}, nil
+}
+
+// AllocateNetwork (swarm managers) echoes the user's options so that every
+// node's CreateNetwork receives them.
+func (d *Driver) AllocateNetwork(ctx context.Context, r *network.AllocateNetworkRequest) (*network.AllocateNetworkResponse, error) {
+	return &network.AllocateNetworkResponse{Options: r.Options}, nil
+}
+
+// FreeNetwork has nothing to undo: overlays are freed with their last host.
+func (d *Driver) FreeNetwork(ctx context.Context, r *network.FreeNetworkRequest) error { return nil }
+
+// DiscoverNew: peers are found through the store, not through Docker.
+func (d *Driver) DiscoverNew(ctx context.Context, r *network.DiscoveryNotification) error { return nil }
+
+// DiscoverDelete: see DiscoverNew.
+func (d *Driver) DiscoverDelete(ctx context.Context, r *network.DiscoveryNotification) error {
+	return nil
+}
+
+// ProgramExternalConnectivity: egress and published ports go through
+// docker_gwbridge, which Docker itself programs.
+func (d *Driver) ProgramExternalConnectivity(ctx context.Context, r *network.ProgramExternalConnectivityRequest) error {
+	return nil
+}
+
+// RevokeExternalConnectivity: see ProgramExternalConnectivity.
+func (d *Driver) RevokeExternalConnectivity(ctx context.Context, r *network.RevokeExternalConnectivityRequest) error {
+	return nil
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+func hostname() string {
+	h, _ := os.Hostname()
+	return h
+}
