@@ -106,8 +106,11 @@ func (p *Process) start() error {
 	cmd.Dir = p.Dir
 	cmd.Env = append(os.Environ(), p.Env...)
 	cmd.Stdout, cmd.Stderr = lf, lf
-	// Own process group, and die with the test binary.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	// Its own process group, so Stop reaches its children too. No
+	// Pdeathsig: it fires when the forking OS thread ends, and Go ends
+	// threads that netns code left locked, which would kill the server
+	// mid-test.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		lf.Close()
 		return err

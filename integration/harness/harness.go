@@ -1,0 +1,375 @@
+// Package harness builds a cluster of Docker hosts on one machine for
+// integration tests: every host is a network namespace with its own dockerd,
+// and all hosts hang off one underlay "switch" (a Linux bridge in a namespace
+// of its own).
+//
+//	c := harness.New(t, 2, harness.Options{})
+//	h1, h2 := c.Hosts[0], c.Hosts[1]
+//	out, err := h1.Docker("run", "--rm", "--init", "--network", "none", harness.Image, "true")
+//	_, err = h1.Exec("busybox", "ping", "-c1", h2.UnderlayIP)
+//
+// Everything New makes is named after a short random run id (dnpt-<id>-...),
+// lives under /tmp/dnpt-<id>, and is removed by t.Cleanup, also when the test
+// fails. Sweep removes what killed test runs left behind; New calls it once
+// per test binary.
+//
+// Layout of one cluster:
+//
+//	netns dnpt-<id>-ul   bridge br0 with SwitchIP (192.168.250.1/24): the
+//	                     "outside world" and a place for KV servers
+//	netns dnpt-<id>-hN   veth ul0 with 192.168.250.(10+N)/24, default route via
+//	                     SwitchIP, dockerd in its own mount and UTS namespace
+//	                     with /run/docker/plugins = Host.PluginDir and
+//	                     /etc/docker = <host dir>/etc
+//
+// The docker CLI used is /usr/bin/docker (the 20.10 client of the docker.io
+// package, same API version as the daemon) when present, else docker on PATH.
+package harness
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/testenv"
+)
+
+// Image is the busybox image New imports into every host (unless
+// Options.NoImage). It has no registry behind it: never pull it.
+const Image = "dnpt-busybox:latest"
+
+const (
+	namePrefix  = "dnpt-"
+	baseDir     = "/tmp" // short on purpose: unix socket paths end up below it
+	subnetBase  = "192.168.250."
+	subnetBits  = "/24"
+	switchIP    = subnetBase + "1"
+	underlayDev = "ul0"
+	maxHosts    = 200
+
+	// cmdTimeout bounds one docker or Exec command unless Options says otherwise.
+	cmdTimeout = 2 * time.Minute
+	// readyTimeout bounds the wait for one dockerd to answer.
+	readyTimeout = 60 * time.Second
+)
+
+// Options tunes New. The zero value is what most tests want.
+type Options struct {
+	// DockerdArgs are extra dockerd flags for every host, e.g. "--experimental".
+	DockerdArgs []string
+	// NoImage skips importing Image into the hosts.
+	NoImage bool
+	// CommandTimeout bounds each Docker and Exec call (default 2 minutes).
+	CommandTimeout time.Duration
+}
+
+// Cluster is a set of Docker hosts on one underlay. Its fields are read-only.
+type Cluster struct {
+	ID          string // short random run id, part of every name
+	Prefix      string // "dnpt-<ID>": the prefix of namespaces and cgroups
+	Dir         string // /tmp/dnpt-<ID>: everything on disk
+	SwitchNetNS string // path of the switch namespace, /run/netns/dnpt-<ID>-ul
+	SwitchIP    string // the switch's own underlay address, e.g. 192.168.250.1
+	Subnet      string // the underlay subnet, e.g. 192.168.250.0/24
+	Hosts       []*Host
+
+	t        testing.TB
+	opts     Options
+	docker   string // docker CLI path
+	dockerd  string // dockerd path
+	mu       sync.Mutex
+	cleanups []func()
+}
+
+var sweepOnce sync.Once
+
+// New starts a cluster of n Docker hosts and registers its teardown with
+// t.Cleanup. It skips the test (fails in CI) when not root or when dockerd,
+// docker, nsenter, unshare, ip or busybox are missing.
+func New(t testing.TB, n int, opts Options) *Cluster {
+	t.Helper()
+	testenv.NeedRoot(t)
+	if n < 1 || n > maxHosts {
+		t.Fatalf("harness.New: %d hosts; want 1..%d", n, maxHosts)
+	}
+	c := &Cluster{
+		t:       t,
+		opts:    opts,
+		dockerd: testenv.LookPath(t, "dockerd", "/usr/sbin"),
+		docker:  dockerCLI(t),
+	}
+	for _, prog := range []string{"nsenter", "unshare", "ip", "busybox"} {
+		testenv.LookPath(t, prog, "/usr/sbin", "/usr/bin", "/bin")
+	}
+	if c.opts.CommandTimeout == 0 {
+		c.opts.CommandTimeout = cmdTimeout
+	}
+
+	sweepOnce.Do(func() {
+		removed, err := Sweep()
+		for _, r := range removed {
+			t.Logf("harness: removed leftover of a killed run: %s", r)
+		}
+		if err != nil {
+			t.Logf("harness: sweeping leftovers: %v", err)
+		}
+	})
+
+	start := time.Now()
+	if err := c.makeDir(); err != nil {
+		t.Fatalf("harness: %v", err)
+	}
+	// Registered before anything else is made, so a failure half way
+	// through New still removes what exists.
+	t.Cleanup(c.teardown)
+
+	if err := c.makeNetwork(n); err != nil {
+		t.Fatalf("harness: cluster %s: underlay: %v", c.Prefix, err)
+	}
+	netDone := time.Now()
+
+	if err := c.forEachHost(func(h *Host) error { return h.StartDockerd() }); err != nil {
+		t.Fatalf("harness: cluster %s: %v", c.Prefix, err)
+	}
+	dockerDone := time.Now()
+
+	if !opts.NoImage {
+		if err := c.forEachHost(func(h *Host) error { return h.importImage() }); err != nil {
+			t.Fatalf("harness: cluster %s: %v", c.Prefix, err)
+		}
+	}
+	t.Logf("harness: cluster %s: %d hosts up in %s (underlay %s, dockerd %s, image %s)",
+		c.Prefix, n, time.Since(start).Round(time.Millisecond),
+		netDone.Sub(start).Round(time.Millisecond),
+		dockerDone.Sub(netDone).Round(time.Millisecond),
+		time.Since(dockerDone).Round(time.Millisecond))
+	return c
+}
+
+// Cleanup registers fn to run during teardown after containers, swarm state
+// and managed plugins are gone but while the dockerds still run. Use it to
+// stop a legacy plugin process: stopped by a plain t.Cleanup it would be gone
+// before the containers that use it are removed, and each removal would wait
+// for dockerd's plugin retries. Functions run in reverse order of registration.
+func (c *Cluster) Cleanup(fn func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cleanups = append(c.cleanups, fn)
+}
+
+// SwitchExec runs a program in the switch namespace and returns its trimmed
+// stdout.
+func (c *Cluster) SwitchExec(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.opts.CommandTimeout)
+	defer cancel()
+	return execIn(ctx, c.SwitchNetNS, args...)
+}
+
+// makeDir picks a run id and creates /tmp/dnpt-<id> with an owner file, so
+// that Sweep leaves this run alone while this process lives.
+func (c *Cluster) makeDir() error {
+	for range 10 {
+		b := make([]byte, 3)
+		if _, err := rand.Read(b); err != nil {
+			return fmt.Errorf("run id: %w", err)
+		}
+		id := hex.EncodeToString(b)
+		dir := filepath.Join(baseDir, namePrefix+id)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			if os.IsExist(err) {
+				continue
+			}
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+		c.ID, c.Prefix, c.Dir = id, namePrefix+id, dir
+		owner := strconv.Itoa(os.Getpid()) + "\n"
+		if err := os.WriteFile(filepath.Join(dir, "owner"), []byte(owner), 0o644); err != nil {
+			return fmt.Errorf("write owner file: %w", err)
+		}
+		return nil
+	}
+	return fmt.Errorf("no free run id in %s after 10 tries", baseDir)
+}
+
+// makeNetwork creates the switch namespace and n host namespaces wired to it.
+func (c *Cluster) makeNetwork(n int) error {
+	c.SwitchIP = switchIP
+	c.Subnet = subnetBase + "0" + subnetBits
+	sw := c.Prefix + "-ul"
+	c.SwitchNetNS = netnsPath(sw)
+	if err := ip("netns", "add", sw); err != nil {
+		return err
+	}
+	steps := [][]string{
+		{"-n", sw, "link", "set", "lo", "up"},
+		{"-n", sw, "link", "add", "br0", "type", "bridge"},
+		{"-n", sw, "addr", "add", c.SwitchIP + subnetBits, "dev", "br0"},
+		{"-n", sw, "link", "set", "br0", "up"},
+	}
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return err
+		}
+	}
+	// Nothing leaves the underlay: the switch answers packets for any other
+	// address with ICMP "prohibited", so a stray connection fails at once
+	// instead of timing out.
+	if _, err := ExecIn(c.SwitchNetNS, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+		return err
+	}
+	if err := ip("-n", sw, "route", "add", "prohibit", "default"); err != nil {
+		return err
+	}
+	for i := 1; i <= n; i++ {
+		h := &Host{
+			Name:        "h" + strconv.Itoa(i),
+			UnderlayDev: underlayDev,
+			UnderlayIP:  subnetBase + strconv.Itoa(10+i),
+			cluster:     c,
+		}
+		h.Hostname = c.Prefix + "-" + h.Name
+		h.NetNS = netnsPath(h.Hostname)
+		h.Dir = filepath.Join(c.Dir, h.Name)
+		h.DockerSock = filepath.Join(h.Dir, "docker.sock")
+		h.PluginDir = filepath.Join(h.Dir, "plugins")
+		h.LogFile = filepath.Join(h.Dir, "dockerd.log")
+		c.Hosts = append(c.Hosts, h)
+
+		if err := ip("netns", "add", h.Hostname); err != nil {
+			return err
+		}
+		// Both veth ends are created inside namespaces: no name in the
+		// root namespace, so parallel clusters cannot collide.
+		steps := [][]string{
+			{"-n", h.Hostname, "link", "set", "lo", "up"},
+			{"-n", sw, "link", "add", h.Name, "type", "veth", "peer", "name", underlayDev, "netns", h.Hostname},
+			{"-n", sw, "link", "set", h.Name, "master", "br0", "up"},
+			{"-n", h.Hostname, "addr", "add", h.UnderlayIP + subnetBits, "dev", underlayDev},
+			{"-n", h.Hostname, "link", "set", underlayDev, "up"},
+			{"-n", h.Hostname, "route", "add", "default", "via", c.SwitchIP},
+		}
+		for _, s := range steps {
+			if err := ip(s...); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// forEachHost runs fn for all hosts at once and returns the errors joined.
+func (c *Cluster) forEachHost(fn func(h *Host) error) error {
+	errs := make([]error, len(c.Hosts))
+	var wg sync.WaitGroup
+	for i, h := range c.Hosts {
+		wg.Go(func() {
+			if err := fn(h); err != nil {
+				errs[i] = fmt.Errorf("%s: %w", h.Name, err)
+			}
+		})
+	}
+	wg.Wait()
+	var msgs []string
+	for _, err := range errs {
+		if err != nil {
+			msgs = append(msgs, err.Error())
+		}
+	}
+	if len(msgs) > 0 {
+		return fmt.Errorf("%s", strings.Join(msgs, "; "))
+	}
+	return nil
+}
+
+// teardown removes everything the cluster made. Problems are test errors:
+// leftovers would disturb later tests.
+func (c *Cluster) teardown() {
+	t := c.t
+	start := time.Now()
+	if t.Failed() {
+		c.showLogs()
+	}
+
+	c.forEachHost(func(h *Host) error { h.emptyDocker(); return nil })
+
+	c.mu.Lock()
+	cleanups := c.cleanups
+	c.cleanups = nil
+	c.mu.Unlock()
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
+
+	if err := c.forEachHost(func(h *Host) error { return h.StopDockerd() }); err != nil {
+		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
+	}
+	if t.Failed() {
+		c.keepLogs()
+	}
+	// Kill what dockerd left (shims, containers, plugins), drop cgroups,
+	// namespaces, mounts and files.
+	if err := removeRun(c.ID); err != nil {
+		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
+	}
+	if left := Leftovers(c.ID); len(left) > 0 {
+		t.Errorf("harness: teardown %s left behind:\n  %s", c.Prefix, strings.Join(left, "\n  "))
+	}
+	t.Logf("harness: cluster %s torn down in %s", c.Prefix, time.Since(start).Round(time.Millisecond))
+}
+
+// showLogs prints the tail of every dockerd log.
+func (c *Cluster) showLogs() {
+	for _, h := range c.Hosts {
+		c.t.Logf("harness: %s: last lines of %s:\n%s", h.Name, h.LogFile, h.logTail(40))
+	}
+}
+
+// keepLogs copies the dockerd logs to /tmp/dnpt-logs-<id>, which teardown
+// does not remove.
+func (c *Cluster) keepLogs() {
+	keep := filepath.Join(baseDir, "dnpt-logs-"+c.ID)
+	if err := os.MkdirAll(keep, 0o755); err != nil {
+		c.t.Logf("harness: keep logs: %v", err)
+		return
+	}
+	for _, h := range c.Hosts {
+		b, err := os.ReadFile(h.LogFile)
+		if err != nil {
+			continue
+		}
+		dst := filepath.Join(keep, h.Name+"-dockerd.log")
+		if err := os.WriteFile(dst, b, 0o644); err != nil {
+			c.t.Logf("harness: keep logs: %v", err)
+			return
+		}
+	}
+	c.t.Logf("harness: full dockerd logs kept in %s", keep)
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func netnsPath(name string) string { return "/run/netns/" + name }
+
+// dockerCLI picks the docker client: the docker.io package's 20.10 client
+// matches the daemon's API exactly, so it is preferred.
+func dockerCLI(t testing.TB) string {
+	const pkgClient = "/usr/bin/docker"
+	if fi, err := os.Stat(pkgClient); err == nil && fi.Mode()&0o111 != 0 {
+		return pkgClient
+	}
+	return testenv.LookPath(t, "docker")
+}
