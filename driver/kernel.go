@@ -1,0 +1,87 @@
+package driver
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+
+	"github.com/dnplabs/docker-net-plugin/overlay"
+)
+
+// kernelPlane is the DataPlane of the real kernel (package overlay). Each
+// overlay's namespace is named after its VNI, so a restarted plugin finds
+// what it built before.
+type kernelPlane struct {
+	host  *overlay.Host
+	local netip.Addr
+}
+
+// NewKernelPlane programs this host's kernel; local is the underlay address
+// VXLAN tunnels start from. prefix names the overlay namespaces
+// (/run/netns/<prefix><vni>); "" means overlay.DefaultPrefix.
+func NewKernelPlane(local netip.Addr, prefix string) DataPlane {
+	return &kernelPlane{host: &overlay.Host{Prefix: prefix}, local: local}
+}
+
+func nsID(vni uint32) string { return strconv.FormatUint(uint64(vni), 10) }
+
+func (k *kernelPlane) Check(encap string) error { return overlay.Available(encap) }
+
+func (k *kernelPlane) EnsureOverlay(ov Overlay) error {
+	cfg := overlay.NetworkConfig{ID: nsID(ov.VNI), VNI: ov.VNI, Encap: ov.Encap, LocalIP: k.local, MTU: ov.MTU}
+	for i, gw := range ov.Gateways {
+		if gw.IsValid() && i < len(ov.Subnets) {
+			cfg.Gateways = append(cfg.Gateways, netip.PrefixFrom(gw, ov.Subnets[i].Bits()))
+		}
+	}
+	_, err := k.host.EnsureNetwork(cfg)
+	return err
+}
+
+func (k *kernelPlane) RemoveOverlay(vni uint32) error { return k.host.DeleteNetwork(nsID(vni)) }
+
+func (k *kernelPlane) Overlays() ([]uint32, error) {
+	ids, err := k.host.ListNetworks()
+	if err != nil {
+		return nil, err
+	}
+	var out []uint32
+	for _, id := range ids {
+		if v, err := strconv.ParseUint(id, 10, 32); err == nil {
+			out = append(out, uint32(v))
+		}
+	}
+	return out, nil
+}
+
+func (k *kernelPlane) AddEndpoint(vni uint32, ep Endpoint) (string, error) {
+	n, err := k.host.Network(nsID(vni))
+	if err != nil {
+		return "", fmt.Errorf("overlay vni %d: %w", vni, err)
+	}
+	return n.AddEndpoint(overlay.Endpoint{ID: ep.ID, MAC: ep.MAC})
+}
+
+func (k *kernelPlane) RemoveEndpoint(vni uint32, epID string) error {
+	n, err := k.host.Network(nsID(vni))
+	if errors.Is(err, overlay.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return n.RemoveEndpoint(epID)
+}
+
+func (k *kernelPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
+	n, err := k.host.Network(nsID(vni))
+	if err != nil {
+		return 0, fmt.Errorf("overlay vni %d: %w", vni, err)
+	}
+	ps := make([]overlay.Peer, len(peers))
+	for i, p := range peers {
+		ps[i] = overlay.Peer{HostIP: p.Host, MAC: p.MAC, IPs: p.IPs}
+	}
+	return n.SetPeers(ps, nil)
+}

@@ -1,0 +1,472 @@
+package overlay
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// NetworkConfig is what one overlay network should look like on this host.
+type NetworkConfig struct {
+	ID      string     // network id; names the namespace ([A-Za-z0-9_.-], up to 128)
+	VNI     uint32     // VXLAN network identifier, 1..16777215
+	Encap   string     // "vxlan" (default) or "gre"
+	LocalIP netip.Addr // this host's advertise (underlay) address
+	// MTU of the bridge, the VXLAN device and the veths. 0 means the MTU of
+	// the device holding LocalIP minus the VXLAN overhead (50, or 70 for an
+	// IPv6 underlay).
+	MTU int
+	// Gateways, if any, are put on the bridge (address with prefix length):
+	// a distributed gateway, the same address on every host, whose ARP/ND is
+	// answered by the local bridge only. Empty means none.
+	Gateways []netip.Prefix
+}
+
+func (c *NetworkConfig) validate() error {
+	if err := validName("network id", c.ID); err != nil {
+		return err
+	}
+	if c.VNI < 1 || c.VNI > 1<<24-1 {
+		return fmt.Errorf("network %s: VNI %d out of range 1..16777215", c.ID, c.VNI)
+	}
+	if !c.LocalIP.IsValid() || c.LocalIP.IsUnspecified() || c.LocalIP.Is4In6() {
+		return fmt.Errorf("network %s: invalid local (advertise) address %v", c.ID, c.LocalIP)
+	}
+	if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
+		return fmt.Errorf("network %s: MTU %d out of range 68..65535", c.ID, c.MTU)
+	}
+	for _, g := range c.Gateways {
+		if !g.IsValid() || g.Addr().Is4In6() {
+			return fmt.Errorf("network %s: invalid gateway %v", c.ID, g)
+		}
+	}
+	return nil
+}
+
+// Network is an overlay network that exists on this host. It is a small
+// value describing the kernel objects; every method looks them up again.
+type Network struct {
+	ID      string
+	VNI     uint32
+	LocalIP netip.Addr
+	MTU     int
+	NetNS   string // path of the network's namespace
+
+	host *Host
+}
+
+// EnsureNetwork makes the network's namespace, bridge and VXLAN device exist
+// as cfg says, reusing whatever is already right (so it is idempotent and
+// finds what an earlier run created) and replacing what is wrong. If the
+// VXLAN device had to be (re)created its FDB is empty: call SetPeers after.
+func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	switch cfg.Encap {
+	case "", EncapVXLAN:
+	case EncapGRE:
+		if err := Available(EncapGRE); err != nil {
+			return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
+		}
+		return nil, fmt.Errorf("network %s: encap gre is not implemented yet; use encap=vxlan", cfg.ID)
+	default:
+		return nil, fmt.Errorf("network %s: unknown encap %q (want vxlan or gre)", cfg.ID, cfg.Encap)
+	}
+
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s, err := h.openHost()
+	if err != nil {
+		return nil, err
+	}
+	defer s.close()
+
+	mtu := cfg.MTU
+	if mtu == 0 {
+		under, err := underlayMTU(s.host, cfg.LocalIP)
+		if err != nil {
+			return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
+		}
+		mtu = under - vxlanOverhead(cfg.LocalIP)
+		if mtu < 68 {
+			return nil, fmt.Errorf("network %s: underlay MTU %d too small for VXLAN", cfg.ID, under)
+		}
+	}
+
+	path := h.nsPath(cfg.ID)
+	ns, created, err := ensureNamedNS(path)
+	if err != nil {
+		return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
+	}
+	if err := s.openOverlay(ns); err != nil {
+		return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
+	}
+	if err := ensureDevices(s, cfg, mtu); err != nil {
+		if created { // leave nothing half-made behind
+			if derr := deleteNetwork(s, path); derr != nil {
+				slog.Warn("cleaning up after failed network create", "network", cfg.ID, "err", derr)
+			}
+		}
+		return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
+	}
+	return &Network{ID: cfg.ID, VNI: cfg.VNI, LocalIP: cfg.LocalIP, MTU: mtu, NetNS: path, host: h}, nil
+}
+
+// ensureDevices makes the overlay namespace's devices match cfg.
+func ensureDevices(s *handles, cfg NetworkConfig, mtu int) error {
+	if err := setUp(s.ov, "lo"); err != nil {
+		return err
+	}
+	br, err := ensureBridge(s.ov, mtu)
+	if err != nil {
+		return err
+	}
+	if err := ensureVXLAN(s, br, cfg, mtu); err != nil {
+		return err
+	}
+	return ensureGateways(s.ov, br, cfg.Gateways)
+}
+
+// Network finds an existing network by id (after a restart, say). It
+// returns ErrNotFound if the network has no namespace here.
+func (h *Host) Network(id string) (*Network, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s, err := h.open(id)
+	if err != nil {
+		return nil, err
+	}
+	defer s.close()
+	vx, br, err := devices(s.ov)
+	if err != nil {
+		return nil, fmt.Errorf("network %s: %w", id, err)
+	}
+	local, _ := netip.AddrFromSlice(vx.SrcAddr)
+	return &Network{
+		ID: id, VNI: uint32(vx.VxlanId), LocalIP: local.Unmap(), MTU: br.Attrs().MTU,
+		NetNS: h.nsPath(id), host: h,
+	}, nil
+}
+
+// ListNetworks returns the ids of the networks that have a namespace here.
+func (h *Host) ListNetworks() ([]string, error) {
+	if err := validName("prefix", h.prefix()); err != nil {
+		return nil, err
+	}
+	return namedNSes(h.prefix())
+}
+
+// DeleteNetwork removes the network's namespace and every device in it,
+// including the host ends of its endpoints. A missing network is not an
+// error.
+func (h *Host) DeleteNetwork(id string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s, err := h.open(id)
+	if errors.Is(err, ErrNotFound) {
+		return removeNamedNS(h.nsPath(id)) // a stale unmounted file, if any
+	}
+	if err != nil {
+		return err
+	}
+	defer s.close()
+	if err := deleteNetwork(s, h.nsPath(id)); err != nil {
+		return fmt.Errorf("network %s: %w", id, err)
+	}
+	return nil
+}
+
+// deleteNetwork deletes every device in the overlay namespace, then the
+// namespace at path. The devices go explicitly rather than with the
+// namespace, whose teardown is asynchronous and would keep the VXLAN socket
+// (and its VNI) and the host ends of veths around for a while, or for good
+// if another mount namespace still holds the namespace.
+func deleteNetwork(s *handles, path string) error {
+	links, err := dump(s.ov.LinkList)
+	if err != nil {
+		return fmt.Errorf("list devices: %w", err)
+	}
+	for _, l := range links {
+		if l.Attrs().Name == "lo" {
+			continue
+		}
+		if err := s.ov.LinkDel(l); err != nil && !isNotFound(err) && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("delete %s: %w", l.Attrs().Name, err)
+		}
+	}
+	return removeNamedNS(path)
+}
+
+// Available reports whether this kernel can carry encap ("vxlan" or "gre"),
+// by creating a device of that kind in a throwaway namespace.
+func Available(encap string) error {
+	var link netlink.Link
+	switch encap {
+	case "", EncapVXLAN:
+		link = &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, VxlanId: 1, Port: VXLANPort}
+	case EncapGRE:
+		link = &netlink.Gretap{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}
+	default:
+		return fmt.Errorf("unknown encap %q (want vxlan or gre)", encap)
+	}
+	err := inNewNetNS(func() error {
+		h, err := newHandle(netns.None())
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		return h.LinkAdd(link)
+	})
+	switch {
+	case err == nil:
+		return nil
+	case encap == EncapGRE && errors.Is(err, unix.EOPNOTSUPP):
+		return ErrNoGRETap
+	default:
+		return fmt.Errorf("kernel check for %s devices: %w", link.Type(), err)
+	}
+}
+
+// underlayMTU is the MTU of the host device that holds addr.
+func underlayMTU(h *netlink.Handle, addr netip.Addr) (int, error) {
+	family := netlink.FAMILY_V4
+	if addr.Is6() {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := dump(func() ([]netlink.Addr, error) { return h.AddrList(nil, family) })
+	if err != nil {
+		return 0, fmt.Errorf("list host addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == addr {
+			l, err := h.LinkByIndex(a.LinkIndex)
+			if err != nil {
+				return 0, fmt.Errorf("device of %s: %w", addr, err)
+			}
+			return l.Attrs().MTU, nil
+		}
+	}
+	return 0, fmt.Errorf("local address %s is on no device of the host namespace (set the MTU, or fix the advertise address)", addr)
+}
+
+// devices returns the network's VXLAN device and bridge.
+func devices(ov *netlink.Handle) (*netlink.Vxlan, netlink.Link, error) {
+	l, err := ov.LinkByName(vxlanName)
+	if err != nil {
+		return nil, nil, fmt.Errorf("find %s (run EnsureNetwork): %w", vxlanName, err)
+	}
+	vx, ok := l.(*netlink.Vxlan)
+	if !ok {
+		return nil, nil, fmt.Errorf("%s is a %s device, not vxlan (run EnsureNetwork)", vxlanName, l.Type())
+	}
+	br, err := ov.LinkByName(bridgeName)
+	if err != nil {
+		return nil, nil, fmt.Errorf("find %s (run EnsureNetwork): %w", bridgeName, err)
+	}
+	return vx, br, nil
+}
+
+func setUp(h *netlink.Handle, name string) error {
+	l, err := h.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("find %s: %w", name, err)
+	}
+	if l.Attrs().Flags&net.FlagUp != 0 {
+		return nil
+	}
+	if err := h.LinkSetUp(l); err != nil {
+		return fmt.Errorf("set %s up: %w", name, err)
+	}
+	return nil
+}
+
+// ensureBridge makes br0 exist as an up bridge with the given MTU.
+func ensureBridge(ov *netlink.Handle, mtu int) (netlink.Link, error) {
+	l, err := ov.LinkByName(bridgeName)
+	if err != nil && !isNotFound(err) {
+		return nil, fmt.Errorf("find %s: %w", bridgeName, err)
+	}
+	if l != nil {
+		if _, ok := l.(*netlink.Bridge); !ok {
+			if err := ov.LinkDel(l); err != nil {
+				return nil, fmt.Errorf("delete non-bridge %s: %w", bridgeName, err)
+			}
+			l = nil
+		}
+	}
+	if l == nil {
+		off := false
+		br := &netlink.Bridge{
+			// A fixed MAC: otherwise the bridge takes its lowest port's
+			// and changes it as ports come and go (bad for a gateway).
+			LinkAttrs:         netlink.LinkAttrs{Name: bridgeName, MTU: mtu, HardwareAddr: randomMAC()},
+			MulticastSnooping: &off, // flood ND multicast instead of waiting for MLD
+		}
+		if err := ov.LinkAdd(br); err != nil {
+			return nil, fmt.Errorf("create %s: %w", bridgeName, err)
+		}
+		if l, err = ov.LinkByName(bridgeName); err != nil {
+			return nil, fmt.Errorf("find new %s: %w", bridgeName, err)
+		}
+	}
+	if l.Attrs().MTU != mtu {
+		if err := ov.LinkSetMTU(l, mtu); err != nil {
+			return nil, fmt.Errorf("set %s MTU %d: %w", bridgeName, mtu, err)
+		}
+	}
+	if err := setUp(ov, bridgeName); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+// ensureVXLAN makes vxlan0 exist in the overlay namespace with its socket in
+// the host namespace, as cfg says, as a port of br without learning and
+// with ARP/ND suppression.
+func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error {
+	l, err := s.ov.LinkByName(vxlanName)
+	if err != nil && !isNotFound(err) {
+		return fmt.Errorf("find %s: %w", vxlanName, err)
+	}
+	if l != nil {
+		if why := vxlanMismatch(s, l, cfg); why != "" {
+			slog.Info("replacing VXLAN device", "network", cfg.ID, "reason", why)
+			if err := s.ov.LinkDel(l); err != nil {
+				return fmt.Errorf("delete wrong %s: %w", vxlanName, err)
+			}
+			l = nil
+		}
+	}
+	if l == nil {
+		vx := &netlink.Vxlan{
+			// Created by the host handle with a target namespace: the
+			// device appears in the overlay namespace while its UDP socket
+			// stays in the host namespace.
+			LinkAttrs: netlink.LinkAttrs{Name: vxlanName, MTU: mtu, Namespace: netlink.NsFd(s.ovNS)},
+			VxlanId:   int(cfg.VNI),
+			SrcAddr:   net.IP(cfg.LocalIP.AsSlice()),
+			Port:      VXLANPort,
+			Learning:  false,
+		}
+		if err := s.host.LinkAdd(vx); err != nil {
+			if errors.Is(err, unix.EEXIST) {
+				return fmt.Errorf("create %s: VNI %d is already used by another VXLAN device of this host: %w", vxlanName, cfg.VNI, err)
+			}
+			return fmt.Errorf("create %s (VNI %d, local %s): %w", vxlanName, cfg.VNI, cfg.LocalIP, err)
+		}
+		if l, err = s.ov.LinkByName(vxlanName); err != nil {
+			return fmt.Errorf("find new %s: %w", vxlanName, err)
+		}
+	}
+	if l.Attrs().MTU != mtu {
+		if err := s.ov.LinkSetMTU(l, mtu); err != nil {
+			return fmt.Errorf("set %s MTU %d: %w", vxlanName, mtu, err)
+		}
+	}
+	if l.Attrs().MasterIndex != br.Attrs().Index {
+		if err := s.ov.LinkSetMaster(l, br); err != nil {
+			return fmt.Errorf("attach %s to %s: %w", vxlanName, bridgeName, err)
+		}
+	}
+	// Remote MACs come only from SetPeers, never from traffic.
+	if err := s.ov.LinkSetLearning(l, false); err != nil {
+		return fmt.Errorf("bridge port %s: learning off: %w", vxlanName, err)
+	}
+	// Answer ARP/ND for known remote addresses on this host instead of
+	// sending the request to every remote host.
+	if err := s.ov.LinkSetBrNeighSuppress(l, true); err != nil {
+		return fmt.Errorf("bridge port %s: neigh_suppress on: %w", vxlanName, err)
+	}
+	return setUp(s.ov, vxlanName)
+}
+
+// vxlanMismatch says why an existing vxlan0 does not fit cfg ("" if it does).
+func vxlanMismatch(s *handles, l netlink.Link, cfg NetworkConfig) string {
+	vx, ok := l.(*netlink.Vxlan)
+	switch {
+	case !ok:
+		return "not a vxlan device"
+	case vx.VxlanId != int(cfg.VNI):
+		return fmt.Sprintf("VNI %d, want %d", vx.VxlanId, cfg.VNI)
+	case !vx.SrcAddr.Equal(net.IP(cfg.LocalIP.AsSlice())):
+		return fmt.Sprintf("local %s, want %s", vx.SrcAddr, cfg.LocalIP)
+	case vx.Port != VXLANPort:
+		return fmt.Sprintf("port %d, want %d", vx.Port, VXLANPort)
+	case vx.Learning || vx.Proxy || vx.L2miss || vx.L3miss || vx.FlowBased:
+		return "learning, proxy, miss or flow-based mode on"
+	case vx.Group != nil && !vx.Group.IsUnspecified():
+		return "has a multicast group"
+	}
+	// The socket must be in the host namespace: the device's link
+	// namespace, as seen from the overlay namespace.
+	id, err := s.ov.GetNetNsIdByFd(int(s.hostNS))
+	if err != nil || id < 0 || vx.NetNsID != id {
+		return "its UDP socket is not in the host namespace"
+	}
+	return ""
+}
+
+// ensureGateways makes the bridge's global addresses exactly want.
+func ensureGateways(ov *netlink.Handle, br netlink.Link, want []netip.Prefix) error {
+	addrs, err := dump(func() ([]netlink.Addr, error) { return ov.AddrList(br, netlink.FAMILY_ALL) })
+	if err != nil {
+		return fmt.Errorf("list %s addresses: %w", bridgeName, err)
+	}
+	have := map[netip.Prefix]bool{}
+	for _, a := range addrs {
+		p, ok := addrPrefix(a)
+		if !ok || p.Addr().IsLinkLocalUnicast() {
+			continue
+		}
+		if !slices.Contains(want, p) {
+			if err := ov.AddrDel(br, &a); err != nil {
+				return fmt.Errorf("remove %s from %s: %w", p, bridgeName, err)
+			}
+			continue
+		}
+		have[p] = true
+	}
+	for _, p := range want {
+		if have[p] {
+			continue
+		}
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+		if p.Addr().Is6() {
+			// Every host has this address: duplicate detection would fail.
+			a.Flags = unix.IFA_F_NODAD
+		}
+		if err := ov.AddrAdd(br, a); err != nil {
+			return fmt.Errorf("add gateway %s to %s: %w", p, bridgeName, err)
+		}
+	}
+	return nil
+}
+
+func addrPrefix(a netlink.Addr) (netip.Prefix, bool) {
+	if a.IPNet == nil {
+		return netip.Prefix{}, false
+	}
+	ip, ok := netip.AddrFromSlice(a.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := a.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), ones), true
+}
+
+// randomMAC returns a random locally administered unicast MAC.
+func randomMAC() net.HardwareAddr {
+	mac := make(net.HardwareAddr, 6)
+	rand.Read(mac)
+	mac[0] = mac[0]&0xfe | 0x02
+	return mac
+}
