@@ -1,0 +1,258 @@
+package consul
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+const (
+	// minSessionTTL is Consul's default session_ttl_min: servers refuse
+	// sessions with a shorter TTL.
+	minSessionTTL = 10 * time.Second
+	// maxSessionTTL is the longest session TTL Consul accepts.
+	maxSessionTTL = 24 * time.Hour
+	// releaseTimeout bounds destroying a session when a registration ends
+	// with its context or with Close.
+	releaseTimeout = 2 * time.Second
+)
+
+// sessionTTL is the Consul session TTL for a registration of ttl. Consul
+// invalidates a session up to twice its TTL after the last renewal, so the
+// session gets half of ttl, but never less than Consul's minimum of 10s:
+// a dead owner's key disappears within max(ttl, 20s).
+func sessionTTL(ttl time.Duration) time.Duration {
+	return min(max((ttl/2).Round(time.Second), minSessionTTL), maxSessionTTL)
+}
+
+// Register writes key=value held by a Consul session with a TTL (see
+// sessionTTL) and Behavior "delete", and renews the session every third of
+// its TTL. When the session dies, Consul deletes the key. A key held by
+// another client's session is taken over, as a plain Put would (the other
+// session ending then leaves it alone). If the session is lost (the store
+// was unreachable for longer than its TTL), a new session writes the key
+// again as soon as the store answers. Release, the end of ctx or Close
+// destroy the session, which deletes the key.
+func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	if err := store.ValidKey(key); err != nil {
+		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
+	}
+	if ttl <= 0 {
+		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid,
+			fmt.Errorf("ttl %s is not positive", ttl))
+	}
+	if err := s.start(); err != nil {
+		return nil, s.fail(ctx, "register", key, err)
+	}
+	r := &registration{
+		s:     s,
+		key:   key,
+		value: value,
+		ttl:   sessionTTL(ttl),
+		done:  make(chan struct{}),
+	}
+	if err := r.first(ctx); err != nil {
+		s.wg.Done()
+		return nil, err
+	}
+	lctx, cancel := context.WithCancel(ctx)
+	r.cancel = cancel
+	go func() {
+		defer s.wg.Done()
+		defer close(r.done)
+		stop := context.AfterFunc(s.ctx, cancel)
+		defer stop()
+		r.keep(lctx)
+
+		r.mu.Lock()
+		released := r.released
+		r.mu.Unlock()
+		if !released {
+			dctx, dcancel := context.WithTimeout(context.Background(), releaseTimeout)
+			if err := r.destroy(dctx); err != nil {
+				r.s.logger().Warn("store registration could not destroy its session; the key goes when it expires",
+					"register", r.key, "err", err)
+			}
+			dcancel()
+		}
+	}()
+	return r, nil
+}
+
+type registration struct {
+	s     *Store
+	key   string
+	value []byte
+	ttl   time.Duration // of the Consul session
+
+	cancel context.CancelFunc // stops keep
+	done   chan struct{}      // closed when keep has returned
+	once   sync.Once
+
+	mu       sync.Mutex
+	session  string // ID of the session holding the key; "" when lost
+	released bool   // Release destroys the session itself
+}
+
+// first writes the key for Register, bounded by the call's deadline.
+func (r *registration) first(ctx context.Context) error {
+	ctx, cancel := store.WithTimeout(ctx)
+	defer cancel()
+	if err := r.write(ctx); err != nil {
+		return r.s.fail(ctx, "register", r.key, err)
+	}
+	return nil
+}
+
+func (r *registration) sessionID() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.session
+}
+
+// write creates a session and makes it hold the key with the value. The
+// key is deleted and locked in one transaction, so a key still held by
+// an older session (ours from before a restart, or another client's)
+// passes to the new one.
+func (r *registration) write(ctx context.Context) error {
+	var id string
+	err := r.s.do(ctx, func(c *api.Client) error {
+		var err error
+		id, _, err = c.Session().CreateNoChecks(&api.SessionEntry{
+			Name:      "docker-net-plugin " + r.key,
+			TTL:       r.ttl.String(),
+			Behavior:  api.SessionBehaviorDelete,
+			LockDelay: time.Millisecond, // Consul's default of 15s would delay taking the key back
+		}, r.s.write(ctx))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("create session: %w", err)
+	}
+	full := r.s.full(r.key)
+	ops := api.TxnOps{
+		{KV: &api.KVTxnOp{Verb: api.KVDelete, Key: full}},
+		{KV: &api.KVTxnOp{Verb: api.KVLock, Key: full, Value: r.value, Session: id}},
+	}
+	err = r.s.do(ctx, func(c *api.Client) error {
+		_, err := c.Raw().Write("/v1/txn", ops, nil, r.s.write(ctx))
+		return err
+	})
+	if err != nil {
+		dctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+		r.s.do(dctx, func(c *api.Client) error {
+			_, err := c.Session().Destroy(id, r.s.write(dctx))
+			return err
+		})
+		cancel()
+		return fmt.Errorf("write the key under session %s: %w", id, err)
+	}
+	r.mu.Lock()
+	r.session = id
+	r.mu.Unlock()
+	return nil
+}
+
+// keep renews the session until ctx ends, and writes the key again under a
+// new session whenever the old one is lost.
+func (r *registration) keep(ctx context.Context) {
+	log := r.s.logger().With("register", r.key)
+	every := r.ttl / 3
+	var rt retry
+	failing := false
+	for {
+		t := time.NewTimer(every)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		for {
+			err := r.renew(ctx, every)
+			if err == nil {
+				break
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			if !failing {
+				log.Warn("store registration cannot renew its session; retrying", "err", err)
+				failing = true
+			}
+			if !rt.wait(ctx) {
+				return
+			}
+		}
+		if failing {
+			log.Info("store registration renewed again")
+			failing = false
+		}
+		rt.reset()
+	}
+}
+
+// renew renews the session, or, if Consul no longer knows it, writes the
+// key again under a new one.
+func (r *registration) renew(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, min(timeout, store.DefaultTimeout))
+	defer cancel()
+	if id := r.sessionID(); id != "" {
+		var entry *api.SessionEntry
+		err := r.s.do(ctx, func(c *api.Client) error {
+			var err error
+			entry, _, err = c.Session().Renew(id, r.s.write(ctx))
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("renew session %s: %w", id, err)
+		}
+		if entry != nil {
+			return nil
+		}
+		// The session expired (the store was out of reach for longer than
+		// its TTL) and Consul deleted the key with it.
+		r.s.logger().Warn("store registration lost its session; writing the key again",
+			"register", r.key, "session", id)
+		r.mu.Lock()
+		r.session = ""
+		r.mu.Unlock()
+	}
+	return r.write(ctx)
+}
+
+// destroy ends the session, which deletes the key. Consul answers success
+// for a session that no longer exists: its key is gone too.
+func (r *registration) destroy(ctx context.Context) error {
+	id := r.sessionID()
+	if id == "" {
+		return nil
+	}
+	return r.s.do(ctx, func(c *api.Client) error {
+		_, err := c.Session().Destroy(id, r.s.write(ctx))
+		return err
+	})
+}
+
+// Release stops renewing the session and destroys it, deleting the key.
+func (r *registration) Release(ctx context.Context) error {
+	var err error
+	r.once.Do(func() {
+		r.mu.Lock()
+		r.released = true
+		r.mu.Unlock()
+		r.cancel()
+		<-r.done
+		ctx, cancel := store.WithTimeout(ctx)
+		defer cancel()
+		if e := r.destroy(ctx); e != nil {
+			err = r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", e))
+		}
+	})
+	return err
+}
