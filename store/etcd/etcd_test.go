@@ -1,0 +1,381 @@
+package etcd_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/dnplabs/docker-net-plugin/internal/testenv"
+	"github.com/dnplabs/docker-net-plugin/store"
+	"github.com/dnplabs/docker-net-plugin/store/etcd"
+	"github.com/dnplabs/docker-net-plugin/store/storetest"
+)
+
+func TestMain(m *testing.M) {
+	storetest.Main(m, func(ctx context.Context, url string) (store.Store, error) {
+		return etcd.Open(ctx, store.Config{URL: url})
+	})
+}
+
+// liveTTL is the shortest lease etcd grants with its default timings
+// (1.5 election timeouts, rounded up to whole seconds).
+const liveTTL = 2 * time.Second
+
+func TestConformance(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	storetest.Run(t, storetest.Backend{
+		Name:   "etcd",
+		Open:   func(t testing.TB, ns string) store.Store { return open(t, store.Config{URL: srv.URL(ns)}) },
+		URL:    srv.URL,
+		Server: srv,
+		// A lease expires TTL after the last keepalive; etcd looks for
+		// expired leases every 500ms and then commits the revocation.
+		LiveTTL:    liveTTL,
+		LiveExpiry: liveTTL + 3*time.Second,
+	})
+}
+
+func open(t testing.TB, cfg store.Config) store.Store {
+	t.Helper()
+	s, err := etcd.Open(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("open %s: %v", cfg.URL, err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return s
+}
+
+func ctxT(t testing.TB, d time.Duration) context.Context { return testenv.Context(t, d) }
+
+// rawClient is a plain etcd client for doing what an operator would
+// (revoking a lease, enabling auth) behind the store's back.
+func rawClient(t testing.TB, srv *testenv.Server, user, password string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   []string{"http://" + srv.Addr},
+		DialTimeout: 5 * time.Second,
+		Username:    user,
+		Password:    password,
+		Logger:      zap.NewNop(),
+	})
+	if err != nil {
+		t.Fatalf("etcd client: %v", err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// waitValue polls key until it holds want (or, with want "", is absent).
+func waitValue(t *testing.T, s store.Store, key, want string, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		kv, err := s.Get(ctxT(t, 3*time.Second), key)
+		switch {
+		case want == "" && errors.Is(err, store.ErrNotFound):
+			return
+		case want != "" && err == nil && string(kv.Value) == want:
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: want %q within %s; last: %q, %v", key, want, d, kv.Value, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// next returns the next watch event, failing the test after d.
+func next(t *testing.T, ch <-chan store.Event, d time.Duration) store.Event {
+	t.Helper()
+	select {
+	case ev, ok := <-ch:
+		if !ok {
+			t.Fatalf("watch channel closed early")
+		}
+		return ev
+	case <-time.After(d):
+		t.Fatalf("no watch event within %s", d)
+	}
+	return store.Event{}
+}
+
+// The plugin starts before its store: Open works with no server, calls
+// fail with the endpoint named, and everything works once the server is up.
+func TestStoreAppearsLater(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	srv.Stop(t)
+
+	start := time.Now()
+	s := open(t, store.Config{URL: srv.URL("late")})
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("open took %s with no server", d)
+	}
+	wctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch, err := s.Watch(wctx, "dir")
+	if err != nil {
+		t.Fatalf("watch with no server: %v", err)
+	}
+
+	ctx, cancelGet := context.WithTimeout(context.Background(), time.Second)
+	_, err = s.Get(ctx, "dir/k")
+	cancelGet()
+	if !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("get with no server: %v, want store unavailable", err)
+	}
+	if !strings.Contains(err.Error(), srv.Addr) || !strings.Contains(err.Error(), "dir/k") {
+		t.Fatalf("error %q names neither the endpoint %s nor the key", err, srv.Addr)
+	}
+	if d := time.Since(start); d > 2500*time.Millisecond {
+		t.Fatalf("get with a 1s deadline returned after %s", d)
+	}
+
+	srv.Start(t)
+	ev := next(t, ch, 15*time.Second)
+	if ev.Type != store.EventReset || len(ev.Snapshot) != 0 {
+		t.Fatalf("first event once the server is up: %+v, want an empty reset", ev)
+	}
+	if _, err := s.Put(ctxT(t, 10*time.Second), "dir/k", []byte("v")); err != nil {
+		t.Fatalf("put once the server is up: %v", err)
+	}
+	ev = next(t, ch, 10*time.Second)
+	if ev.Type != store.EventPut || ev.KV.Key != "dir/k" || string(ev.KV.Value) != "v" || ev.KV.Version <= 0 {
+		t.Fatalf("event after put: %+v", ev)
+	}
+}
+
+// After an outage the watch sends a fresh snapshot, as the contract says,
+// and it holds what changed meanwhile; Close closes the channel.
+func TestWatchResetAfterRestart(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("reset")})
+	other := open(t, store.Config{URL: srv.URL("reset")})
+	mustPut := func(s store.Store, k, v string) {
+		t.Helper()
+		if _, err := s.Put(ctxT(t, 10*time.Second), k, []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustPut(other, "d/a", "1")
+	ch, err := s.Watch(context.Background(), "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := next(t, ch, 10*time.Second); ev.Type != store.EventReset || len(ev.Snapshot) != 1 {
+		t.Fatalf("first event: %+v", ev)
+	}
+
+	srv.Stop(t)
+	srv.Start(t)
+	mustPut(other, "d/b", "2")
+
+	// Events may repeat (at least once), but a reset with d/a and d/b, or
+	// a reset followed by the put of d/b, must come.
+	state := map[string]string{}
+	resets := 0
+	deadline := time.After(20 * time.Second)
+	for resets == 0 || state["d/b"] != "2" {
+		select {
+		case ev := <-ch:
+			switch ev.Type {
+			case store.EventReset:
+				resets++
+				state = map[string]string{}
+				for _, kv := range ev.Snapshot {
+					state[kv.Key] = string(kv.Value)
+				}
+			case store.EventPut:
+				state[ev.KV.Key] = string(ev.KV.Value)
+			case store.EventDelete:
+				delete(state, ev.KV.Key)
+			}
+		case <-deadline:
+			t.Fatalf("after restart: %d resets, state %v; want a reset and d/b=2", resets, state)
+		}
+	}
+	if state["d/a"] != "1" {
+		t.Fatalf("state after restart %v lost d/a", state)
+	}
+
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		select {
+		case _, ok := <-ch:
+			if !ok {
+				return
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("watch channel still open after Close")
+		}
+	}
+}
+
+// A registration whose lease is revoked behind its back (an operator, or
+// expiry while the client was cut off) writes its key again.
+func TestRegistrationSurvivesLeaseLoss(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("lease")})
+	reg, err := s.Register(ctxT(t, time.Minute), "hosts/me", []byte("10.0.0.1"), liveTTL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := rawClient(t, srv, "", "")
+	resp, err := raw.Get(ctxT(t, 5*time.Second), "/lease/hosts/me")
+	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+		t.Fatalf("raw get of the registered key: %+v, %v; want one key with a lease", resp, err)
+	}
+	if _, err := raw.Revoke(ctxT(t, 5*time.Second), clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
+		t.Fatal(err)
+	}
+	waitValue(t, s, "hosts/me", "10.0.0.1", 10*time.Second)
+
+	// It is alive, not a leftover: it stays past several TTLs.
+	time.Sleep(3 * liveTTL)
+	waitValue(t, s, "hosts/me", "10.0.0.1", 0)
+
+	if err := reg.Release(ctxT(t, 5*time.Second)); err != nil {
+		t.Fatalf("release: %v", err)
+	}
+	waitValue(t, s, "hosts/me", "", 0)
+	if err := reg.Release(ctxT(t, 5*time.Second)); err != nil {
+		t.Fatalf("second release: %v", err)
+	}
+}
+
+// A registration outlives a server outage longer than its TTL, and it
+// ends (key gone) when its context ends.
+func TestRegistrationAfterLongOutage(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("outage")})
+	rctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := s.Register(rctx, "hosts/me", []byte("up"), liveTTL); err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop(t)
+	time.Sleep(2 * liveTTL)
+	srv.Start(t)
+	waitValue(t, s, "hosts/me", "up", 10*time.Second)
+	// The lease restored by the restart expires unless renewed: the key
+	// must still be there well after that.
+	time.Sleep(3 * liveTTL)
+	waitValue(t, s, "hosts/me", "up", 0)
+
+	cancel()
+	waitValue(t, s, "hosts/me", "", 5*time.Second)
+}
+
+// With etcd authentication on, the username and password are used, and a
+// wrong password is reported.
+func TestAuth(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	raw := rawClient(t, srv, "", "")
+	ctx := ctxT(t, 30*time.Second)
+	if _, err := raw.RoleAdd(ctx, "root"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.UserAdd(ctx, "root", "rootpw"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.UserGrantRole(ctx, "root", "root"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.AuthEnable(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	anon := open(t, store.Config{URL: srv.URL("auth")})
+	if _, err := anon.Put(ctx, "k", []byte("v")); err == nil {
+		t.Fatal("put without credentials worked with auth enabled")
+	}
+	bad := open(t, store.Config{URL: srv.URL("auth"), Username: "root", Password: "wrong"})
+	_, err := bad.Get(ctx, "k")
+	if err == nil || !strings.Contains(err.Error(), "authentication failed") {
+		t.Fatalf("get with a wrong password: %v, want an authentication failure", err)
+	}
+
+	s := open(t, store.Config{URL: srv.URL("auth"), Username: "root", Password: "rootpw"})
+	v, err := s.CompareAndSwap(ctx, "k", []byte("v"), 0)
+	if err != nil {
+		t.Fatalf("cas with credentials: %v", err)
+	}
+	ch, err := s.Watch(ctx, "dir")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := next(t, ch, 10*time.Second); ev.Type != store.EventReset {
+		t.Fatalf("first watch event: %+v", ev)
+	}
+	reg, err := s.Register(ctx, "dir/live", []byte("x"), liveTTL)
+	if err != nil {
+		t.Fatalf("register with credentials: %v", err)
+	}
+	if ev := next(t, ch, 10*time.Second); ev.Type != store.EventPut || ev.KV.Key != "dir/live" {
+		t.Fatalf("watch event: %+v", ev)
+	}
+	if err := reg.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if kv, err := s.Get(ctx, "k"); err != nil || kv.Version != v {
+		t.Fatalf("get: %+v, %v", kv, err)
+	}
+
+	// Logging in needs the server: a client opened while it is down
+	// reports it unavailable, and logs in once it is back.
+	srv.Stop(t)
+	late := open(t, store.Config{URL: srv.URL("auth"), Username: "root", Password: "rootpw"})
+	gctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	start := time.Now()
+	_, err = late.Get(gctx, "k")
+	cancel()
+	if !errors.Is(err, store.ErrUnavailable) || time.Since(start) > 1500*time.Millisecond {
+		t.Fatalf("get with credentials and no server: %v after %s, want store unavailable within 1s", err, time.Since(start))
+	}
+	srv.Start(t)
+	if kv, err := late.Get(ctxT(t, 10*time.Second), "k"); err != nil || string(kv.Value) != "v" {
+		t.Fatalf("get after the server came back: %+v, %v", kv, err)
+	}
+	// The restart invalidated the first client's token: it logs in again,
+	// and its watch resumes.
+	if _, err := s.Put(ctxT(t, 10*time.Second), "dir/after", []byte("y")); err != nil {
+		t.Fatalf("put with credentials after the restart: %v", err)
+	}
+	for {
+		ev := next(t, ch, 15*time.Second)
+		if ev.Type == store.EventPut && ev.KV.Key == "dir/after" {
+			break
+		}
+		if ev.Type == store.EventReset && len(ev.Snapshot) == 1 && ev.Snapshot[0].Key == "dir/after" {
+			break
+		}
+	}
+}
+
+func TestOpenRejectsBadConfig(t *testing.T) {
+	for _, cfg := range []store.Config{
+		{URL: "consul://127.0.0.1:8500/x"},
+		{URL: "etcd:///x"},
+		{URL: "etcd://127.0.0.1:2379/x", CAFile: "/nonexistent/ca.pem"},
+		{URL: "etcd://127.0.0.1:2379/x", CertFile: "/nonexistent/cert.pem"},
+		{URL: "etcd://127.0.0.1:2379/x", Username: "root"},
+	} {
+		s, err := etcd.Open(context.Background(), cfg)
+		if !errors.Is(err, store.ErrInvalid) {
+			if s != nil {
+				s.Close()
+			}
+			t.Errorf("open %+v: %v, want invalid", cfg, err)
+		}
+	}
+}

@@ -1,0 +1,206 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+// Register writes key=value attached to a lease of ttl (rounded up to whole
+// seconds; etcd may raise very short TTLs to its minimum, about 2s) and
+// keeps the lease alive. If the lease is lost (the store was unreachable
+// for longer than ttl), the key is written again under a new lease as soon
+// as the store answers. Release, the end of ctx or Close revoke the lease,
+// which deletes the key.
+func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	if err := store.ValidKey(key); err != nil {
+		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
+	}
+	if ttl <= 0 {
+		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid,
+			fmt.Errorf("ttl %s is not positive", ttl))
+	}
+	r := &registration{
+		s:     s,
+		key:   key,
+		value: value,
+		ttl:   int64(math.Ceil(ttl.Seconds())),
+		done:  make(chan struct{}),
+	}
+	err := s.do(ctx, "register", key, func(ctx context.Context, cli *clientv3.Client) error {
+		id, err := r.write(ctx, cli)
+		r.lease = id
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := s.start(); err != nil {
+		r.revoke(context.Background())
+		return nil, s.fail(ctx, "register", key, err)
+	}
+	lctx, cancel := context.WithCancel(ctx)
+	r.cancel = cancel
+	go func() {
+		defer s.wg.Done()
+		defer close(r.done)
+		stop := context.AfterFunc(s.ctx, cancel)
+		defer stop()
+		r.keep(lctx)
+	}()
+	return r, nil
+}
+
+type registration struct {
+	s     *Store
+	key   string
+	value []byte
+	ttl   int64 // seconds
+
+	cancel context.CancelFunc // stops keep
+	done   chan struct{}      // closed when keep has returned
+	once   sync.Once
+
+	mu       sync.Mutex
+	lease    clientv3.LeaseID
+	released bool // Release revokes the lease itself
+	revoked  bool // keep revoked it when ctx ended
+}
+
+// write grants a lease and puts the key under it.
+func (r *registration) write(ctx context.Context, cli *clientv3.Client) (clientv3.LeaseID, error) {
+	g, err := cli.Grant(ctx, r.ttl)
+	if err != nil {
+		return 0, fmt.Errorf("grant lease: %w", err)
+	}
+	if _, err := cli.Put(ctx, r.s.full(r.key), string(r.value), clientv3.WithLease(g.ID)); err != nil {
+		rctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+		cli.Revoke(rctx, g.ID)
+		cancel()
+		return 0, fmt.Errorf("put under lease %x: %w", int64(g.ID), err)
+	}
+	return g.ID, nil
+}
+
+func (r *registration) leaseID() clientv3.LeaseID {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lease
+}
+
+// keep keeps the lease alive until ctx ends, and writes the key again
+// under a new lease whenever the old one is lost.
+func (r *registration) keep(ctx context.Context) {
+	log := r.s.logger().With("register", r.key)
+	var rt retry
+	for {
+		cli, err := r.s.client()
+		if err != nil {
+			break
+		}
+		started := time.Now()
+		ka, err := cli.KeepAlive(ctx, r.leaseID())
+		if err == nil {
+			// The client closes ka when ctx ends, when the lease is gone
+			// or when no keepalive answer came for a whole TTL.
+			for range ka {
+			}
+			err = errors.New("lease expired or revoked, or no keepalive answer for a whole TTL")
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		log.Warn("store registration lost its lease; writing the key again when the store answers", "err", err)
+		if time.Since(started) > healthyRun {
+			rt.reset()
+		}
+		if !r.rewrite(ctx, cli, &rt) {
+			break
+		}
+		log.Info("store registration written again")
+	}
+
+	r.mu.Lock()
+	released := r.released
+	r.mu.Unlock()
+	if !released {
+		rctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+		if err := r.revoke(rctx); err != nil {
+			log.Warn("store registration could not revoke its lease; the key goes when it expires", "err", err)
+		}
+		cancel()
+		r.mu.Lock()
+		r.revoked = true
+		r.mu.Unlock()
+	}
+}
+
+// rewrite grants a new lease and puts the key again, retrying until it
+// works (true) or ctx ends (false).
+func (r *registration) rewrite(ctx context.Context, cli *clientv3.Client, rt *retry) bool {
+	for rt.wait(ctx) {
+		wctx, cancel := store.WithTimeout(ctx)
+		id, err := r.write(wctx, cli)
+		cancel()
+		if err != nil {
+			continue
+		}
+		r.mu.Lock()
+		old := r.lease
+		r.lease = id
+		r.mu.Unlock()
+		// The old lease may still exist if the server came back in time;
+		// the key has moved to the new one, so revoking it deletes nothing.
+		rctx, cancel := context.WithTimeout(ctx, releaseTimeout)
+		cli.Revoke(rctx, old)
+		cancel()
+		return true
+	}
+	return false
+}
+
+// revoke ends the lease, deleting the key. A lease that already expired
+// is not an error: its key is gone too.
+func (r *registration) revoke(ctx context.Context) error {
+	cli, err := r.s.clientForRelease()
+	if err != nil {
+		return err
+	}
+	_, err = cli.Revoke(ctx, r.leaseID())
+	if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return err
+	}
+	return nil
+}
+
+// Release stops keeping the key alive and revokes its lease.
+func (r *registration) Release(ctx context.Context) error {
+	var err error
+	r.once.Do(func() {
+		r.mu.Lock()
+		r.released = true
+		r.mu.Unlock()
+		r.cancel()
+		<-r.done
+		r.mu.Lock()
+		revoked := r.revoked
+		r.mu.Unlock()
+		if revoked {
+			return
+		}
+		ctx, cancel := store.WithTimeout(ctx)
+		defer cancel()
+		if e := r.revoke(ctx); e != nil {
+			err = r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", e))
+		}
+	})
+	return err
+}
