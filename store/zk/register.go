@@ -1,0 +1,207 @@
+package zk
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"time"
+
+	"github.com/go-zookeeper/zk"
+
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+// registration is a key held by an ephemeral znode of a session of its
+// own, whose timeout is the TTL: when the process dies or loses the server
+// for longer than that, the server removes the znode. After every
+// reconnection the loop checks the znode and writes it again if the
+// session that owned it expired.
+type registration struct {
+	s      *Store
+	key    string
+	path   string
+	data   []byte
+	sess   *session
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the loop has cleaned up
+	err    error         // cleanup result, set before done is closed
+}
+
+// Register writes key=value as an ephemeral znode; see store.Store.
+func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	if err := store.ValidKey(key); err != nil {
+		return nil, s.fail(ctx, "register", key, err)
+	}
+	if ttl <= 0 {
+		return nil, s.fail(ctx, "register", key, fmt.Errorf("%w: ttl %s must be positive", store.ErrInvalid, ttl))
+	}
+	sess, err := s.dial(ttl, nil)
+	if err != nil {
+		return nil, s.fail(ctx, "register", key, err)
+	}
+	r := &registration{
+		s:    s,
+		key:  key,
+		path: s.path(key),
+		data: encode(value),
+		sess: sess,
+		done: make(chan struct{}),
+	}
+
+	opCtx, cancel := store.WithTimeout(ctx)
+	defer cancel()
+	err = sess.waitReady(opCtx, waitLimit(opCtx))
+	if err == nil {
+		err = call(opCtx, func() error { return r.ensure(opCtx) })
+	}
+	if err != nil {
+		sess.close()
+		return nil, s.fail(opCtx, "register", key, err)
+	}
+
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		sess.close()
+		return nil, s.fail(ctx, "register", key, errClosed)
+	}
+	s.loops.Add(1)
+	s.mu.Unlock()
+
+	loopCtx, loopCancel := context.WithCancel(ctx)
+	r.cancel = loopCancel
+	stop := context.AfterFunc(s.ctx, loopCancel)
+	go func() {
+		defer s.loops.Done()
+		defer stop()
+		r.keep(loopCtx)
+	}()
+	return r, nil
+}
+
+// Release deletes the key and closes the registration's session.
+func (r *registration) Release(ctx context.Context) error {
+	r.cancel()
+	ctx, cancel := store.WithTimeout(ctx)
+	defer cancel()
+	select {
+	case <-r.done:
+		return r.err
+	case <-ctx.Done():
+		return r.s.fail(ctx, "release", r.key, ctx.Err())
+	}
+}
+
+// keep re-writes the znode after every reconnection until ctx ends, then
+// deletes it and closes the session.
+func (r *registration) keep(ctx context.Context) {
+	defer close(r.done)
+	defer r.cleanup()
+
+	checked := false // the znode was checked since the last state change
+	backoff := minBackoff
+	for {
+		ready, _, changed := r.sess.status()
+		var retry <-chan time.Time
+		if !ready {
+			checked = false
+		} else if !checked {
+			opCtx, cancel := context.WithTimeout(ctx, store.DefaultTimeout)
+			err := call(opCtx, func() error { return r.ensure(opCtx) })
+			cancel()
+			if err == nil {
+				checked = true
+				backoff = minBackoff
+			} else if ctx.Err() == nil {
+				// A connection that just dropped fails once or
+				// twice; only a lasting failure is worth a warning.
+				level := slog.LevelDebug
+				if backoff >= maxBackoff {
+					level = slog.LevelWarn
+				}
+				slog.Log(ctx, level, "zookeeper: cannot write registered key, retrying",
+					"endpoint", r.s.endpoint, "key", r.key, "err", err, "backoff", backoff)
+				retry = time.After(backoff)
+				backoff = min(2*backoff, maxBackoff)
+			}
+		}
+		select {
+		case <-changed:
+			// Whatever happened (even a reconnection that is
+			// already complete), look at the znode again.
+			checked = false
+		case <-retry:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// ensure makes the znode exist, owned by the current session: a znode
+// left by an expired session of ours (or by a previous run of this host
+// whose session has not expired yet) is replaced.
+func (r *registration) ensure(ctx context.Context) error {
+	conn := r.sess.conn
+	for range 5 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		exists, st, err := conn.Exists(r.path)
+		if err != nil {
+			return err
+		}
+		if exists {
+			if st.EphemeralOwner == conn.SessionID() {
+				return nil
+			}
+			if st.NumChildren > 0 {
+				return fmt.Errorf("%w: %s has keys below it and can not be a registration", store.ErrInvalid, r.key)
+			}
+			if err := conn.Delete(r.path, st.Version); err != nil && !errors.Is(err, zk.ErrNoNode) && !errors.Is(err, zk.ErrBadVersion) {
+				return err
+			}
+			continue
+		}
+		_, err = conn.Create(r.path, r.data, zk.FlagEphemeral, r.s.acl)
+		if errors.Is(err, zk.ErrNoNode) {
+			if err := r.s.ensureParents(conn, r.path); err != nil {
+				return err
+			}
+			continue
+		}
+		if errors.Is(err, zk.ErrNodeExists) {
+			continue
+		}
+		return err
+	}
+	return fmt.Errorf("%s keeps changing", r.path)
+}
+
+// cleanup deletes the znode if this session still owns it and the server
+// is reachable now, then closes the session (which removes the znode on
+// the server anyway).
+func (r *registration) cleanup() {
+	defer r.sess.close()
+	if ready, _, _ := r.sess.status(); !ready {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), store.DefaultTimeout)
+	defer cancel()
+	err := call(ctx, func() error {
+		conn := r.sess.conn
+		exists, st, err := conn.Exists(r.path)
+		if err != nil || !exists || st.EphemeralOwner != conn.SessionID() {
+			return err
+		}
+		if err := conn.Delete(r.path, st.Version); err != nil && !errors.Is(err, zk.ErrNoNode) {
+			return err
+		}
+		r.s.prune(conn, path.Dir(r.path))
+		return nil
+	})
+	if err != nil {
+		r.err = r.s.fail(ctx, "release", r.key, err)
+	}
+}
