@@ -18,10 +18,10 @@ type kernelPlane struct {
 }
 
 // NewKernelPlane programs this host's kernel; local is the underlay address
-// VXLAN tunnels start from. prefix names the overlay namespaces
-// (/run/netns/<prefix><vni>); "" means overlay.DefaultPrefix.
-func NewKernelPlane(local netip.Addr, prefix string) DataPlane {
-	return &kernelPlane{host: &overlay.Host{Prefix: prefix}, local: local}
+// VXLAN tunnels start from. The overlay namespaces are bound in dir
+// (default /run/netns) as <prefix><vni> (default prefix "dnp-").
+func NewKernelPlane(local netip.Addr, dir, prefix string) DataPlane {
+	return &kernelPlane{host: &overlay.Host{Dir: dir, Prefix: prefix}, local: local}
 }
 
 func nsID(vni uint32) string { return strconv.FormatUint(uint64(vni), 10) }

@@ -12,8 +12,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// netnsDir is where named network namespaces live, as with `ip netns`.
-const netnsDir = "/run/netns"
+// DefaultDir is where named network namespaces live, as with `ip netns`.
+const DefaultDir = "/run/netns"
 
 // openNamedNS opens the namespace bound at path. It returns os.ErrNotExist
 // (wrapped) if there is none, including when a file is there but nothing is
@@ -55,7 +55,7 @@ func ensureNamedNS(path string) (ns netns.NsHandle, created bool, err error) {
 // createNamedNS makes a new network namespace and bind-mounts it at path,
 // like `ip netns add`. A stale file at path (nothing mounted) is replaced.
 func createNamedNS(path string) error {
-	if err := prepareNetnsDir(); err != nil {
+	if err := prepareNetnsDir(filepath.Dir(path)); err != nil {
 		return err
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -104,10 +104,10 @@ func inNewNetNS(fn func() error) error {
 	}
 }
 
-// prepareNetnsDir makes netnsDir a shared mount point, as iproute2 does, so
+// prepareNetnsDir makes dir a shared mount point, as iproute2 does, so
 // that unmounting a namespace there also unmounts the copies that other
 // mount namespaces (for example a dockerd started with unshare -m) hold.
-func prepareNetnsDir() error {
+func prepareNetnsDir(netnsDir string) error {
 	if err := os.MkdirAll(netnsDir, 0o755); err != nil {
 		return fmt.Errorf("create %s: %w", netnsDir, err)
 	}
@@ -138,7 +138,7 @@ func removeNamedNS(path string) error {
 }
 
 // namedNSes lists the names in netnsDir that start with prefix, without it.
-func namedNSes(prefix string) ([]string, error) {
+func namedNSes(netnsDir, prefix string) ([]string, error) {
 	entries, err := os.ReadDir(netnsDir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -154,5 +154,3 @@ func namedNSes(prefix string) ([]string, error) {
 	}
 	return names, nil
 }
-
-func nsPath(name string) string { return filepath.Join(netnsDir, name) }

@@ -162,7 +162,7 @@ func (h *Host) ListNetworks() ([]string, error) {
 	if err := validName("prefix", h.prefix()); err != nil {
 		return nil, err
 	}
-	return namedNSes(h.prefix())
+	return namedNSes(h.dir(), h.prefix())
 }
 
 // DeleteNetwork removes the network's namespace and every device in it,

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sync"
 	"time"
@@ -67,7 +68,11 @@ type Host struct {
 	// /run/netns/h1): where VXLAN sockets bind to the underlay and where
 	// the host ends of endpoint veths appear. Empty means the caller's.
 	NetNS string
-	// Prefix starts the names of the overlay namespaces in /run/netns.
+	// Dir holds the files the overlay namespaces are bound to; empty means
+	// DefaultDir (/run/netns). A managed plugin points it at its
+	// propagated mount so the namespaces outlive a plugin restart.
+	Dir string
+	// Prefix starts the names of the overlay namespaces in Dir.
 	// Two Hosts on one machine (tests, several dockerds) need different
 	// prefixes, neither of which starts with the other.
 	Prefix string
@@ -82,7 +87,14 @@ func (h *Host) prefix() string {
 	return h.Prefix
 }
 
-func (h *Host) nsPath(id string) string { return nsPath(h.prefix() + id) }
+func (h *Host) dir() string {
+	if h.Dir == "" {
+		return DefaultDir
+	}
+	return h.Dir
+}
+
+func (h *Host) nsPath(id string) string { return filepath.Join(h.dir(), h.prefix()+id) }
 
 // handles are the netlink handles one operation works with.
 type handles struct {
