@@ -30,12 +30,14 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -49,9 +51,7 @@ const Image = "dnpt-busybox:latest"
 const (
 	namePrefix  = "dnpt-"
 	baseDir     = "/tmp" // short on purpose: unix socket paths end up below it
-	subnetBase  = "192.168.250."
 	subnetBits  = "/24"
-	switchIP    = subnetBase + "1"
 	underlayDev = "ul0"
 	maxHosts    = 200
 
@@ -77,7 +77,8 @@ type Cluster struct {
 	Prefix      string // "dnpt-<ID>": the prefix of namespaces and cgroups
 	Dir         string // /tmp/dnpt-<ID>: everything on disk
 	SwitchNetNS string // path of the switch namespace, /run/netns/dnpt-<ID>-ul
-	SwitchIP    string // the switch's own underlay address, e.g. 192.168.250.1
+	SwitchIP    string // the switch's own underlay address, e.g. 192.168.200.1
+	RootIP      string // the test process's own underlay address once AttachRoot ran, e.g. 192.168.200.254
 	Subnet      string // the underlay subnet, e.g. 192.168.250.0/24
 	Hosts       []*Host
 
@@ -87,6 +88,8 @@ type Cluster struct {
 	dockerd  string // dockerd path
 	mu       sync.Mutex
 	cleanups []func()
+
+	subnetLock *os.File // flock on the underlay subnet, released at teardown
 }
 
 var sweepOnce sync.Once
@@ -201,8 +204,13 @@ func (c *Cluster) makeDir() error {
 
 // makeNetwork creates the switch namespace and n host namespaces wired to it.
 func (c *Cluster) makeNetwork(n int) error {
-	c.SwitchIP = switchIP
-	c.Subnet = subnetBase + "0" + subnetBits
+	base, err := c.claimSubnet()
+	if err != nil {
+		return err
+	}
+	c.SwitchIP = base + "1"
+	c.RootIP = base + "254"
+	c.Subnet = base + "0" + subnetBits
 	sw := c.Prefix + "-ul"
 	c.SwitchNetNS = netnsPath(sw)
 	if err := ip("netns", "add", sw); err != nil {
@@ -232,7 +240,7 @@ func (c *Cluster) makeNetwork(n int) error {
 		h := &Host{
 			Name:        "h" + strconv.Itoa(i),
 			UnderlayDev: underlayDev,
-			UnderlayIP:  subnetBase + strconv.Itoa(10+i),
+			UnderlayIP:  base + strconv.Itoa(10+i),
 			cluster:     c,
 		}
 		h.Hostname = c.Prefix + "-" + h.Name
@@ -319,6 +327,9 @@ func (c *Cluster) teardown() {
 	if err := removeRun(c.ID); err != nil {
 		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
 	}
+	if c.subnetLock != nil {
+		c.subnetLock.Close() // after the switch namespace (and any route to the subnet) is gone
+	}
 	if left := Leftovers(c.ID); len(left) > 0 {
 		t.Errorf("harness: teardown %s left behind:\n  %s", c.Prefix, strings.Join(left, "\n  "))
 	}
@@ -372,4 +383,44 @@ func dockerCLI(t testing.TB) string {
 		return pkgClient
 	}
 	return testenv.LookPath(t, "docker")
+}
+
+// claimSubnet picks an underlay subnet 192.168.N.0/24 no other live
+// cluster on this machine uses (an flock held for the cluster's life), so
+// that clusters attached to the root namespace never share a route there.
+func (c *Cluster) claimSubnet() (string, error) {
+	for n := 200; n < 250; n++ {
+		f, err := os.OpenFile(filepath.Join(baseDir, fmt.Sprintf("dnpt-subnet-%d.lock", n)), os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			return "", fmt.Errorf("claim underlay subnet: %w", err)
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			continue
+		}
+		c.subnetLock = f
+		return fmt.Sprintf("192.168.%d.", n), nil
+	}
+	return "", errors.New("claim underlay subnet: all of 192.168.200-249.0/24 are in use by other clusters")
+}
+
+// AttachRoot connects the test process's own (root) network namespace to
+// the underlay with address c.RootIP, so that servers the test runs there
+// (etcd, ZooKeeper, Consul) are reachable by every host and by the test's
+// own clients. The link goes away with the switch namespace.
+func (c *Cluster) AttachRoot() error {
+	sw := c.Prefix + "-ul"
+	root := c.Prefix + "-r" // at most 15 bytes: dnpt-<6 hex>-r
+	steps := [][]string{
+		{"-n", sw, "link", "add", "root", "type", "veth", "peer", "name", root, "netns", strconv.Itoa(os.Getpid())},
+		{"-n", sw, "link", "set", "root", "master", "br0", "up"},
+		{"addr", "add", c.RootIP + subnetBits, "dev", root},
+		{"link", "set", root, "up"},
+	}
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return fmt.Errorf("attach root namespace: %w", err)
+		}
+	}
+	return nil
 }

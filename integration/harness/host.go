@@ -23,7 +23,7 @@ type Host struct {
 	Hostname    string // "dnpt-<id>-h1": UTS hostname (docker info Name) and netns name
 	NetNS       string // path of the host's network namespace, /run/netns/<Hostname>
 	UnderlayDev string // the host's underlay interface, "ul0"
-	UnderlayIP  string // its address on the underlay, e.g. 192.168.250.11
+	UnderlayIP  string // its address on the underlay, e.g. 192.168.200.11
 	Dir         string // /tmp/dnpt-<id>/h1: data-root, exec-root, socket, logs
 	DockerSock  string // dockerd's API socket
 	PluginDir   string // what this dockerd sees as /run/docker/plugins

@@ -1,0 +1,245 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/internal/testenv"
+	"github.com/dnplabs/docker-net-plugin/store"
+	"github.com/dnplabs/docker-net-plugin/store/stores"
+)
+
+// pluginName is the legacy plugin's name: -d and --ipam-driver.
+const pluginName = "dnp"
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// pluginBinary builds cmd/docker-net-plugin once per test binary.
+func pluginBinary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "dnp-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "docker-net-plugin")
+		cmd := exec.Command("go", "build", "-o", binPath, "../cmd/docker-net-plugin")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// plugin is the plugin process of one host, run as a legacy plugin.
+type plugin struct {
+	host *harness.Host
+	cmd  *exec.Cmd
+	args []string
+	log  string
+	done chan struct{}
+}
+
+// startPlugin runs the plugin in h's network namespace with its socket in
+// h's plugin directory, and stops it when the cluster is torn down (after
+// the containers are gone, so dockerd can still reach it).
+func startPlugin(t testing.TB, c *harness.Cluster, h *harness.Host, storeURL string, extra ...string) *plugin {
+	t.Helper()
+	p := &plugin{host: h, log: filepath.Join(h.Dir, "plugin.log")}
+	p.args = append([]string{"serve",
+		"--store", storeURL,
+		"--name", pluginName,
+		"--socket", filepath.Join(h.PluginDir, pluginName+".sock"),
+		"--advertise-addr", h.UnderlayIP,
+		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
+		"--live-ttl", "10s",
+		"--log-level", "debug",
+	}, extra...)
+	p.start(t)
+	c.Cleanup(func() {
+		p.stop()
+		if t.Failed() {
+			out, _ := os.ReadFile(p.log)
+			t.Logf("plugin log of %s (last 6000 bytes):\n%s", h.Name, tail(string(out), 6000))
+		}
+	})
+	return p
+}
+
+func (p *plugin) start(t testing.TB) {
+	t.Helper()
+	lf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd = p.host.Command(pluginBinary(t), p.args...)
+	p.cmd.Stdout, p.cmd.Stderr = lf, lf
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p.done = make(chan struct{})
+	go func() { p.cmd.Wait(); lf.Close(); close(p.done) }()
+	sock := filepath.Join(p.host.PluginDir, pluginName+".sock")
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-p.done:
+			out, _ := os.ReadFile(p.log)
+			t.Fatalf("plugin on %s exited at start:\n%s", p.host.Name, out)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("plugin socket %s not there after 15s", sock)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (p *plugin) stop() {
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// kvServer starts a real store server of the given kind in the test's own
+// namespace, on the underlay (c.RootIP) so every host reaches it,
+// and returns its URL (with a per-cluster prefix) and a client for
+// assertions.
+func kvServer(t *testing.T, c *harness.Cluster, kind string) (string, store.Store) {
+	t.Helper()
+	if err := c.AttachRoot(); err != nil {
+		t.Fatal(err)
+	}
+	opts := testenv.ServerOptions{IP: c.RootIP}
+	var srv *testenv.Server
+	switch kind {
+	case "etcd":
+		srv = testenv.StartEtcd(t, opts)
+	case "consul":
+		srv = testenv.StartConsul(t, opts)
+	case "zk":
+		srv = testenv.StartZooKeeper(t, opts)
+	default:
+		t.Fatalf("unknown store kind %q", kind)
+	}
+	url := srv.URL("dnp-" + c.ID)
+	st, err := stores.Open(context.Background(), store.Config{URL: url})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return url, st
+}
+
+// storeKeys lists every key the plugin keeps, for leak checks.
+func storeKeys(t *testing.T, st store.Store) []string {
+	t.Helper()
+	var out []string
+	for _, dir := range []string{"overlays", "vnis", "netmap", "endpoints", "ipam"} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		kvs, err := st.List(ctx, dir)
+		cancel()
+		if err != nil {
+			t.Fatalf("list store %s: %v", dir, err)
+		}
+		for _, kv := range kvs {
+			out = append(out, kv.Key)
+		}
+	}
+	return out
+}
+
+// runContainer starts a long-lived container and returns its overlay IPv4.
+func runContainer(t *testing.T, h *harness.Host, name, network string, extra ...string) string {
+	t.Helper()
+	args := append([]string{"run", "-d", "--init", "--name", name, "--network", network}, extra...)
+	args = append(args, harness.Image, "sleep", "3600")
+	h.MustDocker(t, args...)
+	ip := h.MustDocker(t, "inspect", "-f", "{{(index .NetworkSettings.Networks \""+network+"\").IPAddress}}", name)
+	if net.ParseIP(ip) == nil {
+		t.Fatalf("container %s on %s has no IPv4 address: %q", name, network, ip)
+	}
+	return ip
+}
+
+// ping runs one ping from a container; it reports whether a reply came.
+func ping(h *harness.Host, container, ip string) (bool, string) {
+	out, err := h.Docker("exec", container, "ping", "-c", "1", "-W", "2", ip)
+	return err == nil, strings.TrimSpace(out + " " + errString(err))
+}
+
+// pingEventually allows the peers a moment to converge (store watch).
+func pingEventually(t *testing.T, h *harness.Host, container, ip string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ok, out := ping(h, container, ip)
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s on %s cannot ping %s: %s", container, h.Name, ip, out)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// overlayNamespaces lists the overlay namespaces of host h's plugin.
+func overlayNamespaces(t *testing.T, c *harness.Cluster, h *harness.Host) []string {
+	t.Helper()
+	entries, err := os.ReadDir("/run/netns")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), c.Prefix+"-"+h.Name+"-") {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
