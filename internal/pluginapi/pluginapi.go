@@ -197,11 +197,8 @@ func (rt *Router) run(ctx context.Context, method string, r *http.Request, fn ca
 	if err != nil {
 		return nil, fmt.Errorf("%w: reading the body of %s: %v", errBadRequest, method, err)
 	}
-	res, err = fn(ctx, body)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", method, err)
-	}
-	return res, nil
+	// dockerd names the method in front of the error itself.
+	return fn(ctx, body)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
