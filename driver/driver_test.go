@@ -116,7 +116,7 @@ func newHost(t *testing.T, s store.Store, addr string) *testHost {
 	return &testHost{d: d, plane: p, stop: cancel}
 }
 
-func openStore(t *testing.T) store.Store {
+func openStore(t testing.TB) store.Store {
 	s, err := bolt.Open(context.Background(), store.Config{URL: "bolt://" + filepath.Join(t.TempDir(), "s.db")})
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 
@@ -135,5 +136,25 @@ func TestHugeBodyIsRefused(t *testing.T) {
 	code, out := post(t, newRouter(&fakeNet{}), "/NetworkDriver.CreateNetwork", body)
 	if msg, _ := out["Err"].(string); code != 400 || !strings.Contains(msg, "too large") {
 		t.Fatalf("huge body: %d %v", code, out)
+	}
+}
+
+func TestSocketIsNotWorldWritable(t *testing.T) {
+	path := t.TempDir() + "/p.sock"
+	l, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		t.Fatalf("socket mode %v: group or others may use it", perm)
+	}
+	// A second plugin process must not steal a live socket.
+	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second Listen on a live socket: %v", err)
 	}
 }
