@@ -3,7 +3,7 @@ GO      ?= go
 BIN     := bin/docker-net-plugin
 PKGS    := ./...
 
-.PHONY: all build deps test unit vet demo bench clean
+.PHONY: all build plugin deps test unit vet demo bench clean
 
 all: build
 
@@ -27,8 +27,17 @@ test: deps vet
 unit:
 	$(GO) test -count=1 -short $(PKGS)
 
-demo: deps build
-	bash scripts/demo.sh
+# The managed plugin directory bin/plugin (config.json + rootfs/). Set
+# CREATE=1 to also run docker plugin create $(PLUGIN_NAME) (DOCKER_HOST is
+# honoured); see scripts/build-plugin.sh.
+PLUGIN_NAME ?= dnp:latest
+plugin:
+	PLUGIN_DIR=bin/plugin PLUGIN_NAME=$(PLUGIN_NAME) bash scripts/build-plugin.sh $(if $(CREATE),--create)
+
+# Docker hosts in network namespaces on this machine, the plugin installed
+# as a managed plugin in each; containers ping across hosts. Needs root.
+demo: deps plugin
+	$(GO) run ./cmd/dnp-demo -plugin-dir bin/plugin
 
 bench: deps build
 	bash scripts/bench.sh

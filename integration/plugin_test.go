@@ -159,6 +159,10 @@ func kvServer(t *testing.T, c *harness.Cluster, kind string) (string, store.Stor
 	default:
 		t.Fatalf("unknown store kind %q", kind)
 	}
+	// Stop the server during the cluster's teardown, after the containers
+	// and plugins are gone (not before, or every teardown call would wait
+	// on store timeouts); its own t.Cleanup then has nothing left to do.
+	c.Cleanup(func() { srv.Stop(t) })
 	url := srv.URL("dnp-" + c.ID)
 	st, err := stores.Open(context.Background(), store.Config{URL: url})
 	if err != nil {

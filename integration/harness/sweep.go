@@ -115,6 +115,14 @@ func removeRun(id string) error {
 		}
 	}
 
+	// Whatever still runs in the run's namespaces: managed plugins (their
+	// cgroup is not under the host's cgroup-parent) and legacy plugins.
+	procs = runNetnsProcs(id)
+	for _, p := range procs {
+		syscall.Kill(p.pid, syscall.SIGKILL)
+	}
+	waitGone(procs, 10*time.Second)
+
 	for _, n := range dirNames("/run/netns") {
 		if hasRunPrefix(n, prefix) {
 			if err := ip("netns", "del", n); err != nil {
@@ -164,6 +172,40 @@ func runProcs(id string) []proc {
 		if strings.Contains(cmdline, needle) {
 			procs = append(procs, proc{pid, cmdline})
 		}
+	}
+	return procs
+}
+
+// runNetnsProcs lists live processes, other than this one, whose network
+// namespace is one of run id's.
+func runNetnsProcs(id string) []proc {
+	type nsID struct{ dev, ino uint64 }
+	ours := map[nsID]bool{}
+	for _, n := range dirNames("/run/netns") {
+		var st syscall.Stat_t
+		if hasRunPrefix(n, namePrefix+id) && syscall.Stat(netnsPath(n), &st) == nil {
+			ours[nsID{st.Dev, st.Ino}] = true
+		}
+	}
+	if len(ours) == 0 {
+		return nil
+	}
+	self := os.Getpid()
+	var procs []proc
+	for _, name := range dirNames("/proc") {
+		pid, err := strconv.Atoi(name)
+		if err != nil || pid == self {
+			continue
+		}
+		var st syscall.Stat_t
+		if syscall.Stat("/proc/"+name+"/ns/net", &st) != nil || !ours[nsID{st.Dev, st.Ino}] {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + name + "/cmdline")
+		if err != nil || len(b) == 0 { // gone, or a zombie
+			continue
+		}
+		procs = append(procs, proc{pid, strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))})
 	}
 	return procs
 }
