@@ -38,8 +38,8 @@ type overlayRecord struct {
 	// Gateways, one per subnet ("" for none): the same address sits on the
 	// overlay's bridge on every host (a distributed gateway).
 	Gateways []string `json:"gateways,omitempty"`
-	MTU     int      `json:"mtu,omitempty"` // set only when a user gave -o mtu
-	Hosts   []string `json:"hosts"`         // hosts with a Docker network on this overlay
+	MTU      int      `json:"mtu,omitempty"` // set only when a user gave -o mtu
+	Hosts    []string `json:"hosts"`         // hosts with a Docker network on this overlay
 }
 
 type networkRecord struct {

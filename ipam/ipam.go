@@ -131,7 +131,6 @@ type Driver struct {
 	known   map[string]bool         // pools this host holds a ref on
 }
 
-
 // New returns a driver keeping its state in s.
 func New(s store.Store, opts Options) *Driver {
 	d := &Driver{

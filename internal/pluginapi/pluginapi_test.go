@@ -18,7 +18,9 @@ import (
 
 // fakeNet answers every call; CreateNetwork fails and Leave panics, so the
 // tests can see how the router reports both.
-type fakeNet struct{ created *network.CreateEndpointRequest }
+type fakeNet struct {
+	created *network.CreateEndpointRequest
+}
 
 func (f *fakeNet) GetCapabilities(context.Context) (*network.CapabilitiesResponse, error) {
 	return &network.CapabilitiesResponse{Scope: "local", ConnectivityScope: "global"}, nil

@@ -346,7 +346,7 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 	defer close(ch)
 	var (
 		known   map[string]store.KV // nil until the first snapshot was sent
-		lastRev int64 = -1
+		lastRev int64               = -1
 	)
 	send := func(ev store.Event) bool {
 		select {
