@@ -144,6 +144,14 @@ func tail(s string, n int) string {
 // assertions.
 func kvServer(t *testing.T, c *harness.Cluster, kind string) (string, store.Store) {
 	t.Helper()
+	_, url, st := kvServerProc(t, c, kind)
+	return url, st
+}
+
+// kvServerProc is kvServer that also returns the server, for tests that
+// stop and start it.
+func kvServerProc(t *testing.T, c *harness.Cluster, kind string) (*testenv.Server, string, store.Store) {
+	t.Helper()
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +177,7 @@ func kvServer(t *testing.T, c *harness.Cluster, kind string) (string, store.Stor
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	return url, st
+	return srv, url, st
 }
 
 // storeKeys lists every key the plugin keeps, for leak checks.
@@ -246,4 +254,18 @@ func overlayNamespaces(t *testing.T, c *harness.Cluster, h *harness.Host) []stri
 		}
 	}
 	return out
+}
+
+// networkRm removes a network, retrying while dockerd still finishes
+// removing endpoints of containers it just removed (it releases their
+// network resources asynchronously, after `docker rm -f` returned).
+func networkRm(h *harness.Host, name string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := h.Docker("network", "rm", name)
+		if err == nil || !strings.Contains(err.Error(), "active endpoints") || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
 }

@@ -126,7 +126,7 @@ func TestConcurrentContainers(t *testing.T) {
 			if _, err := h.Docker(append([]string{"rm", "-f"}, strings.Fields(ids)...)...); err != nil {
 				t.Errorf("%s: rm: %v", h.Name, err)
 			}
-			if _, err := h.Docker("network", "rm", "many"); err != nil {
+			if err := networkRm(h, "many"); err != nil {
 				t.Errorf("%s: network rm: %v", h.Name, err)
 			}
 		}(h)
