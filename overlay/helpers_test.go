@@ -3,11 +3,14 @@ package overlay_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -202,4 +205,170 @@ func permanentNeigh(t *testing.T, n *overlay.Network) []string {
 		}
 	}
 	return out
+}
+
+// encaps are the encapsulations the data-plane tests run with.
+var encaps = []string{overlay.EncapVXLAN, overlay.EncapGRE}
+
+// needEncap skips t where the running kernel cannot carry encap (GRE).
+// A kernel built without GRE is a property of the machine, not a missing
+// package, so that skips with t.Skipf also in CI (testenv.Missing would
+// fail there, and nothing CI could install would help). A kernel that has
+// ip_gre as a module but no modprobe to load it lacks a package (kmod):
+// that is testenv.Missing.
+func needEncap(t *testing.T, encap string) {
+	t.Helper()
+	if encap != overlay.EncapGRE {
+		return
+	}
+	modprobe := loadGREModule(t)
+	err := overlay.Available(overlay.EncapGRE)
+	if err == nil {
+		return
+	}
+	if !errors.Is(err, overlay.ErrNoGRETap) {
+		t.Fatalf("Available(gre): %v", err)
+	}
+	if mod := greModuleFile(); mod != "" {
+		if modprobe == "" {
+			testenv.Missing(t, "modprobe (package kmod) to load the kernel's GRE module %s: %v", mod, err)
+		}
+		t.Skipf("SKIP: kernel has no gretap: %v (module %s is there but did not load: %s)", err, mod, modprobe)
+	}
+	t.Skipf("SKIP: kernel has no gretap: %v (the running kernel %s has no ip_gre, neither built in nor as a module; "+
+		"this is the kernel, not a missing package: nothing to install; run on a kernel with ip_gre to test encap=gre)",
+		err, kernelRelease())
+}
+
+var (
+	greModule       sync.Once
+	greModuleResult string
+)
+
+// loadGREModule runs `modprobe ip_gre` once, if there is a modprobe, and
+// returns what happened ("" if there is no modprobe). That is harmless:
+// the kernel loads the same module by itself on the first gretap create
+// where module autoloading works, and loading it only adds the kernel's
+// inert fallback devices (gre0, gretap0, erspan0) to each namespace. It
+// helps where autoloading is off.
+func loadGREModule(t *testing.T) string {
+	greModule.Do(func() {
+		path, err := exec.LookPath("modprobe")
+		if err != nil {
+			t.Logf("no modprobe on PATH; relying on the kernel (built in, or autoloaded)")
+			return
+		}
+		out, err := run(path, "ip_gre")
+		greModuleResult = fmt.Sprintf("modprobe ip_gre: err=%v %s", err, strings.TrimSpace(out))
+		t.Log(greModuleResult)
+	})
+	return greModuleResult
+}
+
+// greModuleFile is the running kernel's ip_gre module file, or "".
+func greModuleFile() string {
+	files, _ := filepath.Glob(filepath.Join("/lib/modules", kernelRelease(), "kernel/net/ipv4/ip_gre.ko*"))
+	if len(files) == 0 {
+		return ""
+	}
+	return files[0]
+}
+
+func kernelRelease() string {
+	out, err := run("uname", "-r")
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(out)
+}
+
+// tunnels returns the network's GRE tunnel ports by remote host.
+func tunnels(t *testing.T, n *overlay.Network) map[netip.Addr]overlay.TunnelState {
+	t.Helper()
+	st, err := n.State()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[netip.Addr]overlay.TunnelState{}
+	for _, ts := range st.Tunnels {
+		out[ts.Remote] = ts
+	}
+	return out
+}
+
+// staticFDB lists the bridge's static FDB entries on the network's tunnel
+// ports as strings ("MAC dst HOST master br0 static" for GRE).
+func staticFDB(t *testing.T, n *overlay.Network) []string {
+	t.Helper()
+	st, err := n.State()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range st.FDB {
+		if !e.Self && e.State == "static" {
+			out = append(out, e.String())
+		}
+	}
+	return out
+}
+
+// checkTunnel fails t unless ts is a tunnel as this package makes them:
+// local -> remote with key vni, outer side in the host namespace, a
+// bridge port with learning off and neigh_suppress and isolation on.
+func checkTunnel(t *testing.T, h *testHost, netID string, ts overlay.TunnelState, local, remote netip.Addr, vni uint32) {
+	t.Helper()
+	if ts.Local != local || ts.Remote != remote || ts.IKey != vni || ts.OKey != vni || !ts.InHostNS {
+		t.Fatalf("tunnel %+v; want local %s remote %s keys %d, outer side in the host namespace", ts, local, remote, vni)
+	}
+	if ts.Learning || !ts.Isolated || !ts.NeighSuppress {
+		t.Fatalf("tunnel %s port flags: learning %v isolated %v neigh_suppress %v; want false true true", ts.Name, ts.Learning, ts.Isolated, ts.NeighSuppress)
+	}
+	// The same, as iproute2 shows it.
+	port := mustRun(t, "bridge", "-n", h.ovName(netID), "-d", "link", "show", "dev", ts.Name)
+	for _, want := range []string{"master br0", "learning off", "neigh_suppress on", "isolated on"} {
+		if !strings.Contains(port, want) {
+			t.Fatalf("bridge -d link show dev %s lacks %q:\n%s", ts.Name, want, port)
+		}
+	}
+	dev := mustRun(t, "ip", "-d", "-n", h.ovName(netID), "link", "show", "dev", ts.Name)
+	for _, want := range []string{"gretap remote " + remote.String() + " local " + local.String(), fmt.Sprintf("ikey %s okey %s", keyString(vni), keyString(vni))} {
+		if !strings.Contains(dev, want) {
+			t.Fatalf("ip -d link show %s lacks %q:\n%s", ts.Name, want, dev)
+		}
+	}
+}
+
+// keyString prints a GRE key as iproute2 does (dotted quad).
+func keyString(k uint32) string {
+	return netip.AddrFrom4([4]byte{byte(k >> 24), byte(k >> 16), byte(k >> 8), byte(k)}).String()
+}
+
+// fragCreates is the number of IPv4 fragments the host's namespace has
+// made (Ip FragCreates in /proc/net/snmp).
+func fragCreates(t *testing.T, h *testHost) int {
+	t.Helper()
+	out := h.ns.MustExec("cat", "/proc/net/snmp")
+	var names []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Ip:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i, name := range names {
+			if name == "FragCreates" && i < len(f) {
+				var n int
+				if _, err := fmt.Sscan(f[i], &n); err != nil {
+					t.Fatalf("parse FragCreates %q: %v", f[i], err)
+				}
+				return n
+			}
+		}
+	}
+	t.Fatalf("no Ip FragCreates in /proc/net/snmp:\n%s", out)
+	return 0
 }

@@ -20,9 +20,9 @@ type NetworkConfig struct {
 	VNI     uint32     // VXLAN network identifier, 1..16777215
 	Encap   string     // "vxlan" (default) or "gre"
 	LocalIP netip.Addr // this host's advertise (underlay) address
-	// MTU of the bridge, the VXLAN device and the veths. 0 means the MTU of
-	// the device holding LocalIP minus the VXLAN overhead (50, or 70 for an
-	// IPv6 underlay).
+	// MTU of the bridge, the tunnel devices and the veths. 0 means the MTU
+	// of the device holding LocalIP minus the encapsulation overhead: for
+	// VXLAN 50, or 70 for an IPv6 underlay; for GRE 42 (IPv4 underlay only).
 	MTU int
 	// Gateways, if any, are put on the bridge (address with prefix length):
 	// a distributed gateway, the same address on every host, whose ARP/ND is
@@ -51,6 +51,14 @@ func (c *NetworkConfig) validate() error {
 	return nil
 }
 
+// encap is the encapsulation with the default filled in.
+func (c *NetworkConfig) encap() string {
+	if c.Encap == "" {
+		return EncapVXLAN
+	}
+	return c.Encap
+}
+
 // Network is an overlay network that exists on this host. It is a small
 // value describing the kernel objects; every method looks them up again.
 type Network struct {
@@ -59,14 +67,17 @@ type Network struct {
 	LocalIP netip.Addr
 	MTU     int
 	NetNS   string // path of the network's namespace
+	Encap   string // "vxlan" or "gre"
 
 	host *Host
 }
 
-// EnsureNetwork makes the network's namespace, bridge and VXLAN device exist
+// EnsureNetwork makes the network's namespace, bridge and VXLAN device (or,
+// for GRE, the bridge and the settings of its existing tunnel ports) exist
 // as cfg says, reusing whatever is already right (so it is idempotent and
 // finds what an earlier run created) and replacing what is wrong. If the
-// VXLAN device had to be (re)created its FDB is empty: call SetPeers after.
+// VXLAN device had to be (re)created its FDB is empty, and GRE tunnels
+// that no longer fit are deleted: call SetPeers after.
 func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -74,10 +85,12 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 	switch cfg.Encap {
 	case "", EncapVXLAN:
 	case EncapGRE:
-		if err := Available(EncapGRE); err != nil {
+		if err := greAvailable(); err != nil {
 			return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
 		}
-		return nil, fmt.Errorf("network %s: encap gre is not implemented yet; use encap=vxlan", cfg.ID)
+		if !cfg.LocalIP.Is4() {
+			return nil, fmt.Errorf("network %s: encap gre needs an IPv4 underlay (local address %s); use encap=vxlan", cfg.ID, cfg.LocalIP)
+		}
 	default:
 		return nil, fmt.Errorf("network %s: unknown encap %q (want vxlan or gre)", cfg.ID, cfg.Encap)
 	}
@@ -96,9 +109,13 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 		if err != nil {
 			return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
 		}
-		mtu = under - vxlanOverhead(cfg.LocalIP)
+		over := vxlanOverhead(cfg.LocalIP)
+		if cfg.encap() == EncapGRE {
+			over = greOverhead
+		}
+		mtu = under - over
 		if mtu < 68 {
-			return nil, fmt.Errorf("network %s: underlay MTU %d too small for VXLAN", cfg.ID, under)
+			return nil, fmt.Errorf("network %s: underlay MTU %d too small for %s", cfg.ID, under, cfg.encap())
 		}
 	}
 
@@ -118,7 +135,7 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 		}
 		return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
 	}
-	return &Network{ID: cfg.ID, VNI: cfg.VNI, LocalIP: cfg.LocalIP, MTU: mtu, NetNS: path, host: h}, nil
+	return &Network{ID: cfg.ID, VNI: cfg.VNI, LocalIP: cfg.LocalIP, MTU: mtu, NetNS: path, Encap: cfg.encap(), host: h}, nil
 }
 
 // ensureDevices makes the overlay namespace's devices match cfg.
@@ -126,11 +143,20 @@ func ensureDevices(s *handles, cfg NetworkConfig, mtu int) error {
 	if err := setUp(s.ov, "lo"); err != nil {
 		return err
 	}
-	br, err := ensureBridge(s.ov, mtu)
+	alias := ""
+	if cfg.encap() == EncapGRE {
+		alias = greAlias(cfg.VNI, cfg.LocalIP)
+	}
+	br, err := ensureBridge(s.ov, mtu, alias)
 	if err != nil {
 		return err
 	}
-	if err := ensureVXLAN(s, br, cfg, mtu); err != nil {
+	if cfg.encap() == EncapGRE {
+		err = ensureGRE(s, br, cfg, mtu)
+	} else {
+		err = ensureVXLAN(s, br, cfg, mtu)
+	}
+	if err != nil {
 		return err
 	}
 	return ensureGateways(s.ov, br, cfg.Gateways)
@@ -146,14 +172,13 @@ func (h *Host) Network(id string) (*Network, error) {
 		return nil, err
 	}
 	defer s.close()
-	vx, br, err := devices(s.ov)
+	info, err := readInfo(s.ov)
 	if err != nil {
 		return nil, fmt.Errorf("network %s: %w", id, err)
 	}
-	local, _ := netip.AddrFromSlice(vx.SrcAddr)
 	return &Network{
-		ID: id, VNI: uint32(vx.VxlanId), LocalIP: local.Unmap(), MTU: br.Attrs().MTU,
-		NetNS: h.nsPath(id), host: h,
+		ID: id, VNI: info.vni, LocalIP: info.local, MTU: info.br.Attrs().MTU,
+		NetNS: h.nsPath(id), Encap: info.encap, host: h,
 	}, nil
 }
 
@@ -214,7 +239,12 @@ func Available(encap string) error {
 	case "", EncapVXLAN:
 		link = &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, VxlanId: 1, Port: VXLANPort}
 	case EncapGRE:
-		link = &netlink.Gretap{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}}
+		// An IPv4 local address makes it a gretap (not ip6gretap) device,
+		// the kind EnsureNetwork makes.
+		link = &netlink.Gretap{
+			LinkAttrs: netlink.LinkAttrs{Name: "probe0"},
+			Local:     net.IPv4(127, 0, 0, 1), Remote: net.IPv4(127, 0, 0, 2), IKey: 1, OKey: 1,
+		}
 	default:
 		return fmt.Errorf("unknown encap %q (want vxlan or gre)", encap)
 	}
@@ -258,21 +288,38 @@ func underlayMTU(h *netlink.Handle, addr netip.Addr) (int, error) {
 	return 0, fmt.Errorf("local address %s is on no device of the host namespace (set the MTU, or fix the advertise address)", addr)
 }
 
-// devices returns the network's VXLAN device and bridge.
-func devices(ov *netlink.Handle) (*netlink.Vxlan, netlink.Link, error) {
-	l, err := ov.LinkByName(vxlanName)
-	if err != nil {
-		return nil, nil, fmt.Errorf("find %s (run EnsureNetwork): %w", vxlanName, err)
-	}
-	vx, ok := l.(*netlink.Vxlan)
-	if !ok {
-		return nil, nil, fmt.Errorf("%s is a %s device, not vxlan (run EnsureNetwork)", vxlanName, l.Type())
+// netInfo is what the kernel says about a network's configuration.
+type netInfo struct {
+	encap string
+	vni   uint32
+	local netip.Addr
+	br    netlink.Link
+	vx    *netlink.Vxlan // the VXLAN device; nil for GRE
+}
+
+// readInfo finds a network's bridge and encapsulation: a VXLAN network by
+// its vxlan0, a GRE network by the bridge's alias.
+func readInfo(ov *netlink.Handle) (netInfo, error) {
+	l, vxErr := ov.LinkByName(vxlanName)
+	if vxErr != nil && !isNotFound(vxErr) {
+		return netInfo{}, fmt.Errorf("find %s: %w", vxlanName, vxErr)
 	}
 	br, err := ov.LinkByName(bridgeName)
 	if err != nil {
-		return nil, nil, fmt.Errorf("find %s (run EnsureNetwork): %w", bridgeName, err)
+		return netInfo{}, fmt.Errorf("find %s (run EnsureNetwork): %w", bridgeName, err)
 	}
-	return vx, br, nil
+	if l != nil {
+		vx, ok := l.(*netlink.Vxlan)
+		if !ok {
+			return netInfo{}, fmt.Errorf("%s is a %s device, not vxlan (run EnsureNetwork)", vxlanName, l.Type())
+		}
+		local, _ := netip.AddrFromSlice(vx.SrcAddr)
+		return netInfo{encap: EncapVXLAN, vni: uint32(vx.VxlanId), local: local.Unmap(), br: br, vx: vx}, nil
+	}
+	if vni, local, ok := parseGREAlias(br.Attrs().Alias); ok {
+		return netInfo{encap: EncapGRE, vni: vni, local: local, br: br}, nil
+	}
+	return netInfo{}, fmt.Errorf("find %s (run EnsureNetwork): %w", vxlanName, vxErr)
 }
 
 func setUp(h *netlink.Handle, name string) error {
@@ -289,8 +336,8 @@ func setUp(h *netlink.Handle, name string) error {
 	return nil
 }
 
-// ensureBridge makes br0 exist as an up bridge with the given MTU.
-func ensureBridge(ov *netlink.Handle, mtu int) (netlink.Link, error) {
+// ensureBridge makes br0 exist as an up bridge with the given MTU and alias.
+func ensureBridge(ov *netlink.Handle, mtu int, alias string) (netlink.Link, error) {
 	l, err := ov.LinkByName(bridgeName)
 	if err != nil && !isNotFound(err) {
 		return nil, fmt.Errorf("find %s: %w", bridgeName, err)
@@ -323,6 +370,11 @@ func ensureBridge(ov *netlink.Handle, mtu int) (netlink.Link, error) {
 			return nil, fmt.Errorf("set %s MTU %d: %w", bridgeName, mtu, err)
 		}
 	}
+	if l.Attrs().Alias != alias {
+		if err := ov.LinkSetAlias(l, alias); err != nil {
+			return nil, fmt.Errorf("set %s alias: %w", bridgeName, err)
+		}
+	}
 	if err := setUp(ov, bridgeName); err != nil {
 		return nil, err
 	}
@@ -333,6 +385,10 @@ func ensureBridge(ov *netlink.Handle, mtu int) (netlink.Link, error) {
 // the host namespace, as cfg says, as a port of br without learning and
 // with ARP/ND suppression.
 func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error {
+	// GRE tunnels from an earlier encap=gre config.
+	if err := removeTunnels(s.ov); err != nil {
+		return err
+	}
 	l, err := s.ov.LinkByName(vxlanName)
 	if err != nil && !isNotFound(err) {
 		return fmt.Errorf("find %s: %w", vxlanName, err)

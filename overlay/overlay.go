@@ -4,17 +4,32 @@
 // what a previous run left behind by deterministic names.
 //
 // Each overlay network gets its own network namespace, /run/netns/<prefix><id>,
-// holding a Linux bridge (br0) and a VXLAN device (vxlan0). The VXLAN device
-// is created from the host namespace, so its UDP socket (port 4789) lives
-// there and uses the host's underlay, and is placed in the overlay namespace
-// as a bridge port. Networks are isolated from each other because they share
+// holding a Linux bridge (br0) and the tunnel ports that carry its frames
+// between hosts. Networks are isolated from each other because they share
 // no namespace; this package installs no iptables rules.
 //
+// Encap "vxlan" (the default): one VXLAN device (vxlan0), created from the
+// host namespace, so its UDP socket (port 4789) lives there and uses the
+// host's underlay, and placed in the overlay namespace as a bridge port.
 // Nothing is learned: remote endpoints are static FDB entries on the VXLAN
 // device (MAC -> remote host) plus static neighbour entries (IP -> MAC) on
 // the bridge, and every remote host gets an all-zero FDB entry so broadcasts
 // (ARP, ND) are replicated to it by unicast. ARP/ND suppression on the VXLAN
 // port answers requests for known remote addresses locally. No multicast.
+//
+// Encap "gre": one point-to-point gretap device per remote host (local =
+// this host, remote = that host, GRE key = VNI both ways), named "gre" plus
+// 8 hex digits of a hash of the remote address. Each is created in the host
+// namespace, so its packets use the underlay, then moved into the overlay
+// namespace (the kernel keeps a moved tunnel's outer side where it was
+// made) as a bridge port with learning off, ARP/ND suppression on and
+// isolation on: frames from one tunnel never leave by another (split
+// horizon), so the full mesh of tunnels has no loops and needs no STP.
+// Broadcasts reach every remote host because the bridge floods them to
+// every tunnel port. Remote endpoints are static bridge FDB entries (MAC
+// -> that host's tunnel port) plus the same neighbour entries as for
+// VXLAN. The bridge's alias records the encap, VNI and local address, so a
+// restarted process finds a GRE network that has no tunnel yet.
 //
 // An endpoint is a veth pair: one end is a port of the bridge inside the
 // overlay namespace, the other stays in the host namespace with a
@@ -48,6 +63,10 @@ const (
 
 	bridgeName = "br0"
 	vxlanName  = "vxlan0"
+	// greTunnelPrefix starts the names of GRE tunnel ports (plus 8 hex
+	// digits); greTempPrefix the names they have while being created.
+	greTunnelPrefix = "gre"
+	greTempPrefix   = "dnpgre"
 
 	// opTimeout bounds every netlink request and namespace operation.
 	opTimeout = 10 * time.Second
@@ -206,6 +225,14 @@ func vxlanOverhead(local netip.Addr) int {
 	}
 	return 70 // outer IPv6 header is 40
 }
+
+// greOverhead is what GRE-tap encapsulation with a key adds to a frame on
+// an IPv4 underlay: outer IPv4 header 20 + GRE header 4 + GRE key 4 +
+// inner Ethernet header 14 = 42. (The 38 often quoted for gretap is
+// without a key; the kernel's own default MTU for a keyed gretap on a 1500
+// underlay is 1458, the same arithmetic.) GRE checksums and sequence
+// numbers, 4 more each, are not used.
+const greOverhead = 42
 
 func isNotFound(err error) bool {
 	var nf netlink.LinkNotFoundError

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -32,14 +33,23 @@ type peerTables struct {
 	neigh  table // neighbour entries on the bridge: remote IP -> MAC, permanent
 }
 
-// SetPeers makes the kernel's static entries match peers and hosts exactly:
-// for every peer an FDB entry MAC -> HostIP on the VXLAN device, a static
-// bridge FDB entry for its MAC on the VXLAN port and a permanent neighbour
-// entry per IP on the bridge; for every remote host (hosts plus the peers'
-// hosts) an all-zero FDB entry. Missing entries are added, stale ones
-// removed, correct ones left alone; it returns how many it changed. Peers
-// and hosts at this host's own address are ignored, so the caller may pass
-// every endpoint of the network.
+// SetPeers makes the kernel's static entries match peers and hosts exactly.
+// Peers and hosts at this host's own address are ignored, so the caller
+// may pass every endpoint of the network. The remote hosts are hosts plus
+// the peers' hosts.
+//
+// VXLAN: for every peer an FDB entry MAC -> HostIP on the VXLAN device, a
+// static bridge FDB entry for its MAC on the VXLAN port and a permanent
+// neighbour entry per IP on the bridge; for every remote host an all-zero
+// FDB entry.
+//
+// GRE: for every remote host a tunnel port (created, or replaced if it
+// does not fit, and deleted when the host is gone); for every peer a
+// static bridge FDB entry for its MAC on its host's tunnel port and a
+// permanent neighbour entry per IP on the bridge.
+//
+// Missing entries are added, stale ones removed, correct ones left alone;
+// it returns how many it changed (entries and tunnel ports).
 func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 	h := n.host
 	h.mu.Lock()
@@ -49,18 +59,32 @@ func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 		return 0, err
 	}
 	defer s.close()
-	vx, br, err := devices(s.ov)
+	info, err := readInfo(s.ov)
 	if err != nil {
 		return 0, fmt.Errorf("network %s: %w", n.ID, err)
 	}
-	local, _ := netip.AddrFromSlice(vx.SrcAddr)
-	want, err := desiredTables(peers, hosts, local.Unmap(), vx.Index, br.Attrs().Index)
+	p, err := planPeers(peers, hosts, info.local)
 	if err != nil {
 		return 0, fmt.Errorf("network %s: %w", n.ID, err)
 	}
-	have, err := currentTables(s.ov, vx.Index, br.Attrs().Index)
+	var changes int
+	if info.encap == EncapGRE {
+		changes, err = setPeersGRE(s, info, p)
+	} else {
+		changes, err = setPeersVXLAN(s, info, p)
+	}
 	if err != nil {
-		return 0, fmt.Errorf("network %s: %w", n.ID, err)
+		return changes, fmt.Errorf("network %s: %w", n.ID, err)
+	}
+	return changes, nil
+}
+
+func setPeersVXLAN(s *handles, info netInfo, p peerPlan) (int, error) {
+	vxIndex, brIndex := info.vx.Index, info.br.Attrs().Index
+	want := vxlanTables(p, vxIndex, brIndex)
+	have, err := currentTables(s.ov, vxIndex, brIndex)
+	if err != nil {
+		return 0, err
 	}
 	changes := 0
 	for _, t := range []struct {
@@ -77,7 +101,7 @@ func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 		c, err := syncTable(s.ov, t.have, t.want, t.add)
 		changes += c
 		if err != nil {
-			return changes, fmt.Errorf("network %s: %s: %w", n.ID, t.name, err)
+			return changes, fmt.Errorf("%s: %w", t.name, err)
 		}
 	}
 	return changes, nil
@@ -108,10 +132,27 @@ func syncTable(h *netlink.Handle, have, want table, add func(*netlink.Neigh) err
 	return changes, nil
 }
 
-// desiredTables computes the entries peers and hosts call for, checking
-// them for contradictions before anything is changed.
-func desiredTables(peers []Peer, hosts []netip.Addr, local netip.Addr, vxIndex, brIndex int) (peerTables, error) {
-	t := peerTables{fdb: table{}, bridge: table{}, neigh: table{}}
+// peerPlan is what peers and hosts call for, whatever the encapsulation,
+// checked for contradictions before anything is changed.
+type peerPlan struct {
+	hosts []netip.Addr // remote hosts, sorted, each once
+	macs  []peerMAC    // remote endpoints' MACs, each once
+	ips   []peerIP     // their overlay addresses, each once
+}
+
+type peerMAC struct {
+	mac  net.HardwareAddr
+	host netip.Addr
+}
+
+type peerIP struct {
+	ip  netip.Addr
+	mac net.HardwareAddr
+}
+
+// planPeers checks peers and hosts and keeps the remote ones.
+func planPeers(peers []Peer, hosts []netip.Addr, local netip.Addr) (peerPlan, error) {
+	var p peerPlan
 	remote := func(ip netip.Addr) (bool, error) {
 		ip = ip.Unmap()
 		if !ip.IsValid() || ip.IsUnspecified() || ip.IsMulticast() {
@@ -122,63 +163,97 @@ func desiredTables(peers []Peer, hosts []netip.Addr, local netip.Addr, vxIndex, 
 		}
 		return ip != local, nil
 	}
-	addHost := func(ip netip.Addr) {
-		t.fdb[fdbKey(zeroMAC, ip)] = vxlanFDB(vxIndex, zeroMAC, ip)
-	}
+	hostSet := map[netip.Addr]bool{}
 	for _, ip := range hosts {
 		ok, err := remote(ip)
 		if err != nil {
-			return t, err
+			return p, err
 		}
 		if ok {
-			addHost(ip.Unmap())
+			hostSet[ip.Unmap()] = true
 		}
 	}
 	macHost := map[string]netip.Addr{}
 	ipMAC := map[netip.Addr]net.HardwareAddr{}
-	for _, p := range peers {
-		ok, err := remote(p.HostIP)
+	for _, pe := range peers {
+		ok, err := remote(pe.HostIP)
 		if err != nil {
-			return t, fmt.Errorf("peer %s: %w", p.MAC, err)
+			return p, fmt.Errorf("peer %s: %w", pe.MAC, err)
 		}
 		if !ok {
 			continue // an endpoint of this host
 		}
-		hostIP := p.HostIP.Unmap()
-		if len(p.MAC) != 6 || p.MAC[0]&1 != 0 || bytes.Equal(p.MAC, zeroMAC) {
-			return t, fmt.Errorf("peer on %s: invalid MAC %q", hostIP, p.MAC)
+		hostIP := pe.HostIP.Unmap()
+		if len(pe.MAC) != 6 || pe.MAC[0]&1 != 0 || bytes.Equal(pe.MAC, zeroMAC) {
+			return p, fmt.Errorf("peer on %s: invalid MAC %q", hostIP, pe.MAC)
 		}
-		if other, ok := macHost[p.MAC.String()]; ok && other != hostIP {
-			return t, fmt.Errorf("MAC %s is on two hosts, %s and %s", p.MAC, other, hostIP)
+		other, seen := macHost[pe.MAC.String()]
+		if seen && other != hostIP {
+			return p, fmt.Errorf("MAC %s is on two hosts, %s and %s", pe.MAC, other, hostIP)
 		}
-		macHost[p.MAC.String()] = hostIP
-		addHost(hostIP)
-		t.fdb[fdbKey(p.MAC, hostIP)] = vxlanFDB(vxIndex, p.MAC, hostIP)
-		t.bridge[p.MAC.String()] = netlink.Neigh{
-			LinkIndex: vxIndex, Family: unix.AF_BRIDGE, Flags: netlink.NTF_MASTER,
-			State: netlink.NUD_NOARP, HardwareAddr: p.MAC,
+		macHost[pe.MAC.String()] = hostIP
+		hostSet[hostIP] = true
+		if !seen {
+			p.macs = append(p.macs, peerMAC{mac: pe.MAC, host: hostIP})
 		}
-		for _, ip := range p.IPs {
+		for _, ip := range pe.IPs {
 			ip = ip.Unmap()
 			if !ip.IsValid() || ip.IsUnspecified() || ip.IsMulticast() {
-				return t, fmt.Errorf("peer %s: invalid address %v", p.MAC, ip)
+				return p, fmt.Errorf("peer %s: invalid address %v", pe.MAC, ip)
 			}
-			if other, ok := ipMAC[ip]; ok && !bytes.Equal(other, p.MAC) {
-				return t, fmt.Errorf("address %s belongs to two peers, %s and %s", ip, other, p.MAC)
+			other, seen := ipMAC[ip]
+			if seen && !bytes.Equal(other, pe.MAC) {
+				return p, fmt.Errorf("address %s belongs to two peers, %s and %s", ip, other, pe.MAC)
 			}
-			ipMAC[ip] = p.MAC
-			t.neigh[neighKey(ip, p.MAC)] = netlink.Neigh{
-				LinkIndex: brIndex, Family: family(ip), State: netlink.NUD_PERMANENT,
-				IP: ip.AsSlice(), HardwareAddr: p.MAC,
+			ipMAC[ip] = pe.MAC
+			if !seen {
+				p.ips = append(p.ips, peerIP{ip: ip, mac: pe.MAC})
 			}
 		}
 	}
-	return t, nil
+	for ip := range hostSet {
+		p.hosts = append(p.hosts, ip)
+	}
+	slices.SortFunc(p.hosts, func(a, b netip.Addr) int { return a.Compare(b) })
+	return p, nil
+}
+
+// vxlanTables are the entries a VXLAN network needs for p.
+func vxlanTables(p peerPlan, vxIndex, brIndex int) peerTables {
+	t := peerTables{fdb: table{}, bridge: table{}, neigh: neighTable(p, brIndex)}
+	for _, ip := range p.hosts {
+		t.fdb[fdbKey(zeroMAC, ip)] = vxlanFDB(vxIndex, zeroMAC, ip)
+	}
+	for _, m := range p.macs {
+		t.fdb[fdbKey(m.mac, m.host)] = vxlanFDB(vxIndex, m.mac, m.host)
+		t.bridge[m.mac.String()] = bridgeFDB(vxIndex, m.mac)
+	}
+	return t
+}
+
+// neighTable is the bridge's permanent neighbour entries for p.
+func neighTable(p peerPlan, brIndex int) table {
+	t := table{}
+	for _, n := range p.ips {
+		t[neighKey(n.ip, n.mac)] = netlink.Neigh{
+			LinkIndex: brIndex, Family: family(n.ip), State: netlink.NUD_PERMANENT,
+			IP: n.ip.AsSlice(), HardwareAddr: n.mac,
+		}
+	}
+	return t
+}
+
+// bridgeFDB is a static bridge FDB entry for mac on the port.
+func bridgeFDB(portIndex int, mac net.HardwareAddr) netlink.Neigh {
+	return netlink.Neigh{
+		LinkIndex: portIndex, Family: unix.AF_BRIDGE, Flags: netlink.NTF_MASTER,
+		State: netlink.NUD_NOARP, HardwareAddr: mac,
+	}
 }
 
 // currentTables reads the entries this package owns from the kernel.
 func currentTables(ov *netlink.Handle, vxIndex, brIndex int) (peerTables, error) {
-	t := peerTables{fdb: table{}, bridge: table{}, neigh: table{}}
+	t := peerTables{fdb: table{}, bridge: table{}}
 	fdb, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(vxIndex, unix.AF_BRIDGE) })
 	if err != nil {
 		return t, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
@@ -195,12 +270,16 @@ func currentTables(ov *netlink.Handle, vxIndex, brIndex int) (peerTables, error)
 		case e.State&netlink.NUD_NOARP != 0:
 			// Static bridge entries on the port; not the bridge's own
 			// ("permanent") entry for the port's MAC.
-			t.bridge[e.HardwareAddr.String()] = netlink.Neigh{
-				LinkIndex: vxIndex, Family: unix.AF_BRIDGE, Flags: netlink.NTF_MASTER,
-				State: netlink.NUD_NOARP, HardwareAddr: e.HardwareAddr,
-			}
+			t.bridge[e.HardwareAddr.String()] = bridgeFDB(vxIndex, e.HardwareAddr)
 		}
 	}
+	t.neigh, err = currentNeigh(ov, brIndex)
+	return t, err
+}
+
+// currentNeigh reads the bridge's permanent neighbour entries.
+func currentNeigh(ov *netlink.Handle, brIndex int) (table, error) {
+	t := table{}
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		neighs, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(brIndex, fam) })
 		if err != nil {
@@ -212,7 +291,7 @@ func currentTables(ov *netlink.Handle, vxIndex, brIndex int) (peerTables, error)
 				continue // learned by the bridge itself (gateway traffic)
 			}
 			ip = ip.Unmap()
-			t.neigh[neighKey(ip, e.HardwareAddr)] = netlink.Neigh{
+			t[neighKey(ip, e.HardwareAddr)] = netlink.Neigh{
 				LinkIndex: brIndex, Family: fam, State: netlink.NUD_PERMANENT,
 				IP: ip.AsSlice(), HardwareAddr: e.HardwareAddr,
 			}

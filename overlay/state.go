@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -12,15 +13,37 @@ import (
 
 // State is what the kernel holds for one network, for operators and tests.
 type State struct {
-	ID       string
-	NetNS    string
-	VNI      uint32
-	LocalIP  netip.Addr
-	Port     int
-	Learning bool // VXLAN learning; always false when set up by this package
+	ID      string
+	NetNS   string
+	VNI     uint32
+	LocalIP netip.Addr
+	Port    int // VXLAN UDP port; 0 for GRE
+	// Learning is VXLAN learning, or for GRE whether any tunnel port of the
+	// bridge learns; always false when set up by this package.
+	Learning bool
 	Links    []LinkState
-	FDB      []FDBEntry   // forwarding entries on the VXLAN device
-	Neigh    []NeighEntry // neighbour entries on the bridge
+	FDB      []FDBEntry    // forwarding entries on the VXLAN device, or on the GRE tunnel ports
+	Neigh    []NeighEntry  // neighbour entries on the bridge
+	Encap    string        // "vxlan" or "gre"; "" if the namespace has neither
+	Tunnels  []TunnelState // GRE tunnel ports, one per remote host
+}
+
+// TunnelState is one GRE tunnel port: the point-to-point tunnel to one
+// remote host.
+type TunnelState struct {
+	Name   string
+	Local  netip.Addr
+	Remote netip.Addr
+	IKey   uint32 // GRE keys; both are the VNI when set up by this package
+	OKey   uint32
+	// InHostNS says whether the tunnel's outer side (where its GRE
+	// packets are routed) is the host namespace, as it must be.
+	InHostNS bool
+	// Bridge port flags: Learning off, NeighSuppress and Isolated on when
+	// set up by this package.
+	Learning      bool
+	NeighSuppress bool
+	Isolated      bool
 }
 
 // LinkState is one device of the network's namespace.
@@ -35,13 +58,18 @@ type LinkState struct {
 	Addrs  []netip.Prefix
 }
 
-// FDBEntry is a forwarding entry for the VXLAN device: in the device's own
-// table (Self, with a remote host Dst) or in the bridge's.
+// FDBEntry is a forwarding entry for a tunnel device: in the device's own
+// table (Self; for VXLAN with a remote host Dst) or in the bridge's.
 type FDBEntry struct {
-	MAC   net.HardwareAddr
-	Dst   netip.Addr // remote host; invalid for bridge entries
-	Self  bool
-	State string // permanent, static, reachable, ...
+	MAC  net.HardwareAddr
+	Dst  netip.Addr // remote host; invalid for VXLAN bridge entries
+	Self bool
+	// State is permanent, static, reachable, ...
+	State string
+	// Dev is the device the entry is on (vxlan0, or a GRE tunnel port).
+	// For a GRE tunnel port's bridge entries other than the port's own
+	// (permanent) address, Dst is the tunnel's remote host.
+	Dev string
 }
 
 // NeighEntry is a neighbour (ARP/ND) entry on the bridge.
@@ -62,7 +90,7 @@ func (n *Network) State() (*State, error) {
 		return nil, err
 	}
 	defer s.close()
-	st, err := readState(s.ov)
+	st, err := readState(s)
 	if err != nil {
 		return nil, fmt.Errorf("network %s: %w", n.ID, err)
 	}
@@ -70,7 +98,8 @@ func (n *Network) State() (*State, error) {
 	return st, nil
 }
 
-func readState(ov *netlink.Handle) (*State, error) {
+func readState(s *handles) (*State, error) {
+	ov := s.ov
 	st := &State{}
 	links, err := dump(ov.LinkList)
 	if err != nil {
@@ -82,6 +111,7 @@ func readState(ov *netlink.Handle) (*State, error) {
 	}
 	var vx *netlink.Vxlan
 	var br netlink.Link
+	var tunnels []netlink.Link
 	for _, l := range links {
 		a := l.Attrs()
 		ls := LinkState{
@@ -98,14 +128,17 @@ func readState(ov *netlink.Handle) (*State, error) {
 			}
 		}
 		st.Links = append(st.Links, ls)
-		switch a.Name {
-		case vxlanName:
+		switch {
+		case a.Name == vxlanName:
 			vx, _ = l.(*netlink.Vxlan)
-		case bridgeName:
+		case a.Name == bridgeName:
 			br = l
+		case isTunnelName(a.Name):
+			tunnels = append(tunnels, l)
 		}
 	}
 	if vx != nil {
+		st.Encap = EncapVXLAN
 		st.VNI, st.Port, st.Learning = uint32(vx.VxlanId), vx.Port, vx.Learning
 		if ip, ok := netip.AddrFromSlice(vx.SrcAddr); ok {
 			st.LocalIP = ip.Unmap()
@@ -115,12 +148,20 @@ func readState(ov *netlink.Handle) (*State, error) {
 			return nil, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
 		}
 		for _, e := range fdb {
-			fe := FDBEntry{MAC: e.HardwareAddr, Self: e.Flags&netlink.NTF_SELF != 0, State: nudString(e.State)}
+			fe := FDBEntry{MAC: e.HardwareAddr, Self: e.Flags&netlink.NTF_SELF != 0, State: nudString(e.State), Dev: vxlanName}
 			if ip, ok := netip.AddrFromSlice(e.IP); ok {
 				fe.Dst = ip.Unmap()
 			}
-			st.FDB = append(st.FDB, fe)
+			st.addFDB(fe)
 		}
+	}
+	if br != nil && vx == nil {
+		if vni, local, ok := parseGREAlias(br.Attrs().Alias); ok {
+			st.Encap, st.VNI, st.LocalIP = EncapGRE, vni, local
+		}
+	}
+	if err := readTunnels(s, st, tunnels); err != nil {
+		return nil, err
 	}
 	if br != nil {
 		for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
@@ -140,7 +181,81 @@ func readState(ov *netlink.Handle) (*State, error) {
 	return st, nil
 }
 
-// String prints the entry like `bridge fdb show`.
+// readTunnels adds the GRE tunnel ports, their bridge port flags and
+// their FDB entries to st.
+func readTunnels(s *handles, st *State, tunnels []netlink.Link) error {
+	if len(tunnels) == 0 {
+		return nil
+	}
+	hostID := hostNSID(s)
+	remotes := map[int]netip.Addr{}
+	names := map[int]string{}
+	for _, l := range tunnels {
+		a := l.Attrs()
+		ts := TunnelState{Name: a.Name, Remote: tunnelRemote(l)}
+		if gt, ok := l.(*netlink.Gretap); ok {
+			if ip, ok := netip.AddrFromSlice(gt.Local); ok {
+				ts.Local = ip.Unmap()
+			}
+			ts.IKey, ts.OKey = gt.IKey, gt.OKey
+			ts.InHostNS = hostID >= 0 && gt.NetNsID == hostID
+		}
+		if a.MasterIndex != 0 {
+			pi, err := protinfo(s.ov, l)
+			if err != nil {
+				return fmt.Errorf("bridge port flags of %s: %w", a.Name, err)
+			}
+			ts.Learning, ts.NeighSuppress, ts.Isolated = pi.Learning, pi.NeighSuppress, pi.Isolated
+			st.Learning = st.Learning || pi.Learning
+		}
+		st.Tunnels = append(st.Tunnels, ts)
+		remotes[a.Index], names[a.Index] = ts.Remote, a.Name
+	}
+	fdb, err := dump(func() ([]netlink.Neigh, error) { return s.ov.NeighList(0, unix.AF_BRIDGE) })
+	if err != nil {
+		return fmt.Errorf("list FDB: %w", err)
+	}
+	for _, e := range fdb {
+		name, ok := names[e.LinkIndex]
+		if !ok {
+			continue
+		}
+		fe := FDBEntry{MAC: e.HardwareAddr, Self: e.Flags&netlink.NTF_SELF != 0, State: nudString(e.State), Dev: name}
+		if !fe.Self && e.State&netlink.NUD_PERMANENT == 0 {
+			fe.Dst = remotes[e.LinkIndex]
+		}
+		st.addFDB(fe)
+	}
+	sort.Slice(st.Tunnels, func(i, j int) bool { return st.Tunnels[i].Name < st.Tunnels[j].Name })
+	return nil
+}
+
+// addFDB adds e to st.FDB unless it is there already: some kernels (6.1)
+// report each bridge entry of a port twice in a dump, once for the port
+// and once for the bridge.
+func (st *State) addFDB(e FDBEntry) {
+	for _, have := range st.FDB {
+		if have.Dev == e.Dev && have.String() == e.String() {
+			return
+		}
+	}
+	st.FDB = append(st.FDB, e)
+}
+
+// protinfo reads a bridge port's flags, retrying a dump the kernel
+// interrupted.
+func protinfo(h *netlink.Handle, l netlink.Link) (netlink.Protinfo, error) {
+	for i := 0; ; i++ {
+		pi, err := h.LinkGetProtinfo(l)
+		if errors.Is(err, netlink.ErrDumpInterrupted) && i < 5 {
+			continue
+		}
+		return pi, err
+	}
+}
+
+// String prints the entry like `bridge fdb show`, with the remote host
+// (dst) also for a GRE tunnel port's bridge entries.
 func (e FDBEntry) String() string {
 	s := e.MAC.String()
 	if e.Dst.IsValid() {
