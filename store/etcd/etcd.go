@@ -51,6 +51,13 @@ const (
 	// healthyRun is how long a watch stream or a lease keepalive must have
 	// worked for the next failure to be retried quickly again.
 	healthyRun = 10 * time.Second
+	// connectWait bounds how long a call waits for a connection to a
+	// server, whatever its own deadline: past it the store counts as
+	// unreachable (ErrUnavailable). A plugin call then fails within
+	// seconds while the store is down instead of holding dockerd up,
+	// while a server that restarts (reconnect backoff is at most
+	// maxReconnectDelay) goes unnoticed.
+	connectWait = 3 * time.Second
 )
 
 // Store is a store.Store on an etcd v3 cluster.
@@ -325,9 +332,9 @@ func (s *Store) do(ctx context.Context, op, key string, fn func(ctx context.Cont
 var errNoConnection = errors.New("no connection to any etcd server")
 
 // awaitConn waits until the client is connected to a server. If it is not
-// by shortly before ctx's deadline, it gives up with errNoConnection, so the
-// caller can tell "store unreachable" (ErrUnavailable) from "store too
-// slow" (ErrTimeout).
+// within connectWait, or by shortly before ctx's deadline, it gives up with
+// errNoConnection, so the caller can tell "store unreachable"
+// (ErrUnavailable) from "store too slow" (ErrTimeout).
 func awaitConn(ctx context.Context, cli *clientv3.Client) error {
 	conn := cli.ActiveConnection()
 	st := conn.GetState()
@@ -339,7 +346,8 @@ func awaitConn(ctx context.Context, cli *clientv3.Client) error {
 		return nil // let the call itself report
 	}
 	margin := min(time.Until(dl)/10, 250*time.Millisecond)
-	wctx, cancel := context.WithDeadline(ctx, dl.Add(-margin))
+	wait := min(time.Until(dl)-margin, connectWait)
+	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	for st != connectivity.Ready {
 		if st == connectivity.Shutdown {

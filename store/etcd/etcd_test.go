@@ -379,3 +379,33 @@ func TestOpenRejectsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// A plugin call gives its store calls a long deadline (dockerd waits up
+// to 30s). With the server down, a call must still fail within a few
+// seconds, as unavailable and naming the server, not wait out that
+// deadline while dockerd waits on the plugin.
+func TestDownFailsFastWithLongDeadline(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("fast")})
+	if _, err := s.Put(ctxT(t, 10*time.Second), "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop(t)
+	for _, op := range []string{"get", "put"} {
+		start := time.Now()
+		var err error
+		if op == "get" {
+			_, err = s.Get(ctxT(t, 25*time.Second), "k")
+		} else {
+			_, err = s.Put(ctxT(t, 25*time.Second), "k", []byte("w"))
+		}
+		took := time.Since(start)
+		if !errors.Is(err, store.ErrUnavailable) || !strings.Contains(err.Error(), srv.Addr) {
+			t.Fatalf("%s with the server down: %v, want unavailable naming %s", op, err, srv.Addr)
+		}
+		if took > 4*time.Second {
+			t.Fatalf("%s with the server down took %s with a 25s deadline, want at most 4s", op, took.Round(time.Millisecond))
+		}
+		t.Logf("%s, server down: failed in %s: %v", op, took.Round(time.Millisecond), err)
+	}
+}

@@ -141,7 +141,8 @@ func (r *registration) keep(ctx context.Context) {
 
 // ensure makes the znode exist, owned by the current session: a znode
 // left by an expired session of ours (or by a previous run of this host
-// whose session has not expired yet) is replaced.
+// whose session has not expired yet) is replaced in one multi, so that
+// watchers never see the key missing in between.
 func (r *registration) ensure(ctx context.Context) error {
 	conn := r.sess.conn
 	for range 5 {
@@ -159,7 +160,13 @@ func (r *registration) ensure(ctx context.Context) error {
 			if st.NumChildren > 0 {
 				return fmt.Errorf("%w: %s has keys below it and can not be a registration", store.ErrInvalid, r.key)
 			}
-			if err := conn.Delete(r.path, st.Version); err != nil && !errors.Is(err, zk.ErrNoNode) && !errors.Is(err, zk.ErrBadVersion) {
+			_, err := conn.Multi(
+				&zk.DeleteRequest{Path: r.path, Version: st.Version},
+				&zk.CreateRequest{Path: r.path, Data: r.data, Acl: r.s.acl, Flags: zk.FlagEphemeral})
+			if err == nil {
+				return nil
+			}
+			if !errors.Is(err, zk.ErrNoNode) && !errors.Is(err, zk.ErrBadVersion) && !errors.Is(err, zk.ErrNodeExists) {
 				return err
 			}
 			continue

@@ -195,17 +195,23 @@ func call(ctx context.Context, fn func() error) error {
 	}
 }
 
+// connectWait is the longest a call waits for a usable session, whatever
+// its own deadline: a plugin call then fails within seconds while the
+// server is down instead of holding dockerd up, while a quick reconnect
+// (a server restart) still goes unnoticed.
+const connectWait = 3 * time.Second
+
 // waitLimit is how long a call waits for a usable session before it
-// reports the store unavailable: half of what is left of its deadline, so
-// that a server that is down gives ErrUnavailable, not ErrTimeout, while a
-// quick reconnect (a server restart) still goes unnoticed.
+// reports the store unavailable: half of what is left of its deadline, at
+// most connectWait, so that a server that is down gives ErrUnavailable,
+// not ErrTimeout.
 func waitLimit(ctx context.Context) time.Duration {
 	deadline, ok := ctx.Deadline()
 	if !ok {
-		return store.DefaultTimeout / 2
+		return min(store.DefaultTimeout/2, connectWait)
 	}
 	if d := time.Until(deadline) / 2; d > 0 {
-		return d
+		return min(d, connectWait)
 	}
 	return time.Millisecond
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -457,5 +458,83 @@ func TestOpenRejectsBadConfig(t *testing.T) {
 			}
 			t.Errorf("open %+v: %v, want invalid", cfg, err)
 		}
+	}
+}
+
+// A restarted plugin registers the live key its previous run still holds
+// (that session has not expired yet): the key passes to the new session in
+// one step, so watchers never see it missing, and the old session ending
+// leaves it alone.
+func TestRegisterTakesOver(t *testing.T) {
+	srv := testenv.StartZooKeeper(t, testenv.ServerOptions{})
+	ctx := ctxT(t, time.Minute)
+	old := open(t, store.Config{URL: srv.URL("takeover")})
+	if _, err := old.Register(ctx, "hosts/h1", []byte("run0"), 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	watcher := open(t, store.Config{URL: srv.URL("takeover")})
+	events, err := watcher.Watch(ctx, "hosts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev := <-events; ev.Type != store.EventReset || !reflect.DeepEqual(keys(ev.Snapshot), []string{"hosts/h1"}) {
+		t.Fatalf("first event %s %v, want a reset with hosts/h1", ev.Type, keys(ev.Snapshot))
+	}
+
+	// Each Register has a session of its own: every round is a takeover.
+	restarted := open(t, store.Config{URL: srv.URL("takeover")})
+	const rounds = 20
+	for i := 1; i <= rounds; i++ {
+		if _, err := restarted.Register(ctx, "hosts/h1", []byte("run"+strconv.Itoa(i)), 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := "run" + strconv.Itoa(rounds)
+	waitValue(t, watcher, "hosts/h1", last, 5*time.Second)
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	waitValue(t, watcher, "hosts/h1", last, time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if ev.Type == store.EventDelete || (ev.Type == store.EventReset && len(ev.Snapshot) == 0) {
+				t.Fatalf("a watcher saw the live key go away during a takeover: %s %v", ev.Type, ev.KV.Key)
+			}
+			continue
+		default:
+		}
+		break
+	}
+}
+
+// A plugin call gives its store calls a long deadline (dockerd waits up
+// to 30s). With the server down, a call must still fail within a few
+// seconds, as unavailable and naming the server, not wait out that
+// deadline while dockerd waits on the plugin.
+func TestDownFailsFastWithLongDeadline(t *testing.T) {
+	srv := testenv.StartZooKeeper(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("fast")})
+	if _, err := s.Put(ctxT(t, 10*time.Second), "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	srv.Stop(t)
+	for _, op := range []string{"get", "put"} {
+		start := time.Now()
+		var err error
+		if op == "get" {
+			_, err = s.Get(ctxT(t, 25*time.Second), "k")
+		} else {
+			_, err = s.Put(ctxT(t, 25*time.Second), "k", []byte("w"))
+		}
+		took := time.Since(start)
+		if !errors.Is(err, store.ErrUnavailable) || !strings.Contains(err.Error(), srv.Addr) {
+			t.Fatalf("%s with the server down: %v, want unavailable naming %s", op, err, srv.Addr)
+		}
+		if took > 4*time.Second {
+			t.Fatalf("%s with the server down took %s with a 25s deadline, want at most 4s", op, took.Round(time.Millisecond))
+		}
+		t.Logf("%s, server down: failed in %s: %v", op, took.Round(time.Millisecond), err)
 	}
 }
