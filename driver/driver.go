@@ -75,6 +75,18 @@ type Config struct {
 	Scope    string     // "local" (plain hosts) or "global" (swarm)
 	LiveTTL  time.Duration
 	Log      *slog.Logger
+	Metrics  Metrics // optional; nil means none
+}
+
+// Metrics is told what the driver's reconciliation of this host's kernel
+// with the store does (package internal/metrics implements it).
+type Metrics interface {
+	// Reconciled reports one reconciliation run: how many kernel changes
+	// it made and how it ended.
+	Reconciled(changes int, err error)
+	// Known reports the endpoints in the store, on this host and on
+	// others, and the live hosts (this one included), as last seen.
+	Known(localEndpoints, remoteEndpoints, hosts int)
 }
 
 // Driver is the NetworkDriver.
@@ -86,6 +98,10 @@ type Driver struct {
 	mu        sync.Mutex
 	networks  map[string]*localNetwork // by Docker network id
 	endpoints map[string]*localEndpoint
+
+	// planeMu keeps Join's building of an overlay and its interface apart
+	// from the peer sync's removal of overlays no local endpoint uses.
+	planeMu sync.Mutex
 
 	peers *peerSync
 	done  chan struct{}
@@ -151,6 +167,11 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 	spec, err := parseCreate(r)
 	if err != nil {
 		return err
+	}
+	if d.cfg.Scope == network.GlobalScope {
+		// Only swarm networks exist with a driver of global scope; their
+		// Docker ID is the same on every node.
+		spec.Swarm = r.NetworkID
 	}
 	if err := d.cfg.Plane.Check(spec.Encap); err != nil {
 		return err
@@ -336,12 +357,14 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 	if err != nil {
 		return nil, err
 	}
-	if err := d.cfg.Plane.EnsureOverlay(overlayOf(n)); err != nil {
-		return nil, fmt.Errorf("join %.12s: build overlay %s: %w", ep.ID, n.Overlay.Name, err)
-	}
 	dpEP, err := dataEndpoint(ep)
 	if err != nil {
 		return nil, err
+	}
+	d.planeMu.Lock()
+	defer d.planeMu.Unlock()
+	if err := d.cfg.Plane.EnsureOverlay(overlayOf(n)); err != nil {
+		return nil, fmt.Errorf("join %.12s: build overlay %s: %w", ep.ID, n.Overlay.Name, err)
 	}
 	ifName, err := d.cfg.Plane.AddEndpoint(n.Overlay.VNI, dpEP)
 	if err != nil {
@@ -416,15 +439,6 @@ func (d *Driver) EndpointInfo(ctx context.Context, r *network.InfoRequest) (*net
 		"mac":     ep.Rec.MAC,
 	}}, nil
 }
-
-// AllocateNetwork (swarm managers) echoes the user's options so that every
-// node's CreateNetwork receives them.
-func (d *Driver) AllocateNetwork(ctx context.Context, r *network.AllocateNetworkRequest) (*network.AllocateNetworkResponse, error) {
-	return &network.AllocateNetworkResponse{Options: r.Options}, nil
-}
-
-// FreeNetwork has nothing to undo: overlays are freed with their last host.
-func (d *Driver) FreeNetwork(ctx context.Context, r *network.FreeNetworkRequest) error { return nil }
 
 // DiscoverNew: peers are found through the store, not through Docker.
 func (d *Driver) DiscoverNew(ctx context.Context, r *network.DiscoveryNotification) error { return nil }

@@ -36,16 +36,26 @@ type netSpec struct {
 	Internal bool
 	Subnets  []netip.Prefix // IPv4 first
 	Gateways []netip.Addr   // same order as Subnets; may be invalid (none)
+	// Swarm is the cluster-wide Docker network ID of a swarm network
+	// (drivers of scope global); empty for a plain host's network.
+	Swarm string
 }
 
 // parseCreate turns a CreateNetwork request into a netSpec, rejecting
 // anything unknown or malformed with an error that names it.
 func parseCreate(r *network.CreateNetworkRequest) (netSpec, error) {
-	spec := netSpec{Encap: "vxlan"}
 	opts, err := userOptions(r.Options)
 	if err != nil {
-		return spec, err
+		return netSpec{}, err
 	}
+	spec, err := parseSpec(opts, append(append([]*network.IPAMData{}, r.IPv4Data...), r.IPv6Data...))
+	spec.Internal = boolOption(r.Options[internalKey])
+	return spec, err
+}
+
+// parseSpec reads the -o options and the subnets of a network.
+func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, error) {
+	spec := netSpec{Encap: "vxlan"}
 	for k, v := range opts {
 		switch k {
 		case OptOverlay:
@@ -74,8 +84,7 @@ func parseCreate(r *network.CreateNetworkRequest) (netSpec, error) {
 			return spec, fmt.Errorf("unknown option %q (known: %s)", k, strings.Join(knownOptions, ", "))
 		}
 	}
-	spec.Internal = boolOption(r.Options[internalKey])
-	for _, data := range append(append([]*network.IPAMData{}, r.IPv4Data...), r.IPv6Data...) {
+	for _, data := range ipamData {
 		if data == nil || data.Pool == "" {
 			continue
 		}
@@ -87,7 +96,12 @@ func parseCreate(r *network.CreateNetworkRequest) (netSpec, error) {
 		if data.Gateway != "" {
 			gp, err := netip.ParsePrefix(data.Gateway)
 			if err != nil {
-				return spec, fmt.Errorf("gateway %q: %v", data.Gateway, err)
+				// A bare address, as a swarm manager may give it.
+				a, aerr := netip.ParseAddr(data.Gateway)
+				if aerr != nil {
+					return spec, fmt.Errorf("gateway %q: %v", data.Gateway, err)
+				}
+				gp = netip.PrefixFrom(a, p.Bits())
 			}
 			gw = gp.Addr()
 		}

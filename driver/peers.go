@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -84,7 +85,12 @@ func (p *peerSync) run(ctx context.Context) {
 		case <-timer:
 			timer = nil
 			if p.haveEPs && p.haveHosts {
-				if err := p.reconcile(ctx); err != nil {
+				changes, err := p.reconcile(ctx)
+				if m := p.d.cfg.Metrics; m != nil {
+					m.Reconciled(changes, err)
+					m.Known(p.known())
+				}
+				if err != nil {
 					log.Warn("reconcile failed; retrying", "err", err)
 					time.AfterFunc(time.Second, p.kick)
 				}
@@ -100,11 +106,12 @@ func (p *peerSync) register(ctx context.Context) {
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
 		reg, err := p.d.cfg.Store.Register(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
 		if err == nil {
-			p.d.log.Info("host registered", "host", p.d.host, "ttl", p.d.cfg.LiveTTL)
-			<-ctx.Done()
+			p.d.log.Info("host registered", "host", p.d.host, "ttl", p.d.cfg.LiveTTL.String())
+			p.heartbeat(ctx, rec)
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			reg.Release(rctx)
+			p.lastSeen(rctx, rec)
 			return
 		}
 		p.d.log.Warn("cannot register host yet", "err", err)
@@ -162,46 +169,71 @@ func overlayOfKey(key string) string {
 	return name
 }
 
-// reconcile makes the kernel match the mirrors: overlays with a local
-// endpoint exist with exactly their live remote peers; others are removed.
-func (p *peerSync) reconcile(ctx context.Context) error {
-	d := p.d
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
+// plannedOverlay is what one overlay should be on this host.
+type plannedOverlay struct {
+	net       *localNetwork    // one of this host's Docker networks on it
+	networks  []string         // every Docker network of this host on it
+	endpoints []*localEndpoint // its endpoints on this host
+	peers     []Peer           // its endpoints on other live hosts, by MAC
+}
 
-	// Overlays needed here: those with a local endpoint, as the store says
-	// or as this process knows (the watch may lag behind our own writes).
-	needed := map[string]*localNetwork{}
+// plan computes from the mirrors what this host's kernel should hold:
+// every overlay with a local endpoint, as the store says or as this
+// process knows (the watch may lag behind our own writes), with the
+// endpoints of the other live hosts as its peers. Overlays whose network
+// cannot be read are left out and named in the error.
+func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error) {
+	d := p.d
+	planned := map[string]*plannedOverlay{}
 	var errs []error
-	addNeeded := func(netID string) {
+	add := func(netID string) *plannedOverlay {
 		n, err := d.network(ctx, netID)
 		if err != nil {
-			errs = append(errs, err)
-			return
-		}
-		needed[n.Overlay.Name] = n
-	}
-	for key, rec := range p.endpoints {
-		if rec.Host == d.host {
-			if _, ok := needed[overlayOfKey(key)]; !ok {
-				addNeeded(rec.Network)
+			if _, gerr := d.cfg.Store.Get(ctx, netmapKey(d.host, netID)); errors.Is(gerr, store.ErrNotFound) {
+				// A stale endpoint record of a network this host no longer
+				// has: nothing to build for it, and no reason to hold back.
+				d.log.Debug("endpoint record names a network this host does not have", "network", short(netID))
+				return nil
 			}
+			errs = append(errs, err)
+			return nil
+		}
+		po := planned[n.Overlay.Name]
+		if po == nil {
+			po = &plannedOverlay{net: n}
+			planned[n.Overlay.Name] = po
+		}
+		if !slices.Contains(po.networks, netID) {
+			po.networks = append(po.networks, netID)
+		}
+		return po
+	}
+	seen := map[string]bool{}
+	for key, rec := range p.endpoints {
+		if rec.Host != d.host {
+			continue
+		}
+		if po := add(rec.Network); po != nil {
+			id := key[strings.LastIndex(key, "/")+1:]
+			po.endpoints = append(po.endpoints, &localEndpoint{ID: id, Network: rec.Network, Rec: rec})
+			seen[id] = true
 		}
 	}
 	d.mu.Lock()
-	var local []string
+	var local []*localEndpoint
 	for _, ep := range d.endpoints {
-		local = append(local, ep.Network)
+		local = append(local, ep)
 	}
 	d.mu.Unlock()
-	for _, netID := range local {
-		addNeeded(netID)
+	for _, ep := range local {
+		if po := add(ep.Network); po != nil && !seen[ep.ID] {
+			po.endpoints = append(po.endpoints, ep)
+		}
 	}
 
-	peers := map[string][]Peer{}
 	for key, rec := range p.endpoints {
-		name := overlayOfKey(key)
-		if rec.Host == d.host || !p.hosts[rec.Host] || needed[name] == nil {
+		po := planned[overlayOfKey(key)]
+		if rec.Host == d.host || !p.hosts[rec.Host] || po == nil {
 			continue
 		}
 		peer, err := peerOf(rec)
@@ -209,31 +241,56 @@ func (p *peerSync) reconcile(ctx context.Context) error {
 			d.log.Warn("skipping endpoint", "key", key, "err", err)
 			continue
 		}
-		peers[name] = append(peers[name], peer)
+		po.peers = append(po.peers, peer)
 	}
+	for _, po := range planned {
+		sort.Slice(po.peers, func(i, j int) bool { return po.peers[i].MAC.String() < po.peers[j].MAC.String() })
+		sort.Slice(po.endpoints, func(i, j int) bool { return po.endpoints[i].ID < po.endpoints[j].ID })
+		slices.Sort(po.networks)
+	}
+	return planned, errors.Join(errs...)
+}
 
+// reconcile makes the kernel match the plan: overlays with a local
+// endpoint exist with exactly their live remote peers; others are removed
+// (unless part of the plan could not be read). It returns how many kernel
+// changes it made.
+func (p *peerSync) reconcile(ctx context.Context) (int, error) {
+	d := p.d
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+
+	planned, planErr := p.plan(ctx)
+	errs := []error{planErr}
 	wanted := map[uint32]bool{}
 	changes := 0
-	for name, n := range needed {
-		wanted[n.Overlay.VNI] = true
-		if err := d.cfg.Plane.EnsureOverlay(overlayOf(n)); err != nil {
+	for _, po := range planned {
+		vni := po.net.Overlay.VNI
+		wanted[vni] = true
+		if err := d.cfg.Plane.EnsureOverlay(overlayOf(po.net)); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		ps := peers[name]
-		sort.Slice(ps, func(i, j int) bool { return ps[i].MAC.String() < ps[j].MAC.String() })
-		c, err := d.cfg.Plane.SetPeers(n.Overlay.VNI, ps)
+		c, err := d.cfg.Plane.SetPeers(vni, po.peers)
 		changes += c
 		if err != nil {
 			errs = append(errs, err)
 		}
 	}
-	present, err := d.cfg.Plane.Overlays()
-	if err != nil {
-		errs = append(errs, err)
-	}
-	for _, vni := range present {
-		if !wanted[vni] {
+	if planErr == nil {
+		// A Join may have built an overlay since the plan was made: hold
+		// Joins off while removing, and keep what local endpoints use now.
+		d.planeMu.Lock()
+		defer d.planeMu.Unlock()
+		present, err := d.cfg.Plane.Overlays()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		inUse := d.localVNIs()
+		for _, vni := range present {
+			if wanted[vni] || inUse[vni] {
+				continue
+			}
 			if err := d.cfg.Plane.RemoveOverlay(vni); err != nil {
 				errs = append(errs, err)
 			} else {
@@ -243,9 +300,34 @@ func (p *peerSync) reconcile(ctx context.Context) error {
 		}
 	}
 	if changes > 0 {
-		d.log.Debug("reconciled", "overlays", len(needed), "changes", changes)
+		d.log.Debug("reconciled", "overlays", len(planned), "changes", changes)
 	}
-	return errors.Join(errs...)
+	return changes, errors.Join(errs...)
+}
+
+// localVNIs are the VNIs of the overlays this process's local endpoints are on.
+func (d *Driver) localVNIs() map[uint32]bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	vnis := map[uint32]bool{}
+	for _, ep := range d.endpoints {
+		if n := d.networks[ep.Network]; n != nil {
+			vnis[n.Overlay.VNI] = true
+		}
+	}
+	return vnis
+}
+
+// known counts the endpoints (here and elsewhere) and live hosts in the mirrors.
+func (p *peerSync) known() (local, remote, hosts int) {
+	for _, rec := range p.endpoints {
+		if rec.Host == p.d.host {
+			local++
+		} else {
+			remote++
+		}
+	}
+	return local, remote, len(p.hosts)
 }
 
 func peerOf(rec endpointRecord) (Peer, error) {

@@ -40,6 +40,14 @@ type overlayRecord struct {
 	Gateways []string `json:"gateways,omitempty"`
 	MTU      int      `json:"mtu,omitempty"` // set only when a user gave -o mtu
 	Hosts    []string `json:"hosts"`         // hosts with a Docker network on this overlay
+	// Swarm is the Docker network ID of the swarm network the overlay
+	// belongs to; empty for an overlay of plain hosts' networks. The two
+	// kinds never share an overlay: their addresses come from different
+	// allocators.
+	Swarm string `json:"swarm,omitempty"`
+	// Allocated: the swarm manager holds the overlay (from AllocateNetwork
+	// until FreeNetwork), whether or not a host uses it.
+	Allocated bool `json:"allocated,omitempty"`
 }
 
 type networkRecord struct {
@@ -103,6 +111,15 @@ func compatible(rec overlayRecord, spec netSpec) error {
 	if spec.Encap != rec.Encap {
 		return fmt.Errorf("overlay %q already exists with encap %s, not %s", rec.Name, rec.Encap, spec.Encap)
 	}
+	switch {
+	case rec.Swarm == spec.Swarm:
+	case spec.Swarm == "":
+		return fmt.Errorf("overlay %q belongs to swarm network %.12s: a plain network cannot join it; use another --subnet or -o overlay name", rec.Name, rec.Swarm)
+	case rec.Swarm == "":
+		return fmt.Errorf("overlay %q is used by plain (non-swarm) networks on hosts %v: a swarm network needs an overlay of its own; use another --subnet or -o overlay name", rec.Name, rec.Hosts)
+	default:
+		return fmt.Errorf("overlay %q belongs to swarm network %.12s: use another --subnet or -o overlay name", rec.Name, rec.Swarm)
+	}
 	return nil
 }
 
@@ -112,11 +129,38 @@ const casRetries = 20
 // joinOverlay creates the overlay of spec, or checks that it matches the
 // existing one, and adds host to its users.
 func joinOverlay(ctx context.Context, s store.Store, spec netSpec, host string) (overlayRecord, error) {
+	return claimOverlay(ctx, s, spec, func(rec *overlayRecord) bool {
+		if slices.Contains(rec.Hosts, host) {
+			return false
+		}
+		rec.Hosts = append(rec.Hosts, host)
+		return true
+	})
+}
+
+// allocateOverlay creates the overlay of a swarm network, or checks that
+// it matches the existing one, and marks it held by the swarm manager.
+func allocateOverlay(ctx context.Context, s store.Store, spec netSpec) (overlayRecord, error) {
+	return claimOverlay(ctx, s, spec, func(rec *overlayRecord) bool {
+		if rec.Allocated {
+			return false
+		}
+		rec.Allocated = true
+		return true
+	})
+}
+
+// claimOverlay creates the overlay of spec, or checks that it matches the
+// existing one, and applies claim to it (claim reports whether it changed
+// the record).
+func claimOverlay(ctx context.Context, s store.Store, spec netSpec, claim func(rec *overlayRecord) bool) (overlayRecord, error) {
 	key := overlayKey(spec.Overlay)
 	for try := 0; try < casRetries; try++ {
 		kv, err := s.Get(ctx, key)
 		if errors.Is(err, store.ErrNotFound) {
-			rec, err := createOverlay(ctx, s, spec, host)
+			rec := newOverlayRecord(spec)
+			claim(&rec)
+			rec, err := createOverlay(ctx, s, spec, rec)
 			if errors.Is(err, store.ErrConflict) {
 				continue // someone else created it first: join theirs
 			}
@@ -132,10 +176,9 @@ func joinOverlay(ctx context.Context, s store.Store, spec netSpec, host string) 
 		if err := compatible(rec, spec); err != nil {
 			return rec, err
 		}
-		if slices.Contains(rec.Hosts, host) {
+		if !claim(&rec) {
 			return rec, nil
 		}
-		rec.Hosts = append(rec.Hosts, host)
 		if _, err := s.CompareAndSwap(ctx, key, encode(rec), kv.Version); errors.Is(err, store.ErrConflict) {
 			continue
 		} else if err != nil {
@@ -146,10 +189,10 @@ func joinOverlay(ctx context.Context, s store.Store, spec netSpec, host string) 
 	return overlayRecord{}, fmt.Errorf("overlay %q: too much contention in the store, try again", spec.Overlay)
 }
 
-// createOverlay writes a new overlay and claims its VNI in one transaction.
-// It returns store.ErrConflict when the overlay appeared meanwhile.
-func createOverlay(ctx context.Context, s store.Store, spec netSpec, host string) (overlayRecord, error) {
-	rec := overlayRecord{Name: spec.Overlay, Encap: spec.Encap, Subnets: subnetStrings(spec.Subnets), MTU: spec.MTU, Hosts: []string{host}}
+// newOverlayRecord is the record of a new overlay of spec, without users
+// and without a VNI yet.
+func newOverlayRecord(spec netSpec) overlayRecord {
+	rec := overlayRecord{Name: spec.Overlay, Encap: spec.Encap, Subnets: subnetStrings(spec.Subnets), MTU: spec.MTU, Swarm: spec.Swarm}
 	for _, gw := range spec.Gateways {
 		if gw.IsValid() {
 			rec.Gateways = append(rec.Gateways, gw.String())
@@ -157,6 +200,13 @@ func createOverlay(ctx context.Context, s store.Store, spec netSpec, host string
 			rec.Gateways = append(rec.Gateways, "")
 		}
 	}
+	return rec
+}
+
+// createOverlay writes rec, a new overlay of spec, and claims a VNI for it
+// in one transaction. It returns store.ErrConflict when the overlay
+// appeared meanwhile.
+func createOverlay(ctx context.Context, s store.Store, spec netSpec, rec overlayRecord) (overlayRecord, error) {
 	candidates := vniCandidates(spec)
 	for _, vni := range candidates {
 		rec.VNI = vni
@@ -198,8 +248,22 @@ func vniCandidates(spec netSpec) []uint32 {
 }
 
 // leaveOverlay removes host from the overlay's users and deletes the
-// overlay (and frees its VNI) when no host uses it any more.
+// overlay (and frees its VNI) when nothing uses it any more.
 func leaveOverlay(ctx context.Context, s store.Store, name, host string) error {
+	return releaseOverlay(ctx, s, name, func(rec *overlayRecord) {
+		rec.Hosts = slices.DeleteFunc(rec.Hosts, func(h string) bool { return h == host })
+	})
+}
+
+// freeOverlay drops the swarm manager's hold on the overlay and deletes it
+// (and frees its VNI) when no host uses it any more.
+func freeOverlay(ctx context.Context, s store.Store, name string) error {
+	return releaseOverlay(ctx, s, name, func(rec *overlayRecord) { rec.Allocated = false })
+}
+
+// releaseOverlay applies release to the overlay's record and deletes the
+// overlay, with its VNI, when neither a host nor the swarm manager holds it.
+func releaseOverlay(ctx context.Context, s store.Store, name string, release func(rec *overlayRecord)) error {
 	key := overlayKey(name)
 	for try := 0; try < casRetries; try++ {
 		kv, err := s.Get(ctx, key)
@@ -213,8 +277,8 @@ func leaveOverlay(ctx context.Context, s store.Store, name, host string) error {
 		if err != nil {
 			return err
 		}
-		rec.Hosts = slices.DeleteFunc(rec.Hosts, func(h string) bool { return h == host })
-		if len(rec.Hosts) == 0 {
+		release(&rec)
+		if len(rec.Hosts) == 0 && !rec.Allocated {
 			ops := []store.Op{store.Delete(key, kv.Version)}
 			if vkv, err := s.Get(ctx, vniKey(rec.VNI)); err == nil && string(vkv.Value) == name {
 				ops = append(ops, store.Delete(vkv.Key, vkv.Version))

@@ -41,6 +41,9 @@ type Allocation struct {
 	Endpoint string         `json:"endpoint,omitempty"` // set by AttachEndpoint
 	Refs     map[string]int `json:"refs,omitempty"`     // gateway and aux: references per host
 	Time     time.Time      `json:"time"`
+	// Epoch, in the global space: the subnet's epoch when the swarm
+	// manager last requested the address (see the package documentation).
+	Epoch int `json:"epoch,omitempty"`
 }
 
 // describe names the holder of an allocation, for error messages.
@@ -106,13 +109,26 @@ func (d *Driver) requestAddress(ctx context.Context, req *ipam.RequestAddressReq
 	if err := d.checkPool(ctx, p); err != nil {
 		return netip.Addr{}, 0, err
 	}
+	if p.Space == GlobalSpace && kind != KindGateway {
+		rec, _, err := d.readSpace(ctx, p.Space)
+		if err != nil {
+			return netip.Addr{}, 0, err
+		}
+		if e := rec.Subnets[p.Subnet.String()]; e != nil {
+			p.epoch = e.Epoch
+		}
+	}
 	var a netip.Addr
 	switch {
 	case kind == KindGateway:
 		a, err = d.requestGateway(ctx, p, want)
 	case !want.IsValid():
 		a, err = d.allocateNext(ctx, p)
-	case d.mac && req.Options[optMACAddress] == "":
+	case d.mac && req.Options[optMACAddress] == "" && p.Space == LocalSpace:
+		// Only libnetwork on a host marks endpoint addresses with a MAC.
+		// The global space is the swarm manager's, which never does: its
+		// explicit addresses (a container's --ip on an attachable network)
+		// are exclusive too.
 		a, err = d.reserveAux(ctx, p, want)
 	default:
 		a, err = d.reserveExact(ctx, p, want)
@@ -145,9 +161,9 @@ func parseAddr(s string, p poolSpec) (netip.Addr, error) {
 }
 
 func (d *Driver) newAllocation(p poolSpec, a netip.Addr, kind string) Allocation {
-	rec := Allocation{Address: a.String(), Pool: p.ID, Kind: kind, Host: d.host, Time: time.Now().UTC()}
+	rec := Allocation{Address: a.String(), Pool: p.ID, Kind: kind, Host: d.host, Time: time.Now().UTC(), Epoch: p.epoch}
 	if kind != KindAddress {
-		rec.Refs = map[string]int{d.host: 1}
+		rec.Refs = map[string]int{d.holder(p.Space): 1}
 	}
 	return rec
 }
@@ -175,12 +191,27 @@ func (d *Driver) reserveExact(ctx context.Context, p poolSpec, a netip.Addr) (ne
 		if !errors.Is(err, store.ErrConflict) {
 			return netip.Addr{}, fmt.Errorf("allocate %s in pool %s: %w", a, p.ID, err)
 		}
-		cur, _, err := d.getAllocation(ctx, p, a)
+		cur, ver, err := d.getAllocation(ctx, p, a)
 		if errors.Is(err, store.ErrNotFound) {
 			continue // released meanwhile: try again
 		}
 		if err != nil {
 			return netip.Addr{}, err
+		}
+		if p.Space == GlobalSpace && cur.Kind == KindAddress && cur.Epoch < p.epoch {
+			// The swarm manager requests again what it allocated before
+			// it restarted or another manager took over: it is its own.
+			prev := cur.Host
+			cur.Epoch, cur.Host = p.epoch, d.host
+			_, err := d.s.CompareAndSwap(ctx, p.addrKey(a), mustJSON(cur), ver)
+			if errors.Is(err, store.ErrConflict) {
+				continue
+			}
+			if err != nil {
+				return netip.Addr{}, fmt.Errorf("take over %s in pool %s: %w", a, p.ID, err)
+			}
+			d.log.Info("swarm manager requested its address again", "pool", p.ID, "address", a, "allocated_by", prev, "epoch", p.epoch)
+			return a, nil
 		}
 		return netip.Addr{}, errorf(ErrInUse, "address %s is already in use by %s", a, cur.describe())
 	}
@@ -226,7 +257,7 @@ func (d *Driver) addSharedRef(ctx context.Context, p poolSpec, a netip.Addr, kin
 		if cur.Refs == nil {
 			cur.Refs = map[string]int{}
 		}
-		cur.Refs[d.host]++
+		cur.Refs[d.holder(p.Space)]++
 		_, err = d.s.CompareAndSwap(ctx, p.addrKey(a), mustJSON(cur), ver)
 		if err == nil {
 			return true, nil
@@ -268,6 +299,23 @@ func (d *Driver) requestGateway(ctx context.Context, p poolSpec, want netip.Addr
 			if want.IsValid() && want != g {
 				return netip.Addr{}, errorf(ErrInUse, "subnet %s already has gateway %s (set by another host or network); it cannot also use %s", p.Subnet, g, want)
 			}
+			if p.Space == GlobalSpace {
+				// Only the swarm manager uses the global space, once per
+				// network: this is a second network on the subnet, or the
+				// manager requesting again what it has (see the package
+				// documentation).
+				if !want.IsValid() {
+					return netip.Addr{}, errorf(ErrInUse, "subnet %s already belongs to a swarm network (gateway %s): give each swarm network a subnet of its own", p.Subnet, g)
+				}
+				err := d.swarmRequestedAgain(ctx, p, rec, ver)
+				if errors.Is(err, store.ErrConflict) {
+					continue
+				}
+				if err != nil {
+					return netip.Addr{}, err
+				}
+				return g, nil
+			}
 			ok, err := d.addSharedRef(ctx, p, g, KindGateway)
 			if err != nil {
 				return netip.Addr{}, err
@@ -307,7 +355,7 @@ func (d *Driver) requestGateway(ctx context.Context, p poolSpec, want netip.Addr
 		if cur.Refs == nil {
 			cur.Refs = map[string]int{}
 		}
-		cur.Refs[d.host]++
+		cur.Refs[d.holder(p.Space)]++
 		err = d.s.Txn(ctx,
 			store.Update(spaceKey(p.Space), mustJSON(rec), ver),
 			store.Update(p.addrKey(g), mustJSON(cur), aver))
@@ -320,6 +368,27 @@ func (d *Driver) requestGateway(ctx context.Context, p poolSpec, want netip.Addr
 		}
 	}
 	return netip.Addr{}, errorf(ErrBusy, "subnet %s changed %d times while setting its gateway; try again", p.Subnet, retries)
+}
+
+// swarmRequestedAgain records that the swarm manager requested a global
+// subnet's pool and gateway again: it drops the pool reference that
+// request added and starts the subnet's next epoch. rec at version ver is
+// the global space's record; store.ErrConflict means it changed meanwhile.
+func (d *Driver) swarmRequestedAgain(ctx context.Context, p poolSpec, rec *spaceRecord, ver int64) error {
+	e := rec.Subnets[p.Subnet.String()]
+	e.Epoch++
+	if pe := rec.pool(p); pe != nil && pe.Refs[swarmHolder] > 1 {
+		pe.Refs[swarmHolder]--
+	}
+	err := d.s.Txn(ctx, store.Update(spaceKey(p.Space), mustJSON(rec), ver))
+	if err != nil {
+		if errors.Is(err, store.ErrConflict) {
+			return err
+		}
+		return fmt.Errorf("pool %s: %w", p.ID, err)
+	}
+	d.log.Info("swarm manager requested its network again (restarted, or a new leader): its addresses are taken over", "pool", p.ID, "gateway", e.Gateway, "epoch", e.Epoch)
+	return nil
 }
 
 // allocateNext hands out the next free address of p's range. It tries
@@ -528,12 +597,13 @@ func (d *Driver) Release(ctx context.Context, poolID, address string) (Allocatio
 		}
 		switch cur.Kind {
 		case KindGateway, KindAux:
-			if cur.Refs[d.host] == 0 {
-				return Allocation{}, errorf(ErrNotHeld, "%s %s of pool %s is not held by host %s (held by %s)", kindName(cur.Kind), a, p.ID, d.host, refsString(cur.Refs))
+			holder := d.holder(p.Space)
+			if cur.Refs[holder] == 0 {
+				return Allocation{}, errorf(ErrNotHeld, "%s %s of pool %s is not held by host %s (held by %s)", kindName(cur.Kind), a, p.ID, holder, refsString(cur.Refs))
 			}
-			cur.Refs[d.host]--
-			if cur.Refs[d.host] == 0 {
-				delete(cur.Refs, d.host)
+			cur.Refs[holder]--
+			if cur.Refs[holder] == 0 {
+				delete(cur.Refs, holder)
 			}
 			switch {
 			case len(cur.Refs) > 0:

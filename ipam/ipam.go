@@ -31,6 +31,21 @@
 // Addresses still allocated when the last host releases a pool have leaked:
 // they stay reserved (and listed by Allocations) until their holder
 // releases them; a leftover gateway is taken up by the next pool.
+//
+// Swarm. The global address space (GlobalSpace) is the swarm manager's: the
+// leading manager allocates each swarm network's pool and gateway and every
+// VIP and task address there, and each node then claims its tasks'
+// addresses, explicitly and with a MAC, in the local space. References in
+// the global space belong to the swarm ("swarm"), not to a host, so a new
+// leader can release what an old one requested. Swarm keeps its
+// allocations in its own state and, when a manager restarts or another one
+// takes over, requests them all again: pool, explicit gateway, then every
+// VIP and task address. The first two show that (an explicit request for
+// the gateway a global subnet already has): the driver then drops the
+// pool reference just added, and starts a new epoch for the subnet, in
+// which explicit requests for addresses of earlier epochs take them over
+// instead of failing as "in use". Within one epoch every address is
+// exclusive, as in the local space.
 package ipam
 
 import (
@@ -163,6 +178,18 @@ func New(s store.Store, opts Options) *Driver {
 // HostID is the name this driver records as holder.
 func (d *Driver) HostID() string { return d.host }
 
+// swarmHolder holds the references of the global space (see the package
+// documentation).
+const swarmHolder = "swarm"
+
+// holder is who holds this driver's references in space.
+func (d *Driver) holder(space string) string {
+	if space == GlobalSpace {
+		return swarmHolder
+	}
+	return d.host
+}
+
 func (d *Driver) opContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, d.timeout)
 }
@@ -184,6 +211,7 @@ func (d *Driver) GetDefaultAddressSpaces(ctx context.Context) (*ipam.AddressSpac
 // creating it if no host has yet, and takes a reference on it for this host.
 // With no subnet it carves a new one from the default pools.
 func (d *Driver) RequestPool(ctx context.Context, req *ipam.RequestPoolRequest) (*ipam.RequestPoolResponse, error) {
+	d.log.Debug("pool request", "space", req.AddressSpace, "pool", req.Pool, "subpool", req.SubPool, "v6", req.V6, "options", req.Options)
 	ctx, cancel := d.opContext(ctx)
 	defer cancel()
 	p, err := d.requestPool(ctx, req)
@@ -210,6 +238,7 @@ func (d *Driver) ReleasePool(ctx context.Context, req *ipam.ReleasePoolRequest) 
 // range, the exact one asked for, the pool's gateway (shared by all hosts)
 // or an auxiliary reservation (see Options.RequireMACAddress).
 func (d *Driver) RequestAddress(ctx context.Context, req *ipam.RequestAddressRequest) (*ipam.RequestAddressResponse, error) {
+	d.log.Debug("address request", "pool", req.PoolID, "address", req.Address, "options", req.Options)
 	ctx, cancel := d.opContext(ctx)
 	defer cancel()
 	a, bits, err := d.requestAddress(ctx, req)

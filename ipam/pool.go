@@ -22,6 +22,10 @@ type poolSpec struct {
 	Space  string
 	Subnet netip.Prefix
 	Range  netip.Prefix // the ip-range; Subnet itself when none was given
+
+	// epoch is the subnet's epoch in the global space (see the package
+	// documentation), read for address requests there; not part of the id.
+	epoch int
 }
 
 // seg writes a prefix as one key segment: 10.20.0.0/24 -> 10.20.0.0_24.
@@ -112,6 +116,9 @@ type spaceRecord struct {
 type subnetEntry struct {
 	Gateway string                `json:"gateway,omitempty"`
 	Pools   map[string]*poolEntry `json:"pools"` // by pool id
+	// Epoch counts the times a swarm manager requested this global
+	// subnet's allocations again (see the package documentation).
+	Epoch int `json:"epoch,omitempty"`
 }
 
 type poolEntry struct {
@@ -206,8 +213,10 @@ func (d *Driver) requestPool(ctx context.Context, req *ipam.RequestPoolRequest) 
 				return poolSpec{}, errorf(ErrInvalid, "IPAM option %s=%q: want a prefix length such as 24", k, v)
 			}
 			size = n
-		case strings.HasPrefix(k, "com.docker."):
-			// libnetwork's own options; nothing for this driver.
+		case strings.HasPrefix(k, "com.docker."), k == optRequestAddressType:
+			// libnetwork's own options; nothing for this driver. (A swarm
+			// manager passes its gateway request's options along with the
+			// pool requests of a network's second and later subnets.)
 		default:
 			return poolSpec{}, errorf(ErrInvalid, "unknown IPAM option %q (this driver knows %s)", k, OptSubnetSize)
 		}
@@ -301,7 +310,7 @@ func (d *Driver) addPoolRef(rec *spaceRecord, p poolSpec, carved bool) error {
 	if pe.Refs == nil {
 		pe.Refs = map[string]int{}
 	}
-	pe.Refs[d.host]++
+	pe.Refs[d.holder(p.Space)]++
 	return nil
 }
 
@@ -316,9 +325,20 @@ func (d *Driver) carvePool(ctx context.Context, space string, v6 bool, size int)
 			return poolSpec{}, errorf(ErrInvalid, "IPAM option %s=%d: at most %d for %s", OptSubnetSize, size, bits-2, family(v6))
 		}
 	}
+	// The other address space's subnets are avoided too: a swarm network
+	// (global space) and a plain network (local space) carved from the same
+	// default range must not get the same subnet.
+	other := GlobalSpace
+	if space == GlobalSpace {
+		other = LocalSpace
+	}
+	orec, _, err := d.readSpace(ctx, other)
+	if err != nil {
+		return poolSpec{}, err
+	}
 	var p poolSpec
-	err := d.updateSpace(ctx, space, func(rec *spaceRecord) ([]store.Op, error) {
-		subnet, err := d.carve(rec, v6, size)
+	err = d.updateSpace(ctx, space, func(rec *spaceRecord) ([]store.Op, error) {
+		subnet, err := d.carve(rec, orec, v6, size)
 		if err != nil {
 			return nil, err
 		}
@@ -336,11 +356,15 @@ func (d *Driver) carvePool(ctx context.Context, space string, v6 bool, size int)
 // maxCarveSteps bounds the search for a free subnet in one default pool.
 const maxCarveSteps = 1 << 16
 
-func (d *Driver) carve(rec *spaceRecord, v6 bool, size int) (netip.Prefix, error) {
+// carve picks the first subnet of the default pools that overlaps no
+// subnet of the given space records.
+func (d *Driver) carve(rec, other *spaceRecord, v6 bool, size int) (netip.Prefix, error) {
 	var used []netip.Prefix
-	for s := range rec.Subnets {
-		if p, err := netip.ParsePrefix(s); err == nil {
-			used = append(used, p)
+	for _, r := range []*spaceRecord{rec, other} {
+		for s := range r.Subnets {
+			if p, err := netip.ParsePrefix(s); err == nil {
+				used = append(used, p)
+			}
 		}
 	}
 	var tried []string
@@ -391,19 +415,20 @@ func (d *Driver) releasePool(ctx context.Context, id string) error {
 	}
 	var mine int
 	var poolGone, subnetGone bool
+	holder := d.holder(p.Space)
 	err = d.updateSpace(ctx, p.Space, func(rec *spaceRecord) ([]store.Op, error) {
 		e := rec.Subnets[p.Subnet.String()]
 		pe := rec.pool(p)
 		if pe == nil {
 			return nil, errorf(ErrUnknownPool, "unknown pool %s: no host holds it", id)
 		}
-		if pe.Refs[d.host] == 0 {
-			return nil, errorf(ErrNotHeld, "pool %s is not held by host %s (held by %s)", id, d.host, refsString(pe.Refs))
+		if pe.Refs[holder] == 0 {
+			return nil, errorf(ErrNotHeld, "pool %s is not held by host %s (held by %s)", id, holder, refsString(pe.Refs))
 		}
-		pe.Refs[d.host]--
-		mine = pe.Refs[d.host]
+		pe.Refs[holder]--
+		mine = pe.Refs[holder]
 		if mine == 0 {
-			delete(pe.Refs, d.host)
+			delete(pe.Refs, holder)
 		}
 		poolGone, subnetGone = len(pe.Refs) == 0, false
 		if poolGone {
@@ -469,7 +494,7 @@ func (d *Driver) checkPool(ctx context.Context, p poolSpec) error {
 	if pe == nil {
 		return errorf(ErrUnknownPool, "unknown pool %s: no host has requested it (or all released it)", p.ID)
 	}
-	if pe.Refs[d.host] > 0 {
+	if pe.Refs[d.holder(p.Space)] > 0 {
 		d.setKnown(p.ID, true)
 	}
 	return nil

@@ -14,12 +14,19 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
+
+	"github.com/dnplabs/docker-net-plugin/overlay"
+	"github.com/dnplabs/docker-net-plugin/store"
+	"github.com/dnplabs/docker-net-plugin/store/stores"
 )
 
 const usage = `usage: docker-net-plugin <command> [flags]
 
 commands:
   serve    run the plugin (legacy socket or managed plugin)
+  status   show the cluster as the store records it: hosts, overlays, endpoints
+  doctor   compare this host's kernel with the store; --fix repairs it
   version  print the version
 
 Run "docker-net-plugin <command> -h" for a command's flags. Every flag can
@@ -39,6 +46,10 @@ func main() {
 	switch os.Args[1] {
 	case "serve":
 		err = serve(ctx, os.Args[2:])
+	case "status":
+		err = status(ctx, os.Stdout, os.Args[2:])
+	case "doctor":
+		err = doctor(ctx, os.Stdout, os.Args[2:])
 	case "version":
 		fmt.Println(version)
 	case "-h", "--help", "help":
@@ -50,10 +61,48 @@ func main() {
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
 	}
+	if errors.Is(err, errProblems) {
+		os.Exit(1) // doctor has printed them
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "docker-net-plugin:", err)
 		os.Exit(1)
 	}
+}
+
+// addStoreFlags defines the flags that say which store to use and how to
+// log in to it (serve, status and doctor share them).
+func addStoreFlags(fs *flag.FlagSet, c *store.Config) {
+	fs.StringVar(&c.URL, "store", store.DefaultURL, "store URL: bolt:///path, etcd://h:2379[,h2:2379]/prefix, consul://h:8500/prefix, zk://h:2181/prefix")
+	fs.StringVar(&c.CAFile, "store-ca", "", "CA certificate file for the store (etcd, Consul)")
+	fs.StringVar(&c.CertFile, "store-cert", "", "client certificate file for the store (etcd, Consul)")
+	fs.StringVar(&c.KeyFile, "store-key", "", "client key file for the store (etcd, Consul)")
+	fs.StringVar(&c.Token, "store-token", "", "Consul ACL token")
+	fs.StringVar(&c.Username, "store-username", "", "user for etcd auth or ZooKeeper digest auth")
+	fs.StringVar(&c.Password, "store-password", "", "password for etcd auth or ZooKeeper digest auth")
+}
+
+// hostFlags say who this host is and where its overlay namespaces live
+// (serve and doctor share them).
+type hostFlags struct {
+	advertise, netnsPrefix, netnsDir string
+}
+
+func addHostFlags(fs *flag.FlagSet, h *hostFlags) {
+	fs.StringVar(&h.advertise, "advertise-addr", "", "this host's underlay address (default: the address of the interface with the default route)")
+	fs.StringVar(&h.netnsPrefix, "netns-prefix", "dnp-", "names of the per-overlay network namespaces (/run/netns/<prefix><vni>); set it per host when several hosts share one machine")
+	fs.StringVar(&h.netnsDir, "netns-dir", overlay.DefaultDir, "directory the per-overlay network namespaces are bound in")
+}
+
+// openStore opens the store, bounded by a deadline.
+func openStore(ctx context.Context, c store.Config) (store.Store, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	st, err := stores.Open(ctx, c.FromEnv())
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	return st, nil
 }
 
 // envFlags makes every flag of fs default to the environment variable

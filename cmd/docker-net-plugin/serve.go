@@ -15,53 +15,44 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/dnplabs/docker-net-plugin/driver"
+	"github.com/dnplabs/docker-net-plugin/internal/metrics"
 	"github.com/dnplabs/docker-net-plugin/internal/pluginapi"
 	"github.com/dnplabs/docker-net-plugin/ipam"
-	"github.com/dnplabs/docker-net-plugin/overlay"
-
 	"github.com/dnplabs/docker-net-plugin/store"
-	"github.com/dnplabs/docker-net-plugin/store/stores"
 )
 
 type serveFlags struct {
-	store                   store.Config
-	name, socket, advertise string
-	scope                   string
-	liveTTL                 time.Duration
-	logLevel, logFormat     string
-	defaultPool             string
-	defaultPoolSize         int
-	netnsPrefix, netnsDir   string
+	store               store.Config
+	host                hostFlags
+	name, socket        string
+	scope               string
+	liveTTL             time.Duration
+	logLevel, logFormat string
+	defaultPool         string
+	defaultPoolSize     int
+	metricsAddr         string
 }
 
 func serve(ctx context.Context, args []string) error {
 	var f serveFlags
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.StringVar(&f.store.URL, "store", store.DefaultURL, "store URL: bolt:///path, etcd://h:2379[,h2:2379]/prefix, consul://h:8500/prefix, zk://h:2181/prefix")
-	fs.StringVar(&f.store.CAFile, "store-ca", "", "CA certificate file for the store (etcd, Consul)")
-	fs.StringVar(&f.store.CertFile, "store-cert", "", "client certificate file for the store (etcd, Consul)")
-	fs.StringVar(&f.store.KeyFile, "store-key", "", "client key file for the store (etcd, Consul)")
-	fs.StringVar(&f.store.Token, "store-token", "", "Consul ACL token")
-	fs.StringVar(&f.store.Username, "store-username", "", "user for etcd auth or ZooKeeper digest auth")
-	fs.StringVar(&f.store.Password, "store-password", "", "password for etcd auth or ZooKeeper digest auth")
+	addStoreFlags(fs, &f.store)
+	addHostFlags(fs, &f.host)
 	fs.StringVar(&f.name, "name", "dnp", "plugin name: the -d and --ipam-driver value of a legacy plugin")
 	fs.StringVar(&f.socket, "socket", "", "unix socket path (default /run/docker/plugins/<name>.sock)")
-	fs.StringVar(&f.advertise, "advertise-addr", "", "this host's underlay address (default: the address of the interface with the default route)")
 	fs.StringVar(&f.scope, "scope", "local", "driver scope: local (plain hosts) or global (swarm)")
 	fs.DurationVar(&f.liveTTL, "live-ttl", 15*time.Second, "how long after this host dies the others forget it")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
-	fs.StringVar(&f.netnsPrefix, "netns-prefix", "dnp-", "names of the per-overlay network namespaces (/run/netns/<prefix><vni>); set it per host when several hosts share one machine")
-	fs.StringVar(&f.netnsDir, "netns-dir", overlay.DefaultDir, "directory the per-overlay network namespaces are bound in")
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
+	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
 	if err := envFlags(fs); err != nil {
 		return err
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	f.store = f.store.FromEnv()
 	log, err := newLogger(os.Stderr, f.logLevel, f.logFormat)
 	if err != nil {
 		return err
@@ -73,7 +64,7 @@ func serve(ctx context.Context, args []string) error {
 	if f.socket == "" {
 		f.socket = filepath.Join("/run/docker/plugins", f.name+".sock")
 	}
-	addr, err := advertiseAddr(f.advertise)
+	addr, err := advertiseAddr(f.host.advertise)
 	if err != nil {
 		return err
 	}
@@ -82,16 +73,28 @@ func serve(ctx context.Context, args []string) error {
 		return fmt.Errorf("--default-pool %q with --default-pool-size %d: want a CIDR range and a prefix length inside it", f.defaultPool, f.defaultPoolSize)
 	}
 
-	openCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	st, err := stores.Open(openCtx, f.store)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("open store: %w", err)
+	var m *metrics.Metrics
+	if f.metricsAddr != "" {
+		m = metrics.New()
+		if _, err := m.Serve(ctx, f.metricsAddr, log); err != nil {
+			return err
+		}
 	}
-	defer st.Close()
+	raw, err := openStore(ctx, f.store)
+	if err != nil {
+		return err
+	}
+	defer raw.Close()
+	st := m.Store(raw) // records latency and errors when metrics are on
 
-	plane := driver.NewKernelPlane(addr, f.netnsDir, f.netnsPrefix)
-	nd := driver.New(driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log})
+	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	var observe pluginapi.Observer
+	if m != nil {
+		cfg.Metrics = m
+		observe = m.PluginCall
+	}
+	nd := driver.New(cfg)
 	id := ipam.New(st, ipam.Options{
 		HostID:       addr.String(),
 		DefaultPools: []ipam.DefaultPool{{Base: pool, Size: f.defaultPoolSize}},
@@ -106,7 +109,15 @@ func serve(ctx context.Context, args []string) error {
 	}
 	nd.Start(ctx)
 	log.Info("plugin serving", "socket", f.socket, "store", st.Endpoint(), "advertise", addr, "scope", f.scope, "version", version)
-	err = pluginapi.Serve(ctx, l, pluginapi.New(nd, id, log, nil), log)
+	err = pluginapi.Serve(ctx, l, pluginapi.New(nd, id, log, observe), log)
+	if ctx.Err() != nil {
+		// Let the driver release this host's live key before the store closes.
+		select {
+		case <-nd.Done():
+		case <-time.After(10 * time.Second):
+			log.Warn("driver did not stop within 10s")
+		}
+	}
 	log.Info("plugin stopped")
 	return err
 }

@@ -65,6 +65,8 @@ func Run(t *testing.T, b Backend) {
 		{"AllocationReadsNoPool", testScales},
 		{"FillsHolesAfterWrap", testHoles},
 		{"LeftoversStayReserved", testLeftovers},
+		{"Swarm", testSwarm},
+		{"CarveAcrossSpaces", testCarveAcrossSpaces},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, newEnv(t, b)) })

@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dnplabs/docker-net-plugin/driver"
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+// status prints the cluster as the store records it.
+func status(ctx context.Context, w io.Writer, args []string) error {
+	var sc store.Config
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	addStoreFlags(fs, &sc)
+	if err := envFlags(fs); err != nil { // the plugin's own settings, not the ones below
+		return err
+	}
+	asJSON := fs.Bool("json", false, "print JSON instead of tables")
+	timeout := fs.Duration("timeout", 30*time.Second, "give up after this long")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("status takes no arguments, got %q", fs.Args())
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	st, err := openStore(ctx, sc)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	cs, err := driver.ReadCluster(ctx, st)
+	if cs == nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		if werr := enc.Encode(cs); werr != nil {
+			return werr
+		}
+	} else {
+		printStatus(w, cs, time.Now())
+	}
+	return err // records that could not be decoded, if any
+}
+
+func printStatus(w io.Writer, cs *driver.ClusterState, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "HOSTS")
+	fmt.Fprintln(tw, "ADDRESS\tNAME\tALIVE\tLAST SEEN\tUP SINCE\tNETWORKS\tENDPOINTS")
+	for _, h := range cs.Hosts {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\n", h.Address, dash(h.Name), yesNo(h.Alive),
+			ago(h.LastSeen, now), stamp(h.Started), h.Networks, h.Endpoints)
+	}
+	if len(cs.Hosts) == 0 {
+		fmt.Fprintln(tw, "(none)")
+	}
+
+	fmt.Fprintln(tw, "\nOVERLAYS")
+	fmt.Fprintln(tw, "NAME\tVNI\tENCAP\tSUBNETS\tGATEWAYS\tMTU\tHOSTS\tENDPOINTS")
+	for _, ov := range cs.Overlays {
+		if ov.Missing {
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t-\t%d (overlay record missing)\n", ov.Name, len(ov.Endpoints))
+			continue
+		}
+		mtu := "auto"
+		if ov.MTU != 0 {
+			mtu = fmt.Sprint(ov.MTU)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\n", ov.Name, ov.VNI, ov.Encap,
+			list(ov.Subnets), list(ov.Gateways), mtu, len(ov.Hosts), len(ov.Endpoints))
+	}
+	if len(cs.Overlays) == 0 {
+		fmt.Fprintln(tw, "(none)")
+	}
+
+	fmt.Fprintln(tw, "\nENDPOINTS")
+	fmt.Fprintln(tw, "OVERLAY\tHOST\tENDPOINT\tNETWORK\tIP\tIPV6\tMAC")
+	n := 0
+	for _, ov := range cs.Overlays {
+		for _, ep := range ov.Endpoints {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", ov.Name, ep.Host, short(ep.ID), short(ep.Network),
+				dash(ep.IPv4), dash(ep.IPv6), ep.MAC)
+			n++
+		}
+	}
+	if n == 0 {
+		fmt.Fprintln(tw, "(none)")
+	}
+	tw.Flush()
+}
+
+func short(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func list(s []string) string {
+	if len(s) == 0 {
+		return "-"
+	}
+	return strings.Join(s, ",")
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func stamp(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Local().Format(time.RFC3339)
+}
+
+// ago prints a time as how long before now it was.
+func ago(t, now time.Time) string {
+	if t.IsZero() {
+		return "unknown"
+	}
+	d := now.Sub(t).Round(time.Second)
+	if d < time.Second {
+		return "just now"
+	}
+	return d.String() + " ago"
+}

@@ -1,0 +1,332 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+// What operators see: the cluster as the store records it (status), and
+// what this host's kernel should hold (doctor).
+//
+// One more store directory, next to those in records.go:
+//
+//	seen/<host>    seenRecord: when the host's plugin last proved alive
+//
+// A registered host rewrites it every seenInterval and once more when it
+// stops; it goes when a host stops with no Docker network left.
+const seenDir = "seen"
+
+// seenInterval is how often a registered host writes its last-seen time.
+const seenInterval = 30 * time.Second
+
+type seenRecord struct {
+	Addr string `json:"addr"`
+	Name string `json:"name"`
+	Seen string `json:"seen"` // RFC 3339, UTC
+}
+
+func seenKey(host string) string { return seenDir + "/" + host }
+
+// heartbeat writes this host's last-seen time now and every seenInterval
+// until ctx ends.
+func (p *peerSync) heartbeat(ctx context.Context, rec hostRecord) {
+	t := time.NewTicker(seenInterval)
+	defer t.Stop()
+	for {
+		wctx, cancel := context.WithTimeout(ctx, store.DefaultTimeout)
+		if err := p.writeSeen(wctx, rec); err != nil && ctx.Err() == nil {
+			p.d.log.Debug("cannot write last-seen time", "host", p.d.host, "err", err)
+		}
+		cancel()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (p *peerSync) writeSeen(ctx context.Context, rec hostRecord) error {
+	seen := seenRecord{Addr: rec.Addr, Name: rec.Name, Seen: time.Now().UTC().Format(time.RFC3339)}
+	_, err := p.d.cfg.Store.Put(ctx, seenKey(p.d.host), encode(seen))
+	return err
+}
+
+// lastSeen records a clean stop: the last-seen time of a host that still
+// has Docker networks, or no trace at all of one that has none.
+func (p *peerSync) lastSeen(ctx context.Context, rec hostRecord) {
+	nets, err := p.d.cfg.Store.List(ctx, netmapDir+"/"+p.d.host)
+	switch {
+	case err != nil:
+	case len(nets) == 0:
+		err = p.d.cfg.Store.Delete(ctx, seenKey(p.d.host))
+	default:
+		err = p.writeSeen(ctx, rec)
+	}
+	if err != nil {
+		p.d.log.Debug("cannot record the last-seen time", "host", p.d.host, "err", err)
+	}
+}
+
+// ClusterState is the cluster as the store records it.
+type ClusterState struct {
+	Hosts    []HostInfo    `json:"hosts"`
+	Overlays []OverlayInfo `json:"overlays"`
+}
+
+// HostInfo is one host: live, or dead but still named by some record.
+type HostInfo struct {
+	Address string `json:"address"` // underlay (advertise) address
+	Name    string `json:"name,omitempty"`
+	Alive   bool   `json:"alive"` // its plugin holds its live key
+	// Started is when its plugin registered (live hosts only).
+	Started time.Time `json:"started,omitzero"`
+	// LastSeen is when its plugin last wrote its heartbeat (every 30s
+	// while alive, and when it stops); zero when unknown.
+	LastSeen  time.Time `json:"last_seen,omitzero"`
+	Networks  int       `json:"networks"`  // its Docker networks of this plugin
+	Endpoints int       `json:"endpoints"` // its endpoints
+}
+
+// OverlayInfo is one overlay with its endpoints.
+type OverlayInfo struct {
+	Name     string   `json:"name"`
+	VNI      uint32   `json:"vni"`
+	Encap    string   `json:"encap"`
+	Subnets  []string `json:"subnets"`
+	Gateways []string `json:"gateways,omitempty"`
+	// MTU is what the user set with -o mtu; 0 means each host derives it
+	// from its underlay (minus 50 bytes for VXLAN over IPv4).
+	MTU   int      `json:"mtu"`
+	Hosts []string `json:"hosts"` // hosts with a Docker network on it
+	// Missing says endpoints name this overlay but its record is gone.
+	Missing   bool           `json:"missing,omitempty"`
+	Endpoints []EndpointInfo `json:"endpoints"`
+}
+
+// EndpointInfo is one container interface.
+type EndpointInfo struct {
+	ID      string `json:"id"`
+	Network string `json:"network"` // the Docker network id on its host
+	Host    string `json:"host"`
+	IPv4    string `json:"ipv4,omitempty"`
+	IPv6    string `json:"ipv6,omitempty"`
+	MAC     string `json:"mac"`
+}
+
+// ReadCluster reads the hosts, overlays and endpoints the store records.
+// Records it cannot decode are skipped and named in the error, which comes
+// with whatever could be read.
+func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
+	lists := map[string][]store.KV{}
+	for _, dir := range []string{hostsDir, seenDir, overlaysDir, netmapDir, endpointsDir} {
+		kvs, err := st.List(ctx, dir)
+		if err != nil {
+			return nil, fmt.Errorf("read %s from the store: %w", dir, err)
+		}
+		lists[dir] = kvs
+	}
+	var errs []error
+	hosts := map[string]*HostInfo{}
+	host := func(addr string) *HostInfo {
+		h := hosts[addr]
+		if h == nil {
+			h = &HostInfo{Address: addr}
+			hosts[addr] = h
+		}
+		return h
+	}
+	for _, kv := range lists[hostsDir] {
+		h := host(strings.TrimPrefix(kv.Key, hostsDir+"/"))
+		h.Alive = true
+		if rec, err := decodeKV[hostRecord](kv); err != nil {
+			errs = append(errs, err)
+		} else {
+			h.Name = rec.Name
+			h.Started, _ = time.Parse(time.RFC3339, rec.Started)
+		}
+	}
+	for _, kv := range lists[netmapDir] {
+		addr, _, _ := strings.Cut(strings.TrimPrefix(kv.Key, netmapDir+"/"), "/")
+		host(addr).Networks++
+	}
+
+	overlays := map[string]*OverlayInfo{}
+	for _, kv := range lists[overlaysDir] {
+		rec, err := decodeKV[overlayRecord](kv)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		overlays[rec.Name] = &OverlayInfo{
+			Name: rec.Name, VNI: rec.VNI, Encap: rec.Encap, Subnets: rec.Subnets,
+			Gateways: slices.DeleteFunc(slices.Clone(rec.Gateways), func(g string) bool { return g == "" }),
+			MTU:      rec.MTU, Hosts: rec.Hosts, Endpoints: []EndpointInfo{},
+		}
+		for _, h := range rec.Hosts {
+			host(h)
+		}
+	}
+	for _, kv := range lists[endpointsDir] {
+		rec, err := decodeKV[endpointRecord](kv)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		name := overlayOfKey(kv.Key)
+		ov := overlays[name]
+		if ov == nil {
+			ov = &OverlayInfo{Name: name, Missing: true}
+			overlays[name] = ov
+		}
+		ov.Endpoints = append(ov.Endpoints, EndpointInfo{
+			ID: kv.Key[strings.LastIndex(kv.Key, "/")+1:], Network: rec.Network, Host: rec.Host,
+			IPv4: rec.IPv4, IPv6: rec.IPv6, MAC: rec.MAC,
+		})
+		host(rec.Host).Endpoints++
+	}
+	// Heartbeats last: they add no host that nothing else names.
+	for _, kv := range lists[seenDir] {
+		h := hosts[strings.TrimPrefix(kv.Key, seenDir+"/")]
+		if h == nil {
+			continue
+		}
+		rec, err := decodeKV[seenRecord](kv)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		h.LastSeen, _ = time.Parse(time.RFC3339, rec.Seen)
+		if h.Name == "" {
+			h.Name = rec.Name
+		}
+	}
+
+	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}}
+	for _, h := range hosts {
+		out.Hosts = append(out.Hosts, *h)
+	}
+	sort.Slice(out.Hosts, func(i, j int) bool { return addrLess(out.Hosts[i].Address, out.Hosts[j].Address) })
+	for _, ov := range overlays {
+		sort.Slice(ov.Endpoints, func(i, j int) bool {
+			a, b := ov.Endpoints[i], ov.Endpoints[j]
+			if a.Host != b.Host {
+				return addrLess(a.Host, b.Host)
+			}
+			if a.IPv4 != b.IPv4 {
+				return addrLess(strings.Split(a.IPv4, "/")[0], strings.Split(b.IPv4, "/")[0])
+			}
+			return a.ID < b.ID
+		})
+		out.Overlays = append(out.Overlays, *ov)
+	}
+	sort.Slice(out.Overlays, func(i, j int) bool { return out.Overlays[i].Name < out.Overlays[j].Name })
+	return out, errors.Join(errs...)
+}
+
+// addrLess orders addresses numerically, anything unparsable last by text.
+func addrLess(a, b string) bool {
+	x, errA := netip.ParseAddr(a)
+	y, errB := netip.ParseAddr(b)
+	switch {
+	case errA == nil && errB == nil:
+		return x.Less(y)
+	case errA == nil:
+		return true
+	case errB == nil:
+		return false
+	}
+	return a < b
+}
+
+// HostPlan is what one host's kernel should hold, by the store.
+type HostPlan struct {
+	Host     netip.Addr
+	Overlays []PlannedOverlay // by VNI
+	// LiveHosts are the hosts whose plugins hold their live key; endpoints
+	// of other hosts are not programmed.
+	LiveHosts []string
+}
+
+// PlannedOverlay is one overlay this host needs: it has a local endpoint.
+type PlannedOverlay struct {
+	Overlay              // as EnsureOverlay gets it (MTU 0: from the underlay)
+	Networks  []string   // this host's Docker networks on it
+	Endpoints []Endpoint // its endpoints on this host, by ID
+	Peers     []Peer     // its endpoints on other live hosts, by MAC
+}
+
+// offline is a driver that is never started, with the store's endpoints
+// and live hosts read once: what the plugin's peer sync would hold.
+func offline(ctx context.Context, cfg Config) (*peerSync, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	p := New(cfg).peers
+	for _, dir := range []string{endpointsDir, hostsDir} {
+		kvs, err := cfg.Store.List(ctx, dir)
+		if err != nil {
+			return nil, fmt.Errorf("read %s from the store: %w", dir, err)
+		}
+		ev := store.Event{Type: store.EventReset, Snapshot: kvs}
+		if dir == endpointsDir {
+			p.applyEndpoint(ev)
+		} else {
+			p.applyHost(ev)
+		}
+	}
+	return p, nil
+}
+
+// DesiredState computes from the store what the kernel of the host at
+// addr should hold, with the same rules the running plugin applies. On an
+// error the plan holds what could be computed.
+func DesiredState(ctx context.Context, st store.Store, addr netip.Addr) (*HostPlan, error) {
+	p, err := offline(ctx, Config{Store: st, HostAddr: addr})
+	if err != nil {
+		return nil, err
+	}
+	planned, err := p.plan(ctx)
+	out := &HostPlan{Host: addr}
+	for h := range p.hosts {
+		out.LiveHosts = append(out.LiveHosts, h)
+	}
+	sort.Slice(out.LiveHosts, func(i, j int) bool { return addrLess(out.LiveHosts[i], out.LiveHosts[j]) })
+	var errs []error
+	for _, po := range planned {
+		pov := PlannedOverlay{Overlay: overlayOf(po.net), Networks: po.networks, Peers: po.peers}
+		for _, ep := range po.endpoints {
+			dep, err := dataEndpoint(ep)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			pov.Endpoints = append(pov.Endpoints, dep)
+		}
+		out.Overlays = append(out.Overlays, pov)
+	}
+	sort.Slice(out.Overlays, func(i, j int) bool { return out.Overlays[i].VNI < out.Overlays[j].VNI })
+	return out, errors.Join(append(errs, err)...)
+}
+
+// Reconcile runs once the reconciliation the plugin runs after every store
+// change: it builds the overlays the host at addr needs, programs exactly
+// their live peers and removes the overlays it does not need. It returns
+// how many kernel changes it made.
+func Reconcile(ctx context.Context, st store.Store, plane DataPlane, addr netip.Addr, log *slog.Logger) (int, error) {
+	p, err := offline(ctx, Config{Store: st, Plane: plane, HostAddr: addr, Log: log})
+	if err != nil {
+		return 0, err
+	}
+	return p.reconcile(ctx)
+}
