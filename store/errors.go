@@ -13,6 +13,8 @@ var (
 	ErrUnavailable = errors.New("store unavailable")
 	ErrTimeout     = errors.New("store timeout")
 	ErrInvalid     = errors.New("invalid request")
+	// ErrDenied: the store refused the credentials, or they lack the rights.
+	ErrDenied = errors.New("store access denied (check the credentials: TLS certificate, token, username and password)")
 )
 
 // Error is a failed store call: what was asked, of which server, and why.
@@ -50,7 +52,7 @@ func (e *Error) Unwrap() []error {
 // Fail builds an *Error. When ctx has expired the kind becomes ErrTimeout,
 // whatever the backend said, so callers see one consistent answer.
 func Fail(ctx context.Context, op, key, endpoint string, kind, cause error) error {
-	if kind != ErrNotFound && kind != ErrConflict && ctx != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	if kind != ErrNotFound && kind != ErrConflict && kind != ErrDenied && ctx != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		kind = ErrTimeout
 	}
 	return &Error{Op: op, Key: key, Endpoint: endpoint, Kind: kind, Cause: cause}

@@ -85,6 +85,9 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	defer raw.Close()
+	if err := checkAccess(ctx, raw, log); err != nil {
+		return err
+	}
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
@@ -175,4 +178,20 @@ func firstIPv4(link netlink.Link) (netip.Addr, bool) {
 		}
 	}
 	return netip.Addr{}, false
+}
+
+// checkAccess fails at start when the store refuses the credentials. A store
+// that cannot be reached yet is fine: the plugin serves what it can and
+// converges once the store answers (the boot-order problem).
+func checkAccess(ctx context.Context, st store.Store, log *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err := st.List(ctx, "hosts")
+	switch {
+	case errors.Is(err, store.ErrDenied):
+		return fmt.Errorf("the store refuses this plugin: %w", err)
+	case err != nil:
+		log.Warn("store not reachable yet; serving anyway and retrying in the background", "err", err)
+	}
+	return nil
 }

@@ -182,6 +182,8 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 		switch {
 		case se.Code == http.StatusConflict:
 			kind = conflictKind(se.Body)
+		case se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized || denied(se.Body):
+			kind = store.ErrDenied
 		case se.Code == http.StatusTooManyRequests || se.Code >= 500:
 			// No cluster leader, rate limited and the like.
 		default:
@@ -195,10 +197,15 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 // conflictKind tells a transaction whose condition failed (ErrConflict)
 // from one the ACLs refused (also answered 409 by /v1/txn).
 func conflictKind(body string) error {
-	if strings.Contains(body, "Permission denied") || strings.Contains(body, "ACL not found") {
-		return store.ErrInvalid
+	if denied(body) {
+		return store.ErrDenied
 	}
 	return store.ErrConflict
+}
+
+// denied reports whether Consul's answer is an ACL refusal.
+func denied(body string) bool {
+	return strings.Contains(body, "Permission denied") || strings.Contains(body, "ACL not found")
 }
 
 func (s *Store) query(ctx context.Context) *api.QueryOptions {

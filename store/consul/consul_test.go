@@ -257,10 +257,10 @@ func TestACLToken(t *testing.T) {
 	}
 	bad := open(t, store.Config{URL: srv.URL("acl")})
 	_, err := bad.Put(ctx, "k", []byte("w"))
-	if !errors.Is(err, store.ErrInvalid) || !strings.Contains(err.Error(), "Permission denied") {
+	if !errors.Is(err, store.ErrDenied) || !strings.Contains(err.Error(), "Permission denied") {
 		t.Fatalf("put without a token: %v, want invalid request: permission denied", err)
 	}
-	if _, err := bad.Get(ctx, "k"); !errors.Is(err, store.ErrInvalid) || !strings.Contains(err.Error(), "Permission denied") {
+	if _, err := bad.Get(ctx, "k"); !errors.Is(err, store.ErrDenied) || !strings.Contains(err.Error(), "Permission denied") {
 		t.Fatalf("get without a token: %v, want invalid request: permission denied", err)
 	}
 	if kv, err := good.Get(ctx, "k"); err != nil || string(kv.Value) != "v" {

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"strings"
 	"sync"
@@ -259,15 +260,22 @@ func (s *Store) rel(k []byte) string { return strings.TrimPrefix(string(k), s.ro
 func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 	kind := store.ErrUnavailable
 	switch {
-	case errors.Is(err, errClosed), errors.Is(err, errNoConnection):
+	case errors.Is(err, errNoConnection):
+		if why := s.tlsRefusal(); why != nil {
+			// Not an outage: the server refuses this client's certificate.
+			kind, err = store.ErrDenied, why
+		}
+	case errors.Is(err, errClosed):
 	case isAuthErr(err):
 		// Wrong or missing credentials: the store is unusable as configured.
+		kind = store.ErrDenied
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		kind = store.ErrTimeout
 	default:
 		switch errCode(err) {
 		case codes.Unauthenticated, codes.PermissionDenied:
 			// Wrong credentials or missing rights.
+			kind = store.ErrDenied
 		case codes.DeadlineExceeded, codes.Canceled:
 			kind = store.ErrTimeout
 		case codes.InvalidArgument, codes.FailedPrecondition, codes.OutOfRange:
@@ -330,6 +338,36 @@ func (s *Store) do(ctx context.Context, op, key string, fn func(ctx context.Cont
 }
 
 var errNoConnection = errors.New("no connection to any etcd server")
+
+// tlsRefusal explains a missing connection when TLS is configured: it
+// tries one TLS handshake with each server and returns the error of one that
+// answered but refused this client (an untrusted or missing certificate),
+// or nil when none did (the servers are down or unreachable).
+func (s *Store) tlsRefusal() error {
+	if s.cfg.TLS == nil {
+		return nil
+	}
+	for _, ep := range s.cfg.Endpoints {
+		host := strings.TrimPrefix(ep, "https://")
+		d := &net.Dialer{Timeout: time.Second}
+		conn, err := tls.DialWithDialer(d, "tcp", host, s.cfg.TLS.Clone())
+		if err == nil {
+			// With TLS 1.3 the server judges the client certificate after
+			// the handshake: its verdict arrives with the first read.
+			conn.SetReadDeadline(time.Now().Add(time.Second))
+			_, err = conn.Read(make([]byte, 1))
+			conn.Close()
+		}
+		var opErr *net.OpError
+		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &opErr) && opErr.Op == "dial") {
+			continue // accepted us, or not there at all
+		}
+		if msg := err.Error(); strings.Contains(msg, "tls:") || strings.Contains(msg, "x509:") || strings.Contains(msg, "certificate") {
+			return fmt.Errorf("TLS with %s refused: %w", host, err)
+		}
+	}
+	return nil
+}
 
 // awaitConn waits until the client is connected to a server. If it is not
 // within connectWait, or by shortly before ctx's deadline, it gives up with

@@ -2,21 +2,8 @@ package etcd_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"fmt"
-	"math/big"
-	"net"
-	"net/http"
-	"os"
-	"path/filepath"
-	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,125 +11,10 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
-// tlsFiles are PEM files of a throwaway CA and certificates it signed.
-type tlsFiles struct {
-	CA, ServerCert, ServerKey, ClientCert, ClientKey string
-}
-
-func writeCerts(t *testing.T, dir string) tlsFiles {
-	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	write := func(name, typ string, der []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	issue := func(serial int64, cn string, usage x509.ExtKeyUsage) (string, string) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(serial),
-			Subject:      pkix.Name{CommonName: cn},
-			NotBefore:    time.Now().Add(-time.Hour),
-			NotAfter:     time.Now().Add(24 * time.Hour),
-			KeyUsage:     x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-			IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		kder, err := x509.MarshalECPrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return write(cn+".pem", "CERTIFICATE", der), write(cn+"-key.pem", "EC PRIVATE KEY", kder)
-	}
-	f := tlsFiles{CA: write("ca.pem", "CERTIFICATE", caDER)}
-	f.ServerCert, f.ServerKey = issue(2, "server", x509.ExtKeyUsageServerAuth)
-	f.ClientCert, f.ClientKey = issue(3, "client", x509.ExtKeyUsageClientAuth)
-	return f
-}
-
-// startTLSEtcd runs etcd serving clients over TLS and requiring a client
-// certificate signed by the test CA.
-func startTLSEtcd(t *testing.T) (*testenv.Server, tlsFiles) {
-	bin := testenv.LookPath(t, "etcd", "/usr/bin")
-	dir := t.TempDir()
-	files := writeCerts(t, dir)
-	clientPort, peerPort := testenv.FreePort(t), testenv.FreePort(t)
-	for peerPort == clientPort {
-		peerPort = testenv.FreePort(t)
-	}
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(clientPort))
-	peerURL := "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(peerPort))
-
-	cert, err := tls.LoadX509KeyPair(files.ClientCert, files.ClientKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	caPEM, _ := os.ReadFile(files.CA)
-	pool.AppendCertsFromPEM(caPEM)
-	hc := &http.Client{Timeout: 500 * time.Millisecond, Transport: &http.Transport{
-		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}},
-	}}
-	srv := &testenv.Server{
-		Process: &testenv.Process{
-			Name: "etcd-tls",
-			Args: []string{bin, "--name", "tls", "--data-dir", filepath.Join(dir, "data"),
-				"--listen-client-urls", "https://" + addr, "--advertise-client-urls", "https://" + addr,
-				"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
-				"--initial-cluster", "tls=" + peerURL,
-				"--cert-file", files.ServerCert, "--key-file", files.ServerKey,
-				"--trusted-ca-file", files.CA, "--client-cert-auth",
-				"--logger", "zap", "--log-outputs", "stderr"},
-			Dir: dir,
-			Ready: func() error {
-				resp, err := hc.Get("https://" + addr + "/health")
-				if err != nil {
-					return err
-				}
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					return fmt.Errorf("/health: %s", resp.Status)
-				}
-				return nil
-			},
-		},
-		Scheme: "etcd",
-		Addr:   addr,
-	}
-	t.Cleanup(func() { srv.Stop(t) })
-	srv.Start(t)
-	return srv, files
-}
-
 // The CA and client certificate files are used: with them the store works
 // over TLS, without a client certificate the server refuses it.
 func TestTLS(t *testing.T) {
-	srv, files := startTLSEtcd(t)
+	srv, files := testenv.StartEtcdTLS(t)
 	s := open(t, store.Config{URL: srv.URL("tls"), CAFile: files.CA, CertFile: files.ClientCert, KeyFile: files.ClientKey})
 	ctx := ctxT(t, 30*time.Second)
 	v, err := s.CompareAndSwap(ctx, "k", []byte("over tls"), 0)
@@ -164,7 +36,7 @@ func TestTLS(t *testing.T) {
 	gctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err = noCert.Get(gctx, "k")
-	if !errors.Is(err, store.ErrUnavailable) && !errors.Is(err, store.ErrTimeout) {
-		t.Fatalf("get without a client certificate: %v, want unavailable", err)
+	if !errors.Is(err, store.ErrDenied) || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("get without a client certificate: %v, want access denied, naming the certificate", err)
 	}
 }

@@ -254,6 +254,7 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 	if strings.HasSuffix(err.Error(), "unknown error: -124") {
 		// The client library does not know ZooKeeper 3.7's
 		// SESSIONCLOSEDREQUIRESASLAUTH (enforce.auth).
+		kind = store.ErrDenied
 		cause = fmt.Errorf("the server requires authentication (set a username and password): %w", err)
 	}
 	return store.Fail(ctx, op, key, s.endpoint, kind, cause)
@@ -272,6 +273,8 @@ func kindOf(err error) error {
 		return store.ErrInvalid
 	case errors.Is(err, context.DeadlineExceeded):
 		return store.ErrTimeout
+	case errors.Is(err, zk.ErrNoAuth), errors.Is(err, zk.ErrAuthFailed):
+		return store.ErrDenied
 	}
 	// Connection lost, session expired, closed, not authorised (ACL).
 	return store.ErrUnavailable

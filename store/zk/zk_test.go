@@ -416,6 +416,9 @@ func TestDigestAuth(t *testing.T) {
 		if err == nil {
 			t.Fatalf("%s: read alice's key", name)
 		}
+		if !errors.Is(err, store.ErrDenied) {
+			t.Errorf("%s: %v, want store access denied", name, err)
+		}
 		if d := time.Since(start); d > 2*time.Second {
 			t.Fatalf("%s: refused after %s, deadline was 2s", name, d)
 		}
