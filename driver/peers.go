@@ -53,11 +53,21 @@ func (p *peerSync) run(ctx context.Context) {
 		log.Error("cannot watch endpoints", "err", err)
 		return
 	}
+	// Stop only once the watches have: they close their channels when
+	// ctx ends, and until then may still be reading the store.
+	defer func() {
+		for range eps {
+		}
+	}()
 	hosts, err := p.d.cfg.Store.Watch(ctx, hostsDir)
 	if err != nil {
 		log.Error("cannot watch hosts", "err", err)
 		return
 	}
+	defer func() {
+		for range hosts {
+		}
+	}()
 	var timer <-chan time.Time
 	dirty := func() {
 		if timer == nil {
