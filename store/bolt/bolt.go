@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"sync"
 	"syscall"
 	"time"
@@ -379,14 +378,14 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 			if !send(store.Event{Type: store.EventReset, Snapshot: snap}) {
 				return
 			}
-			known, lastRev = index(snap), rev
+			known, lastRev = store.ByKey(snap), rev
 		case rev != lastRev:
-			for _, ev := range diff(known, snap) {
+			for _, ev := range store.Diff(known, snap) {
 				if !send(ev) {
 					return
 				}
 			}
-			known, lastRev = index(snap), rev
+			known, lastRev = store.ByKey(snap), rev
 		}
 		select {
 		case <-ctx.Done():
@@ -397,37 +396,6 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 		case <-time.After(PollInterval):
 		}
 	}
-}
-
-func index(kvs []store.KV) map[string]store.KV {
-	m := make(map[string]store.KV, len(kvs))
-	for _, kv := range kvs {
-		m[kv.Key] = kv
-	}
-	return m
-}
-
-// diff lists the events that turn old into the sorted snapshot now.
-func diff(old map[string]store.KV, now []store.KV) []store.Event {
-	var evs []store.Event
-	seen := make(map[string]bool, len(now))
-	for _, kv := range now {
-		seen[kv.Key] = true
-		if prev, ok := old[kv.Key]; !ok || prev.Version != kv.Version {
-			evs = append(evs, store.Event{Type: store.EventPut, KV: kv})
-		}
-	}
-	var gone []string
-	for k := range old {
-		if !seen[k] {
-			gone = append(gone, k)
-		}
-	}
-	sort.Strings(gone)
-	for _, k := range gone {
-		evs = append(evs, store.Event{Type: store.EventDelete, KV: store.KV{Key: k}})
-	}
-	return evs
 }
 
 // Register writes the key; on one host there is no one to outlive, so it

@@ -3,7 +3,6 @@ package consul
 import (
 	"context"
 	"errors"
-	"sort"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -95,13 +94,13 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 				return
 			}
 		} else {
-			for _, ev := range diff(known, now) {
+			for _, ev := range store.Diff(known, now) {
 				if !send(ctx, ch, ev) {
 					return
 				}
 			}
 		}
-		known = byKey(now)
+		known = store.ByKey(now)
 		// An index of 0 would make the next query return at once, forever.
 		index = max(last, 1)
 	}
@@ -128,37 +127,6 @@ func (s *Store) poll(ctx context.Context, dir string, index uint64) ([]store.KV,
 		return nil, 0, s.fail(ctx, "watch", dir, errors.New("consul answered without an index"))
 	}
 	return s.kvs(pairs), meta.LastIndex, nil
-}
-
-func byKey(kvs []store.KV) map[string]store.KV {
-	m := make(map[string]store.KV, len(kvs))
-	for _, kv := range kvs {
-		m[kv.Key] = kv
-	}
-	return m
-}
-
-// diff lists the events that turn old into the sorted content now.
-func diff(old map[string]store.KV, now []store.KV) []store.Event {
-	var evs []store.Event
-	seen := make(map[string]bool, len(now))
-	for _, kv := range now {
-		seen[kv.Key] = true
-		if prev, ok := old[kv.Key]; !ok || prev.Version != kv.Version {
-			evs = append(evs, store.Event{Type: store.EventPut, KV: kv})
-		}
-	}
-	var gone []string
-	for k := range old {
-		if !seen[k] {
-			gone = append(gone, k)
-		}
-	}
-	sort.Strings(gone)
-	for _, k := range gone {
-		evs = append(evs, store.Event{Type: store.EventDelete, KV: store.KV{Key: k}})
-	}
-	return evs
 }
 
 // send delivers ev unless ctx ends first.
