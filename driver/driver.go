@@ -61,6 +61,8 @@ type DataPlane interface {
 	AddEndpoint(vni uint32, ep Endpoint) (string, error)
 	// RemoveEndpoint deletes the endpoint's interfaces, if still there.
 	RemoveEndpoint(vni uint32, epID string) error
+	// HasEndpoint reports whether the endpoint's bridge port exists.
+	HasEndpoint(vni uint32, epID string) (bool, error)
 	// SetPeers makes the overlay's static forwarding and neighbour entries
 	// exactly peers, leaving correct entries untouched; it returns how many
 	// entries it added or removed.
@@ -311,7 +313,7 @@ func (d *Driver) endpoint(ctx context.Context, netID, epID string) (*localNetwor
 	}
 	kv, err := d.cfg.Store.Get(ctx, endpointKey(n.Overlay.Name, epID))
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, nil, fmt.Errorf("endpoint %.12s does not exist on network %.12s", epID, netID)
+		return n, nil, fmt.Errorf("endpoint %.12s on network %.12s: %w", epID, netID, errNoEndpoint)
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("endpoint %.12s: %w", epID, err)
@@ -392,9 +394,15 @@ func dataEndpoint(ep *localEndpoint) (Endpoint, error) {
 	return out, nil
 }
 
+// errNoEndpoint: the store has no record of the endpoint.
+var errNoEndpoint = errors.New("endpoint does not exist")
+
 // Leave removes the endpoint's interfaces; the record stays until DeleteEndpoint.
 func (d *Driver) Leave(ctx context.Context, r *network.LeaveRequest) error {
 	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
+	if errors.Is(err, errNoEndpoint) {
+		return d.forgetEndpoint(ctx, n, r.EndpointID, "leave")
+	}
 	if err != nil {
 		return err
 	}
@@ -409,6 +417,9 @@ func (d *Driver) Leave(ctx context.Context, r *network.LeaveRequest) error {
 // tunnel go with the last local endpoint (the peer sync does that).
 func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRequest) error {
 	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
+	if errors.Is(err, errNoEndpoint) {
+		return d.forgetEndpoint(ctx, n, r.EndpointID, "delete")
+	}
 	if err != nil {
 		return err
 	}
@@ -423,6 +434,23 @@ func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRe
 	d.mu.Unlock()
 	d.peers.kick()
 	d.log.Info("endpoint deleted", "network", short(n.ID), "endpoint", short(ep.ID))
+	return nil
+}
+
+// forgetEndpoint ends an endpoint the store no longer knows (its host was
+// lost and another host released it): its interfaces and any orphan record
+// go, and Docker's cleanup goes on.
+func (d *Driver) forgetEndpoint(ctx context.Context, n *localNetwork, id, op string) error {
+	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, id); err != nil {
+		return fmt.Errorf("%s %.12s: %w", op, id, err)
+	}
+	if op == "delete" {
+		if err := d.cfg.Store.Delete(ctx, orphanKey(d.host, id)); err != nil {
+			return fmt.Errorf("%s %.12s: %w", op, id, err)
+		}
+		d.peers.kick()
+	}
+	d.log.Info(op+": endpoint unknown to the store (released after a host loss?); done", "network", short(n.ID), "endpoint", short(id))
 	return nil
 }
 

@@ -75,6 +75,12 @@ func (f *fakePlane) RemoveEndpoint(vni uint32, id string) error {
 	delete(f.eps, id)
 	return nil
 }
+func (f *fakePlane) HasEndpoint(vni uint32, id string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.eps[id]
+	return ok, nil
+}
 func (f *fakePlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -74,6 +74,26 @@ func (k *kernelPlane) RemoveEndpoint(vni uint32, epID string) error {
 	return n.RemoveEndpoint(epID)
 }
 
+func (k *kernelPlane) HasEndpoint(vni uint32, epID string) (bool, error) {
+	n, err := k.host.Network(nsID(vni))
+	if errors.Is(err, overlay.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	st, err := n.State()
+	if err != nil {
+		return false, err
+	}
+	for _, l := range st.Links {
+		if l.Alias == epID {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 func (k *kernelPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	n, err := k.host.Network(nsID(vni))
 	if err != nil {

@@ -26,6 +26,11 @@ type peerSync struct {
 	hosts     map[string]bool
 	haveEPs   bool
 	haveHosts bool
+
+	// Host loss (hostloss.go): when hosts/ was last loaded whole, and
+	// whether this host's orphaned endpoints should be looked at.
+	hostsLoaded time.Time
+	restoreDue  bool
 }
 
 // debounce lets a burst of store events become one reconciliation.
@@ -95,6 +100,18 @@ func (p *peerSync) run(ctx context.Context) {
 		case <-timer:
 			timer = nil
 			if p.haveEPs && p.haveHosts {
+				if p.restoreDue && p.hosts[p.d.host] {
+					p.restoreDue = false
+					if err := p.restoreOrphans(ctx); err != nil {
+						log.Warn("restoring orphaned endpoints failed; retrying", "err", err)
+						p.restoreDue = true
+						time.AfterFunc(time.Second, p.kick)
+					}
+				}
+				if err := p.collectLost(ctx); err != nil {
+					log.Warn("releasing a lost host's endpoints failed; retrying", "err", err)
+					time.AfterFunc(time.Second, p.kick)
+				}
 				changes, err := p.reconcile(ctx)
 				if m := p.d.cfg.Metrics; m != nil {
 					m.Reconciled(changes, err)
@@ -141,9 +158,13 @@ func (p *peerSync) applyEndpoint(ev store.Event) {
 			p.putEndpoint(kv)
 		}
 		p.haveEPs = true
+		p.restoreDue = true
 	case store.EventPut:
 		p.putEndpoint(ev.KV)
 	case store.EventDelete:
+		if p.endpoints[ev.KV.Key].Host == p.d.host {
+			p.restoreDue = true // perhaps orphaned by another host
+		}
 		delete(p.endpoints, ev.KV.Key)
 	}
 }
@@ -165,8 +186,14 @@ func (p *peerSync) applyHost(ev store.Event) {
 			p.hosts[strings.TrimPrefix(kv.Key, hostsDir+"/")] = true
 		}
 		p.haveHosts = true
+		p.hostsLoaded = time.Now()
+		p.restoreDue = true
 	case store.EventPut:
-		p.hosts[strings.TrimPrefix(ev.KV.Key, hostsDir+"/")] = true
+		h := strings.TrimPrefix(ev.KV.Key, hostsDir+"/")
+		p.hosts[h] = true
+		if h == p.d.host {
+			p.restoreDue = true // registered (again)
+		}
 	case store.EventDelete:
 		delete(p.hosts, strings.TrimPrefix(ev.KV.Key, hostsDir+"/"))
 	}

@@ -614,6 +614,11 @@ func (d *Driver) Release(ctx context.Context, poolID, address string) (Allocatio
 				err = d.s.Txn(ctx, store.Delete(key, ver))
 			}
 		default:
+			if p.Space == LocalSpace && cur.Host != d.host {
+				// Released after its host was lost, and allocated again
+				// by another host since: not ours to free.
+				return Allocation{}, errorf(ErrNotHeld, "address %s of pool %s is held by %s, not by host %s", a, p.ID, cur.describe(), d.host)
+			}
 			err = d.s.Txn(ctx, store.Delete(key, ver))
 		}
 		if err == nil {

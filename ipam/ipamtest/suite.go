@@ -476,12 +476,23 @@ func testReleaseOnce(t *testing.T, e *env) {
 	err = a.ReleaseAddress(context.Background(), &ipam.ReleaseAddressRequest{PoolID: "", Address: "10.34.0.1"})
 	wantErr(t, err, dnpipam.ErrUnknownPool, "empty pool id")
 
-	// Two hosts releasing one address at once: exactly one succeeds.
+	// Another host cannot release an endpoint address: after a host loss
+	// the address may have gone to another host, whose it now is.
+	z := ipOf(addr(t, a, id, "", nil))
+	err = b.ReleaseAddress(context.Background(), &ipam.ReleaseAddressRequest{PoolID: id, Address: z})
+	wantErr(t, err, dnpipam.ErrNotHeld, "release by another host", z, "hostA", "hostB")
+	if _, err := a.Release(ctxT(t, 30*time.Second), id, z); err != nil {
+		t.Fatalf("release %s by its host after another host tried: %v", z, err)
+	}
+
+	// Two clients of one host releasing one address at once: exactly one
+	// succeeds.
+	a2 := e.host("hostA")
 	for i := 0; i < 10; i++ {
 		y := ipOf(addr(t, a, id, "", nil))
 		errs := make([]error, 2)
 		var wg sync.WaitGroup
-		for j, d := range []*dnpipam.Driver{a, b} {
+		for j, d := range []*dnpipam.Driver{a, a2} {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
