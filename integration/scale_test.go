@@ -113,7 +113,7 @@ func TestConcurrentContainers(t *testing.T) {
 	wg.Wait()
 	t.Logf("all %d containers reached a container on another host in %s", len(all), time.Since(start).Round(time.Millisecond))
 
-	// Remove everything, concurrently as well.
+	// Remove everything: the hosts at once, each host's containers one by one.
 	for _, h := range c.Hosts {
 		wg.Add(1)
 		go func(h *harness.Host) {
@@ -123,11 +123,20 @@ func TestConcurrentContainers(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			if _, err := h.Docker(append([]string{"rm", "-f"}, strings.Fields(ids)...)...); err != nil {
-				t.Errorf("%s: rm: %v", h.Name, err)
+			// One at a time on each host: dockerd 20.10 miscounts the
+			// endpoints of a plugin's network when many of its containers
+			// are removed concurrently (one `docker rm -f` naming 60 or
+			// more), and then refuses `network rm` with "has active
+			// endpoints" although every endpoint was deleted.
+			for _, id := range strings.Fields(ids) {
+				if _, err := h.Docker("rm", "-f", id); err != nil {
+					t.Errorf("%s: rm: %v", h.Name, err)
+				}
 			}
 			if err := networkRm(h, "many"); err != nil {
-				t.Errorf("%s: network rm: %v", h.Name, err)
+				inspect, _ := h.Docker("network", "inspect", "many")
+				left, _ := h.Docker("ps", "-a")
+				t.Errorf("%s: network rm: %v\nnetwork:\n%s\ncontainers:\n%s", h.Name, err, inspect, left)
 			}
 		}(h)
 	}
