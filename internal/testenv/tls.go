@@ -135,4 +135,3 @@ func StartEtcdTLS(t testing.TB) (*Server, TLSFiles) {
 	srv.Start(t)
 	return srv, files
 }
-
