@@ -112,25 +112,7 @@ func testOverlayAcrossHosts(t *testing.T, kind string) {
 		waitFor(t, 15*time.Second, h.Name+": overlay namespaces removed", func() bool {
 			return len(overlayNamespaces(t, c, h)) == 0
 		})
-		links, err := h.Exec("ip", "-o", "link", "show")
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(links, "\n") {
-			// "4: dnp0123abcd-h@if3: ..." is an endpoint veth the plugin made.
-			if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], "dnp") && !strings.HasPrefix(f[1], "dnpt-") {
-				t.Errorf("%s: plugin interface left in the host namespace: %s", h.Name, line)
-			}
-		}
-		rules, err := h.Exec("iptables-save")
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, subnet := range []string{"10.20.0", "10.30.0", "10.40.0"} {
-			if strings.Contains(rules, subnet) {
-				t.Errorf("%s: iptables rules mention %s after removal:\n%s", h.Name, subnet, rules)
-			}
-		}
+		assertNoPluginLeftovers(t, h, "10.20.0", "10.30.0", "10.40.0")
 	}
 	waitFor(t, 10*time.Second, "store emptied", func() bool { return len(storeKeys(t, st)) == 0 })
 	if left := storeKeys(t, st); len(left) > 0 {

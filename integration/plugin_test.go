@@ -269,3 +269,28 @@ func networkRm(h *harness.Host, name string) error {
 		time.Sleep(300 * time.Millisecond)
 	}
 }
+
+// assertNoPluginLeftovers checks h's own namespace for what the plugin
+// might leave behind: endpoint veths ("dnp0123abcd-h") and iptables rules
+// that name one of the subnets (the plugin installs none).
+func assertNoPluginLeftovers(t *testing.T, h *harness.Host, subnets ...string) {
+	t.Helper()
+	links, err := h.Exec("ip", "-o", "link", "show")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(links, "\n") {
+		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], "dnp") && !strings.HasPrefix(f[1], "dnpt-") {
+			t.Errorf("%s: plugin interface left in the host namespace: %s", h.Name, line)
+		}
+	}
+	rules, err := h.Exec("iptables-save")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range subnets {
+		if strings.Contains(rules, s) {
+			t.Errorf("%s: iptables rules mention %s after removal:\n%s", h.Name, s, rules)
+		}
+	}
+}

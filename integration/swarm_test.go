@@ -172,25 +172,7 @@ func TestSwarm(t *testing.T) {
 		waitFor(t, 15*time.Second, h.Name+": overlay namespaces removed", func() bool {
 			return len(overlayNS(t, plugins[h.Name])) == 0
 		})
-		links, err := h.Exec("ip", "-o", "link", "show")
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, line := range strings.Split(links, "\n") {
-			// "4: dnp0123abcd-h@if3: ..." is an endpoint veth the plugin made.
-			if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], "dnp") && !strings.HasPrefix(f[1], "dnpt-") {
-				t.Errorf("%s: plugin interface left in the host namespace: %s", h.Name, line)
-			}
-		}
-		rules, err := h.Exec("iptables-save")
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, s := range []string{"10.60.0", "10.70.0"} {
-			if strings.Contains(rules, s) {
-				t.Errorf("%s: iptables rules mention %s after removal:\n%s", h.Name, s, rules)
-			}
-		}
+		assertNoPluginLeftovers(t, h, "10.60.0", "10.70.0")
 	}
 	var left []string
 	deadline := time.Now().Add(15 * time.Second)
