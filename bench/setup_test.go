@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,13 +8,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,7 +22,7 @@ import (
 const Runs = 5
 
 // pluginName is the legacy plugin's name on every host (-d, --ipam-driver).
-const pluginName = "dnp"
+const pluginName = harness.PluginName
 
 // needBench skips a benchmark unless DNP_BENCH=1: they take minutes, need
 // root, Docker and iperf3, and are not part of `make test`.
@@ -87,120 +82,14 @@ func (r *recorder) save() {
 	r.t.Logf("saved %s/%s.json", outDir(), r.res.ID)
 }
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
-
-// pluginBinary is $DNP_PLUGIN_BIN (make bench passes bin/docker-net-plugin)
-// or cmd/docker-net-plugin built once per test binary.
-func pluginBinary(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("DNP_PLUGIN_BIN"); p != "" {
-		abs, err := filepath.Abs(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := os.Stat(abs); err != nil {
-			t.Fatalf("DNP_PLUGIN_BIN: %v", err)
-		}
-		return abs
-	}
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "dnp-bench-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "docker-net-plugin")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", binPath, "../cmd/docker-net-plugin")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
-}
-
 // pluginProc is the plugin running as a legacy plugin on one host.
-type pluginProc struct {
-	host     *harness.Host
-	cmd      *exec.Cmd
-	log      string
-	done     chan struct{}
-	stopOnce sync.Once
-}
+type pluginProc = harness.LegacyPlugin
 
-// stop ends the plugin (SIGTERM, SIGKILL after 10 s); safe to call twice.
-func (p *pluginProc) stop() {
-	p.stopOnce.Do(func() {
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-	})
-}
-
-// Pid is the plugin's process id (nsenter execs the plugin in place).
-func (p *pluginProc) Pid() int { return p.cmd.Process.Pid }
-
-// startPlugin runs the plugin in h's network namespace with its socket in
-// h's plugin directory; it is stopped at teardown after the containers.
+// startPlugin runs the plugin on h (bin/docker-net-plugin when make bench
+// sets DNP_PLUGIN_BIN), logging at info.
 func startPlugin(t *testing.T, c *harness.Cluster, h *harness.Host, storeURL string) *pluginProc {
 	t.Helper()
-	p := &pluginProc{host: h, log: filepath.Join(h.Dir, "plugin.log")}
-	sock := filepath.Join(h.PluginDir, pluginName+".sock")
-	lf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd = h.Command(pluginBinary(t), "serve",
-		"--store", storeURL,
-		"--name", pluginName,
-		"--socket", sock,
-		"--advertise-addr", h.UnderlayIP,
-		"--netns-prefix", c.Prefix+"-"+h.Name+"-",
-		"--live-ttl", "10s",
-		"--log-level", "info")
-	p.cmd.Stdout, p.cmd.Stderr = lf, lf
-	if err := p.cmd.Start(); err != nil {
-		lf.Close()
-		t.Fatalf("start plugin on %s: %v", h.Name, err)
-	}
-	p.done = make(chan struct{})
-	go func() { p.cmd.Wait(); lf.Close(); close(p.done) }()
-	c.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			out, _ := os.ReadFile(p.log)
-			t.Logf("plugin log of %s (end):\n%s", h.Name, lastBytes(string(out), 4000))
-		}
-	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if conn, err := net.Dial("unix", sock); err == nil {
-			conn.Close()
-			return p
-		}
-		select {
-		case <-p.done:
-			out, _ := os.ReadFile(p.log)
-			t.Fatalf("plugin on %s exited at start:\n%s", h.Name, out)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("plugin socket %s not there after 15s", sock)
-		}
-	}
+	return harness.StartLegacyPlugin(t, c, h, storeURL, "--log-level", "info")
 }
 
 func lastBytes(s string, n int) string {
@@ -238,7 +127,7 @@ func newCluster(t *testing.T, n int) *benchCluster {
 			emptyHost(h)
 		}
 		for _, p := range bc.Plugins {
-			p.stop()
+			p.Stop()
 		}
 	})
 	return bc

@@ -70,7 +70,7 @@ func TestHostLoss(t *testing.T) {
 	relCrashHost(t, h3, p3)
 	crash := time.Now()
 	gone("host killed", crash, ip3)
-	p3.start(t)
+	p3.Start(t)
 	if err := h3.StartDockerd(); err != nil {
 		t.Fatal(err)
 	}

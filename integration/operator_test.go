@@ -84,7 +84,7 @@ func TestOperatorTools(t *testing.T) {
 	pingEventually(t, h1, "blue-h1", strings.TrimSuffix(want[1].ip, "/24"))
 
 	// status: exactly what the test made.
-	bin := pluginBinary(t)
+	bin := harness.PluginBinary(t)
 	out, code := cli(t, exec.Command(bin, "status", "--store", url, "--json"))
 	if code != 0 {
 		t.Fatalf("status --json exited %d:\n%s", code, out)
@@ -249,7 +249,7 @@ func TestOperatorTools(t *testing.T) {
 	// Logs: h3 logs JSON at info; every line about an endpoint names its
 	// network and endpoint, and watch events from other hosts log nothing.
 	p3 := plugins[h3]
-	lines := logLines(t, p3.log)
+	lines := logLines(t, p3.Log)
 	n := len(lines)
 	run(h1, "blue-h1b", "blue")
 	waitFor(t, 20*time.Second, "h3 programs h1's new endpoint", func() bool {
@@ -257,7 +257,7 @@ func TestOperatorTools(t *testing.T) {
 			"bridge", "fdb", "show", "dev", "vxlan0")
 		return strings.Contains(fdb, want[len(want)-1].mac)
 	})
-	if more := logLines(t, p3.log)[n:]; len(more) != 0 {
+	if more := logLines(t, p3.Log)[n:]; len(more) != 0 {
 		t.Errorf("h3 logged at info about another host's new endpoint:\n%s", strings.Join(more, "\n"))
 	}
 	joined := 0
@@ -284,7 +284,7 @@ func TestOperatorTools(t *testing.T) {
 
 	// h3's plugin stops: status shows it dead, with when it was last seen;
 	// back, it is alive again.
-	p3.stop()
+	p3.Stop()
 	out, code = cli(t, exec.Command(bin, "status", "--store", url, "--json"))
 	cs = driver.ClusterState{}
 	if err := json.Unmarshal([]byte(out), &cs); err != nil || code != 0 {
@@ -295,7 +295,7 @@ func TestOperatorTools(t *testing.T) {
 	}
 	table, _ = cli(t, exec.Command(bin, "status", "--store", url))
 	t.Logf("docker-net-plugin status with h3's plugin stopped:\n%s", table)
-	p3.start(t)
+	p3.Start(t)
 	waitFor(t, 10*time.Second, "h3 alive again", func() bool {
 		out, _ := cli(t, exec.Command(bin, "status", "--store", url, "--json"))
 		cs := driver.ClusterState{}

@@ -2,14 +2,9 @@ package integration
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -20,115 +15,15 @@ import (
 )
 
 // pluginName is the legacy plugin's name: -d and --ipam-driver.
-const pluginName = "dnp"
+const pluginName = harness.PluginName
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
+// plugin is the plugin of one host, run as a legacy plugin.
+type plugin = harness.LegacyPlugin
 
-// pluginBinary builds cmd/docker-net-plugin once per test binary.
-func pluginBinary(t testing.TB) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "dnp-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "docker-net-plugin")
-		cmd := exec.Command("go", "build", "-o", binPath, "../cmd/docker-net-plugin")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
-}
-
-// plugin is the plugin process of one host, run as a legacy plugin.
-type plugin struct {
-	host *harness.Host
-	cmd  *exec.Cmd
-	args []string
-	log  string
-	done chan struct{}
-}
-
-// startPlugin runs the plugin in h's network namespace with its socket in
-// h's plugin directory, and stops it when the cluster is torn down (after
-// the containers are gone, so dockerd can still reach it).
+// startPlugin runs the plugin on h; see harness.StartLegacyPlugin.
 func startPlugin(t testing.TB, c *harness.Cluster, h *harness.Host, storeURL string, extra ...string) *plugin {
 	t.Helper()
-	p := &plugin{host: h, log: filepath.Join(h.Dir, "plugin.log")}
-	p.args = append([]string{"serve",
-		"--store", storeURL,
-		"--name", pluginName,
-		"--socket", filepath.Join(h.PluginDir, pluginName+".sock"),
-		"--advertise-addr", h.UnderlayIP,
-		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
-		"--live-ttl", "10s",
-		"--log-level", "debug",
-	}, extra...)
-	p.start(t)
-	c.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			out, _ := os.ReadFile(p.log)
-			t.Logf("plugin log of %s (last 6000 bytes):\n%s", h.Name, tail(string(out), 6000))
-		}
-	})
-	return p
-}
-
-func (p *plugin) start(t testing.TB) {
-	t.Helper()
-	lf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd = p.host.Command(pluginBinary(t), p.args...)
-	p.cmd.Stdout, p.cmd.Stderr = lf, lf
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p.done = make(chan struct{})
-	go func() { p.cmd.Wait(); lf.Close(); close(p.done) }()
-	sock := filepath.Join(p.host.PluginDir, pluginName+".sock")
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		if c, err := net.Dial("unix", sock); err == nil {
-			c.Close()
-			return
-		}
-		select {
-		case <-p.done:
-			out, _ := os.ReadFile(p.log)
-			t.Fatalf("plugin on %s exited at start:\n%s", p.host.Name, out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("plugin socket %s not there after 15s", sock)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func (p *plugin) stop() {
-	if p.cmd == nil || p.cmd.Process == nil {
-		return
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.done
-	}
+	return harness.StartLegacyPlugin(t, c, h, storeURL, extra...)
 }
 
 func tail(s string, n int) string {

@@ -85,7 +85,7 @@ func testPluginRestart(t *testing.T, kind string) {
 	time.Sleep(time.Second)
 
 	killed := time.Now()
-	p1.crash(t)
+	p1.Crash(t)
 	// While h1's plugin is down, h2 removes a container and starts another:
 	// h1's kernel keeps a stale entry and lacks a new one.
 	h2.MustDocker(t, "rm", "-f", "gone2")
@@ -94,7 +94,7 @@ func testPluginRestart(t *testing.T, kind string) {
 	if d := 3*time.Second - time.Since(killed); d > 0 {
 		time.Sleep(d)
 	}
-	p1.start(t)
+	p1.Start(t)
 	restarted := time.Now()
 	t.Logf("h1's plugin was down for %s", restarted.Sub(killed).Round(time.Millisecond))
 
@@ -201,7 +201,7 @@ func TestReliabilityDockerdRestart(t *testing.T) {
 	start = time.Now()
 	relCrashHost(t, h1, p1)
 	relWipeKernel(t, c, h1)
-	p1.start(t)
+	p1.Start(t)
 	if err := h1.StartDockerd(); err != nil {
 		t.Fatal(err)
 	}
@@ -271,8 +271,8 @@ func testStoreOutage(t *testing.T, kind string) {
 
 	// A plugin that starts while its store is down (a host rebooting
 	// during the outage) keeps what the kernel has.
-	p2.crash(t)
-	p2.start(t)
+	p2.Crash(t)
+	p2.Start(t)
 
 	time.Sleep(time.Until(stopped.Add(relOutage)))
 	srv.Start(t)
@@ -338,15 +338,6 @@ func relTryNetCreate(h *harness.Host) error {
 	_, err := h.Docker("network", "create", "-d", pluginName, "--ipam-driver", pluginName,
 		"--subnet", relSubnet, "-o", "overlay=blue", "blue")
 	return err
-}
-
-// crash kills the plugin process at once (SIGKILL), as a crash would.
-func (p *plugin) crash(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Kill(); err != nil {
-		t.Fatalf("kill the plugin on %s: %v", p.host.Name, err)
-	}
-	<-p.done
 }
 
 // pingRun is a ping running in a container: one echo request every 100 ms.
@@ -611,7 +602,7 @@ func relCheckHosts(t *testing.T, c *harness.Cluster, st store.Store, hosts ...*h
 // loss would.
 func relCrashHost(t *testing.T, h *harness.Host, p *plugin) {
 	t.Helper()
-	p.crash(t)
+	p.Crash(t)
 	var pids []int
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {

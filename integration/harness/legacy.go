@@ -1,0 +1,174 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// PluginName is the name a legacy plugin gets on every host: the value of
+// -d and --ipam-driver.
+const PluginName = "dnp"
+
+var (
+	pluginBuild    sync.Once
+	pluginBin      string
+	pluginBuildErr error
+)
+
+// PluginBinary is $DNP_PLUGIN_BIN when set, else cmd/docker-net-plugin
+// built once per test binary (RemovePluginBinary deletes it).
+func PluginBinary(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("DNP_PLUGIN_BIN"); p != "" {
+		abs, err := filepath.Abs(p)
+		if err == nil {
+			_, err = os.Stat(abs)
+		}
+		if err != nil {
+			t.Fatalf("DNP_PLUGIN_BIN=%s: %v", p, err)
+		}
+		return abs
+	}
+	pluginBuild.Do(func() {
+		dir, err := os.MkdirTemp("", "dnp-bin-")
+		if err != nil {
+			pluginBuildErr = err
+			return
+		}
+		_, here, _, _ := runtime.Caller(0) // integration/harness/legacy.go
+		src := filepath.Join(filepath.Dir(here), "..", "..", "cmd", "docker-net-plugin")
+		pluginBin = filepath.Join(dir, "docker-net-plugin")
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", pluginBin, ".")
+		cmd.Dir = src
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			pluginBuildErr = fmt.Errorf("go build %s: %v\n%s", src, err, out)
+		}
+	})
+	if pluginBuildErr != nil {
+		t.Fatal(pluginBuildErr)
+	}
+	return pluginBin
+}
+
+// RemovePluginBinary deletes what PluginBinary built; call it from TestMain.
+func RemovePluginBinary() {
+	if pluginBin != "" {
+		os.RemoveAll(filepath.Dir(pluginBin))
+	}
+}
+
+// LegacyPlugin is `docker-net-plugin serve` running as a legacy plugin in
+// one host's network namespace, its socket in the host's plugin directory.
+type LegacyPlugin struct {
+	Host *Host
+	Log  string // its log file
+
+	args []string
+	cmd  *exec.Cmd
+	done chan struct{} // closed when cmd has exited
+}
+
+// StartLegacyPlugin runs the plugin on h against storeURL and stops it in
+// the cluster's teardown, after the containers are gone (so dockerd can
+// still reach it). extra flags come last and so win over the defaults
+// (--live-ttl 10s, --log-level debug). On failure it prints the log's end.
+func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra ...string) *LegacyPlugin {
+	t.Helper()
+	p := &LegacyPlugin{Host: h, Log: filepath.Join(h.Dir, "plugin.log")}
+	p.args = append([]string{"serve",
+		"--store", storeURL,
+		"--name", PluginName,
+		"--socket", p.socket(),
+		"--advertise-addr", h.UnderlayIP,
+		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
+		"--live-ttl", "10s",
+		"--log-level", "debug",
+	}, extra...)
+	p.Start(t)
+	c.Cleanup(func() {
+		p.Stop()
+		if t.Failed() {
+			out, _ := os.ReadFile(p.Log)
+			if len(out) > 6000 {
+				out = out[len(out)-6000:]
+			}
+			t.Logf("plugin log of %s (end):\n%s", h.Name, out)
+		}
+	})
+	return p
+}
+
+func (p *LegacyPlugin) socket() string { return filepath.Join(p.Host.PluginDir, PluginName+".sock") }
+
+// Start runs the plugin (again) and waits until its socket answers.
+func (p *LegacyPlugin) Start(t testing.TB) {
+	t.Helper()
+	lf, err := os.OpenFile(p.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd = p.Host.Command(PluginBinary(t), p.args...)
+	p.cmd.Stdout, p.cmd.Stderr = lf, lf
+	if err := p.cmd.Start(); err != nil {
+		lf.Close()
+		t.Fatalf("start the plugin on %s: %v", p.Host.Name, err)
+	}
+	done := make(chan struct{})
+	p.done = done
+	go func() { p.cmd.Wait(); lf.Close(); close(done) }()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if conn, err := net.Dial("unix", p.socket()); err == nil {
+			conn.Close()
+			return
+		}
+		select {
+		case <-done:
+			out, _ := os.ReadFile(p.Log)
+			t.Fatalf("plugin on %s exited at start:\n%s", p.Host.Name, out)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("plugin socket %s not there after 15s", p.socket())
+		}
+	}
+}
+
+// Stop ends the plugin with SIGTERM (SIGKILL after 10 s); a stopped
+// plugin is left alone.
+func (p *LegacyPlugin) Stop() {
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// Crash kills the plugin at once (SIGKILL), as a crash would.
+func (p *LegacyPlugin) Crash(t testing.TB) {
+	t.Helper()
+	if err := p.cmd.Process.Kill(); err != nil {
+		t.Fatalf("kill the plugin on %s: %v", p.Host.Name, err)
+	}
+	<-p.done
+}
+
+// Pid is the plugin's process id (nsenter execs the plugin in place).
+func (p *LegacyPlugin) Pid() int { return p.cmd.Process.Pid }
