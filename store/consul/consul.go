@@ -38,10 +38,6 @@ const (
 	// dialTimeout bounds connecting to a server, so a stopped or
 	// unreachable server is reported well within a call's deadline.
 	dialTimeout = time.Second
-	// retryMin and retryMax bound the waits between attempts of a watch
-	// or a registration to get back in touch with the store.
-	retryMin = 100 * time.Millisecond
-	retryMax = 2 * time.Second
 )
 
 // Store is a store.Store on a Consul cluster.
@@ -394,27 +390,6 @@ func (s *Store) txn(ctx context.Context, name string, ops []store.Op) (*api.TxnR
 	}
 	return &resp, nil
 }
-
-// retry is a capped exponential wait between attempts.
-type retry struct{ next time.Duration }
-
-// wait sleeps for the next delay, or returns false when ctx ends first.
-func (r *retry) wait(ctx context.Context) bool {
-	if r.next == 0 {
-		r.next = retryMin
-	}
-	t := time.NewTimer(r.next)
-	defer t.Stop()
-	r.next = min(2*r.next, retryMax)
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-func (r *retry) reset() { r.next = 0 }
 
 // logger is where this backend reports trouble it handles by itself.
 func (s *Store) logger() *slog.Logger {

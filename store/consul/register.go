@@ -163,7 +163,7 @@ func (r *registration) write(ctx context.Context) error {
 func (r *registration) keep(ctx context.Context) {
 	log := r.s.logger().With("register", r.key)
 	every := r.ttl / 3
-	var rt retry
+	var rt store.Backoff
 	failing := false
 	for {
 		t := time.NewTimer(every)
@@ -185,7 +185,7 @@ func (r *registration) keep(ctx context.Context) {
 				log.Warn("store registration cannot renew its session; retrying", "err", err)
 				failing = true
 			}
-			if !rt.wait(ctx) {
+			if !rt.Wait(ctx) {
 				return
 			}
 		}
@@ -193,7 +193,7 @@ func (r *registration) keep(ctx context.Context) {
 			log.Info("store registration renewed again")
 			failing = false
 		}
-		rt.reset()
+		rt.Reset()
 	}
 }
 

@@ -45,7 +45,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 	log := s.logger().With("watch", dir)
 	var (
-		r       retry
+		r       store.Backoff
 		failing bool
 		known   map[string]store.KV // nil: the next answer is sent as a reset
 		index   uint64              // Consul index of the last answer
@@ -66,7 +66,7 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 				failing = true
 			}
 			known, index, peek = nil, 0, false
-			if !r.wait(ctx) {
+			if !r.Wait(ctx) {
 				return
 			}
 			continue
@@ -75,7 +75,7 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 			log.Info("store watch reads the directory again")
 			failing = false
 		}
-		r.reset()
+		r.Reset()
 		// A blocking query that ends without a new index timed out, or
 		// Consul abandoned its state for a restored snapshot and answered
 		// from the old one. Only a query without an index reads the new

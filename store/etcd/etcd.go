@@ -45,10 +45,6 @@ const (
 	// releaseTimeout bounds revoking a lease when a registration ends
 	// with its context or with Close.
 	releaseTimeout = 2 * time.Second
-	// retryMin and retryMax bound the waits between attempts of a watch
-	// or a registration to get back in touch with the store.
-	retryMin = 100 * time.Millisecond
-	retryMax = 2 * time.Second
 	// healthyRun is how long a watch stream or a lease keepalive must have
 	// worked for the next failure to be retried quickly again.
 	healthyRun = 10 * time.Second
@@ -557,27 +553,6 @@ func (s *Store) Txn(ctx context.Context, ops ...store.Op) error {
 	}
 	return nil
 }
-
-// retry is a capped exponential wait between attempts.
-type retry struct{ next time.Duration }
-
-// wait sleeps for the next delay, or returns false when ctx ends first.
-func (r *retry) wait(ctx context.Context) bool {
-	if r.next == 0 {
-		r.next = retryMin
-	}
-	t := time.NewTimer(r.next)
-	defer t.Stop()
-	r.next = min(2*r.next, retryMax)
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-func (r *retry) reset() { r.next = 0 }
 
 var _ store.Store = (*Store)(nil)
 

@@ -100,7 +100,7 @@ func (r *registration) leaseID() clientv3.LeaseID {
 // under a new lease whenever the old one is lost.
 func (r *registration) keep(ctx context.Context) {
 	log := r.s.logger().With("register", r.key)
-	var rt retry
+	var rt store.Backoff
 	for {
 		cli, err := r.s.client()
 		if err != nil {
@@ -120,7 +120,7 @@ func (r *registration) keep(ctx context.Context) {
 		}
 		log.Warn("store registration lost its lease; writing the key again when the store answers", "err", err)
 		if time.Since(started) > healthyRun {
-			rt.reset()
+			rt.Reset()
 		}
 		if !r.rewrite(ctx, cli, &rt) {
 			break
@@ -145,8 +145,8 @@ func (r *registration) keep(ctx context.Context) {
 
 // rewrite grants a new lease and puts the key again, retrying until it
 // works (true) or ctx ends (false).
-func (r *registration) rewrite(ctx context.Context, cli *clientv3.Client, rt *retry) bool {
-	for rt.wait(ctx) {
+func (r *registration) rewrite(ctx context.Context, cli *clientv3.Client, rt *store.Backoff) bool {
+	for rt.Wait(ctx) {
 		wctx, cancel := store.WithTimeout(ctx)
 		id, err := r.write(wctx, cli)
 		cancel()

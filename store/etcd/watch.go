@@ -43,7 +43,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 	log := s.logger().With("watch", dir)
-	var r retry
+	var r store.Backoff
 	failing := false
 	for {
 		snap, rev, err := s.snapshot(ctx, dir)
@@ -55,7 +55,7 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 				log.Warn("store watch cannot read the directory; retrying", "err", err)
 				failing = true
 			}
-			if !r.wait(ctx) {
+			if !r.Wait(ctx) {
 				return
 			}
 			continue
@@ -73,10 +73,10 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 			return
 		}
 		if time.Since(started) > healthyRun {
-			r.reset()
+			r.Reset()
 		}
 		log.Info("store watch interrupted; reading the directory again", "err", err)
-		if !r.wait(ctx) {
+		if !r.Wait(ctx) {
 			return
 		}
 	}
