@@ -2,6 +2,11 @@
 GO      ?= go
 BIN     := bin/docker-net-plugin
 PKGS    := ./...
+# The Docker engine the integration tests, the demo and the benchmarks run:
+# 20.10 (Debian 12's docker.io), 26.1 (trixie's) or 28.5 (sid's), e.g.
+# `make test DOCKER=28.5`. Empty: the harness default (20.10).
+DOCKER  ?=
+export DNP_DOCKER := $(DOCKER)
 
 .PHONY: all build plugin deps test unit vet demo bench clean
 

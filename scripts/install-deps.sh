@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need on a fresh Debian 12
-# machine (as root): Docker 20.10, etcd, ZooKeeper, busybox for the test
+# machine (as root): Docker 20.10 (and 26.1, 28.5 unpacked beside it), etcd, ZooKeeper, busybox for the test
 # image, iperf3, and a Consul server built once from the Go module proxy
 # (kept outside the repository and reused).
 set -euo pipefail
@@ -30,6 +30,9 @@ fi
 
 step "Go modules"
 go mod download
+
+step "Docker engines 26.1 and 28.5 from Debian's archive (unpacked in /opt/dnp/docker)"
+bash scripts/install-docker-engines.sh
 
 step "Consul server binary"
 bash scripts/build-consul.sh

@@ -22,8 +22,9 @@
 //	                     with /run/docker/plugins = Host.PluginDir and
 //	                     /etc/docker = <host dir>/etc
 //
-// The docker CLI used is /usr/bin/docker (the 20.10 client of the docker.io
-// package, same API version as the daemon) when present, else docker on PATH.
+// The Docker engine is the one DNP_DOCKER names (see CurrentEngine): 20.10
+// (Debian 12's docker.io, the default), 26.1 or 28.5, always with the docker
+// CLI of the same version.
 package harness
 
 import (
@@ -82,10 +83,11 @@ type Cluster struct {
 	Subnet      string // the underlay subnet, e.g. 192.168.250.0/24
 	Hosts       []*Host
 
+	// Engine is the Docker engine every host runs.
+	Engine Engine
+
 	t        testing.TB
 	opts     Options
-	docker   string // docker CLI path
-	dockerd  string // dockerd path
 	mu       sync.Mutex
 	cleanups []func()
 
@@ -103,12 +105,11 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 	if n < 1 || n > maxHosts {
 		t.Fatalf("harness.New: %d hosts; want 1..%d", n, maxHosts)
 	}
-	c := &Cluster{
-		t:       t,
-		opts:    opts,
-		dockerd: testenv.LookPath(t, "dockerd", "/usr/sbin"),
-		docker:  dockerCLI(t),
+	engine, err := CurrentEngine()
+	if err != nil {
+		testenv.Missing(t, "%v", err)
 	}
+	c := &Cluster{t: t, opts: opts, Engine: engine}
 	for _, prog := range []string{"nsenter", "unshare", "ip", "busybox"} {
 		testenv.LookPath(t, prog, "/usr/sbin", "/usr/bin", "/bin")
 	}
@@ -134,6 +135,17 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 	// through New still removes what exists.
 	t.Cleanup(c.teardown)
 
+	if c.Engine.Compose != "" {
+		// The CLI finds plugins in $DOCKER_CONFIG/cli-plugins.
+		plugins := filepath.Join(c.Dir, "docker-cli", "cli-plugins")
+		if err := os.MkdirAll(plugins, 0o755); err != nil {
+			t.Fatalf("harness: %v", err)
+		}
+		if err := os.Symlink(c.Engine.Compose, filepath.Join(plugins, "docker-compose")); err != nil {
+			t.Fatalf("harness: %v", err)
+		}
+	}
+
 	if err := c.makeNetwork(n); err != nil {
 		t.Fatalf("harness: cluster %s: underlay: %v", c.Prefix, err)
 	}
@@ -149,8 +161,8 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 			t.Fatalf("harness: cluster %s: %v", c.Prefix, err)
 		}
 	}
-	t.Logf("harness: cluster %s: %d hosts up in %s (underlay %s, dockerd %s, image %s)",
-		c.Prefix, n, time.Since(start).Round(time.Millisecond),
+	t.Logf("harness: cluster %s: %d hosts on Docker %s up in %s (underlay %s, dockerd %s, image %s)",
+		c.Prefix, n, c.Engine.Version, time.Since(start).Round(time.Millisecond),
 		netDone.Sub(start).Round(time.Millisecond),
 		dockerDone.Sub(netDone).Round(time.Millisecond),
 		time.Since(dockerDone).Round(time.Millisecond))
@@ -374,16 +386,6 @@ func lastLines(s string, n int) string {
 }
 
 func netnsPath(name string) string { return "/run/netns/" + name }
-
-// dockerCLI picks the docker client: the docker.io package's 20.10 client
-// matches the daemon's API exactly, so it is preferred.
-func dockerCLI(t testing.TB) string {
-	const pkgClient = "/usr/bin/docker"
-	if fi, err := os.Stat(pkgClient); err == nil && fi.Mode()&0o111 != 0 {
-		return pkgClient
-	}
-	return testenv.LookPath(t, "docker")
-}
 
 // claimSubnet picks an underlay subnet 192.168.N.0/24 no other live
 // cluster on this machine uses (an flock held for the cluster's life), so

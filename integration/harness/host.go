@@ -60,8 +60,8 @@ func (h *Host) MustDocker(t testing.TB, args ...string) string {
 
 func (h *Host) docker(ctx context.Context, stdin io.Reader, args ...string) (string, error) {
 	full := append([]string{"-H", "unix://" + h.DockerSock}, args...)
-	cmd := exec.CommandContext(ctx, h.cluster.docker, full...)
-	cmd.Env = dockerEnv(h.cluster.Dir)
+	cmd := exec.CommandContext(ctx, h.cluster.Engine.Docker, full...)
+	cmd.Env = h.cluster.dockerEnv()
 	cmd.Stdin = stdin
 	return run(ctx, cmd)
 }
@@ -118,7 +118,7 @@ func (h *Host) StartDockerd() error {
 	defer logf.Close() // the child has its own copy
 
 	dockerdArgs := []string{
-		h.cluster.dockerd,
+		h.cluster.Engine.Dockerd,
 		"--config-file", config,
 		"--data-root", filepath.Join(h.Dir, "data"),
 		"--exec-root", filepath.Join(h.Dir, "exec"),
@@ -157,7 +157,7 @@ exec "$@"`
 		"sh", "-c", script, "sh", h.Hostname, h.PluginDir, etcDir, resolvConf, cgroupTmp, netnsDir}
 	args = append(args, dockerdArgs...)
 	cmd := exec.Command("nsenter", args...)
-	cmd.Env = dockerEnv(h.cluster.Dir)
+	cmd.Env = h.cluster.dockerEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Own process group; killed if the test binary dies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -248,16 +248,18 @@ func (h *Host) logTail(n int) string {
 	return lastLines(string(b), n)
 }
 
-// dockerEnv is the environment for dockerd and the docker CLI: no inherited
-// DOCKER_* settings, and a client config directory of the cluster's own.
-func dockerEnv(clusterDir string) []string {
+// dockerEnv is the environment for dockerd and the docker CLI: the engine's
+// programs first on PATH, no inherited DOCKER_* settings, and a client
+// config directory of the cluster's own.
+func (c *Cluster) dockerEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "DOCKER_") {
 			env = append(env, kv)
 		}
 	}
-	return append(env, "DOCKER_CONFIG="+filepath.Join(clusterDir, "docker-cli"))
+	env = append(env, "DOCKER_CONFIG="+filepath.Join(c.Dir, "docker-cli"))
+	return c.Engine.Env(env)
 }
 
 // run runs cmd and returns its trimmed stdout; the error names the command
