@@ -240,7 +240,10 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 				vxlanMDB = false
 				break
 			}
-			if err != nil && !errors.Is(err, unix.EEXIST) {
+			if errors.Is(err, unix.EEXIST) {
+				continue
+			}
+			if err != nil {
 				return changes, fmt.Errorf("add VXLAN MDB entry %s dst %s: %w", gh.group, gh.host, err)
 			}
 			changes++
@@ -254,7 +257,13 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 		if learned[g] {
 			flags = unix.NLM_F_CREATE | unix.NLM_F_REPLACE // make the learned entry permanent
 		}
-		if err := changeMDB(sock, unix.RTM_NEWMDB, flags, brIndex, vxIndex, g, netip.Addr{}); err != nil && !errors.Is(err, unix.EEXIST) {
+		err := changeMDB(sock, unix.RTM_NEWMDB, flags, brIndex, vxIndex, g, netip.Addr{})
+		if errors.Is(err, unix.EEXIST) {
+			// A kernel that cannot replace (before 6.3) keeps the learned
+			// entry, which forwards the group the same way until it expires.
+			continue
+		}
+		if err != nil {
 			return changes, fmt.Errorf("add MDB entry %s on %s: %w", g, vxlanName, err)
 		}
 		changes++
