@@ -129,13 +129,13 @@ func (n *Network) Groups() ([]netip.Addr, error) {
 	if info.encap != EncapVXLAN {
 		return nil, nil
 	}
-	entries, err := listMDB(s.ovNS)
+	dump, err := listMDB(s.ovNS)
 	if err != nil {
 		return nil, fmt.Errorf("network %s: %w", n.ID, err)
 	}
 	brIndex := info.br.Attrs().Index
 	var groups []netip.Addr
-	for _, e := range entries {
+	for _, e := range dump.entries {
 		if e.dev != brIndex || e.port == brIndex || e.port == info.vx.Index {
 			continue // another device's, the bridge's own, or remote
 		}
@@ -199,14 +199,14 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 		}
 	}
 
-	entries, err := listMDB(ns)
+	dump, err := listMDB(ns)
 	if err != nil {
 		return 0, err
 	}
 	haveGroups := map[netip.Addr]bool{} // permanent bridge entries on the VXLAN port
 	learned := map[netip.Addr]bool{}    // temporary ones (snooped remote reports)
 	haveDst := map[groupHost]bool{}
-	for _, e := range entries {
+	for _, e := range dump.entries {
 		switch {
 		case e.dev == brIndex && e.port == vxIndex && !e.source.IsValid():
 			if e.permanent {
@@ -228,18 +228,16 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 	// Replication lists first, then the bridge entries that send a group
 	// into the VXLAN device: a new group never goes to every host on the
 	// way, and a removed one stops before its list goes.
-	vxlanMDB := vxlanMDBSupported()
+	vxlanMDB := dump.devs[vxIndex] // the kernel dumps an MDB for the VXLAN device
+	if !vxlanMDB && len(wantDst) > 0 {
+		noVXLANMDB()
+	}
 	if vxlanMDB {
 		for gh := range wantDst {
 			if haveDst[gh] {
 				continue
 			}
 			err := changeMDB(sock, unix.RTM_NEWMDB, unix.NLM_F_CREATE|unix.NLM_F_EXCL, vxIndex, vxIndex, gh.group, gh.host)
-			if isUnsupported(err) {
-				noVXLANMDB(err)
-				vxlanMDB = false
-				break
-			}
 			if errors.Is(err, unix.EEXIST) {
 				continue
 			}
@@ -289,32 +287,14 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 	return changes, nil
 }
 
-var (
-	vxlanMDBMu    sync.Mutex
-	vxlanMDBNoErr error // why the kernel has no VXLAN MDB, once found out
-)
+var noVXLANMDBOnce sync.Once
 
-func vxlanMDBSupported() bool {
-	vxlanMDBMu.Lock()
-	defer vxlanMDBMu.Unlock()
-	return vxlanMDBNoErr == nil
-}
-
-// noVXLANMDB records (and logs once) that the kernel cannot replicate a
-// group to chosen hosts: groups then go to every remote host.
-func noVXLANMDB(err error) {
-	vxlanMDBMu.Lock()
-	defer vxlanMDBMu.Unlock()
-	if vxlanMDBNoErr == nil {
-		vxlanMDBNoErr = err
-		slog.Warn("this kernel has no VXLAN MDB (Linux 6.3+): multicast groups with receivers on other hosts go to every remote host of the network", "err", err)
-	}
-}
-
-// isUnsupported tells the errors of a kernel without VXLAN MDB support
-// (RTM_NEWMDB only for bridges, MDBE_ATTR_DST unknown).
-func isUnsupported(err error) bool {
-	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EPROTONOSUPPORT)
+// noVXLANMDB logs once that the kernel cannot replicate a group to chosen
+// hosts: groups then go to every remote host.
+func noVXLANMDB() {
+	noVXLANMDBOnce.Do(func() {
+		slog.Warn("this kernel has no VXLAN MDB (Linux 6.3+): multicast groups with receivers on other hosts go to every remote host of the network")
+	})
 }
 
 // setBridgeMulticast turns the bridge's IGMP/MLD snooping on, with its own
@@ -425,11 +405,18 @@ func (m portMsg) Serialize() []byte {
 	return b
 }
 
+// mdbDump is every MDB entry of a namespace, and the devices that have an
+// MDB: bridges, and VXLAN devices where the kernel has VXLAN MDB (6.3+).
+type mdbDump struct {
+	entries []mdbEntry
+	devs    map[int]bool
+}
+
 // listMDB dumps every MDB entry of the namespace: the bridge's and the
 // VXLAN device's.
-func listMDB(ns netns.NsHandle) ([]mdbEntry, error) {
-	var out []mdbEntry
+func listMDB(ns netns.NsHandle) (mdbDump, error) {
 	for try := 0; ; try++ {
+		out := mdbDump{devs: map[int]bool{}}
 		req := nl.NewNetlinkRequest(unix.RTM_GETMDB, unix.NLM_F_DUMP)
 		req.AddData(portMsg{})
 		msgs, err := execute(ns, req, 0, nil) // dumped as RTM_GETMDB
@@ -437,29 +424,31 @@ func listMDB(ns netns.NsHandle) ([]mdbEntry, error) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("list MDB: %w", err)
+			return out, fmt.Errorf("list MDB: %w", err)
 		}
 		for _, m := range msgs {
-			entries, err := parseMDBMsg(m)
+			dev, entries, err := parseMDBMsg(m)
 			if err != nil {
-				return nil, fmt.Errorf("list MDB: %w", err)
+				return out, fmt.Errorf("list MDB: %w", err)
 			}
-			out = append(out, entries...)
+			out.devs[dev] = true
+			out.entries = append(out.entries, entries...)
 		}
 		return out, nil
 	}
 }
 
-// parseMDBMsg reads one RTM_NEWMDB message: br_port_msg, then
+// parseMDBMsg reads one message of an MDB dump: br_port_msg, then
 // MDBA_MDB { MDBA_MDB_ENTRY { MDBA_MDB_ENTRY_INFO: br_mdb_entry + attributes }... }.
-func parseMDBMsg(m []byte) ([]mdbEntry, error) {
+// It returns the device the message is about and its entries.
+func parseMDBMsg(m []byte) (int, []mdbEntry, error) {
 	if len(m) < brPortMsgLen {
-		return nil, errors.New("short MDB message")
+		return 0, nil, errors.New("short MDB message")
 	}
 	dev := int(nl.NativeEndian().Uint32(m[4:]))
 	attrs, err := nl.ParseRouteAttr(m[brPortMsgLen:])
 	if err != nil {
-		return nil, err
+		return dev, nil, err
 	}
 	var out []mdbEntry
 	for _, a := range attrs {
@@ -468,7 +457,7 @@ func parseMDBMsg(m []byte) ([]mdbEntry, error) {
 		}
 		entries, err := nl.ParseRouteAttr(a.Value)
 		if err != nil {
-			return nil, err
+			return dev, nil, err
 		}
 		for _, e := range entries {
 			if e.Attr.Type&nl.NLA_TYPE_MASK != mdbaMDBEntry {
@@ -476,7 +465,7 @@ func parseMDBMsg(m []byte) ([]mdbEntry, error) {
 			}
 			infos, err := nl.ParseRouteAttr(e.Value)
 			if err != nil {
-				return nil, err
+				return dev, nil, err
 			}
 			for _, info := range infos {
 				if info.Attr.Type&nl.NLA_TYPE_MASK != mdbaMDBEntryInfo {
@@ -484,7 +473,7 @@ func parseMDBMsg(m []byte) ([]mdbEntry, error) {
 				}
 				me, ok, err := parseMDBEntry(dev, info.Value)
 				if err != nil {
-					return nil, err
+					return dev, nil, err
 				}
 				if ok {
 					out = append(out, me)
@@ -492,7 +481,7 @@ func parseMDBMsg(m []byte) ([]mdbEntry, error) {
 			}
 		}
 	}
-	return out, nil
+	return dev, out, nil
 }
 
 // parseMDBEntry reads a struct br_mdb_entry and the attributes after it.
@@ -561,12 +550,12 @@ func changeMDB(sock *nl.NetlinkSocket, op uint16, flags int, dev, port int, grou
 
 // readMDB reads the network's MDB entries for State, naming the devices.
 func readMDB(ns netns.NsHandle, names map[int]string) ([]MDBEntry, error) {
-	entries, err := listMDB(ns)
+	dump, err := listMDB(ns)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]MDBEntry, 0, len(entries))
-	for _, e := range entries {
+	out := make([]MDBEntry, 0, len(dump.entries))
+	for _, e := range dump.entries {
 		out = append(out, MDBEntry{
 			Dev: names[e.dev], Port: names[e.port], Group: e.group, Source: e.source,
 			Dst: e.dst, Permanent: e.permanent,
