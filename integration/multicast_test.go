@@ -181,6 +181,36 @@ func TestMulticast(t *testing.T) {
 		}
 		h2.MustDocker(t, "network", "disconnect", "mcred", "r-h2")
 	})
+
+	t.Run("cleanup", func(t *testing.T) {
+		// A member's record goes with its container.
+		r := startMcReceiver(t, h3, "r-h3", "last", "239.61.0.7:6107", 0, "")
+		waitJoined(t, r)
+		waitFor(t, 15*time.Second, "host 3 publishes its group", func() bool { return len(mcastKeys(t, st)) == 1 })
+		t.Logf("store: %v", mcastKeys(t, st))
+		for _, h := range c.Hosts {
+			if ids := h.MustDocker(t, "ps", "-aq"); ids != "" {
+				h.MustDocker(t, append([]string{"rm", "-f"}, strings.Fields(ids)...)...)
+			}
+		}
+		waitFor(t, 20*time.Second, "multicast memberships gone from the store", func() bool { return len(mcastKeys(t, st)) == 0 })
+	})
+}
+
+// mcastKeys lists the multicast membership records in the store.
+func mcastKeys(t *testing.T, st store.Store) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kvs, err := st.List(ctx, "mcast")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, kv := range kvs {
+		out = append(out, kv.Key+"="+string(kv.Value))
+	}
+	return out
 }
 
 // mcReceiver is dnp-mcast recv running in a container.
