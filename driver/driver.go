@@ -106,7 +106,12 @@ type Driver struct {
 	planeMu sync.Mutex
 
 	peers *peerSync
+	mcast *mcastSync
 	done  chan struct{}
+
+	// mroutes: which endpoint holds the multicast route of a sandbox
+	// (mcast.go), by sandbox key.
+	mroutes map[string]string
 }
 
 type localNetwork struct {
@@ -140,6 +145,8 @@ func New(cfg Config) *Driver {
 		endpoints: map[string]*localEndpoint{},
 	}
 	d.peers = newPeerSync(d)
+	d.mcast = newMcastSync(d)
+	d.mroutes = map[string]string{}
 	d.done = make(chan struct{})
 	return d
 }
@@ -149,7 +156,10 @@ func New(cfg Config) *Driver {
 // When the store is unreachable it keeps trying in the background: the
 // plugin serves what it can and converges once the store is back.
 func (d *Driver) Start(ctx context.Context) {
-	go func() { defer close(d.done); d.peers.run(ctx) }()
+	var wg sync.WaitGroup
+	wg.Go(func() { d.peers.run(ctx) })
+	wg.Go(func() { d.mcast.run(ctx) })
+	go func() { wg.Wait(); close(d.done) }()
 }
 
 // Done is closed once the driver stopped after Start's ctx ended.
@@ -374,7 +384,11 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 	}
 	d.peers.kick()
 	d.log.Info("endpoint joined", "network", short(n.ID), "endpoint", short(ep.ID), "interface", ifName)
-	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifName, DstPrefix: "eth"}}, nil
+	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifName, DstPrefix: "eth"}}
+	if d.takeMulticastRoute(r.SandboxKey, ep.ID) {
+		resp.StaticRoutes = append(resp.StaticRoutes, multicastRoute())
+	}
+	return resp, nil
 }
 
 func dataEndpoint(ep *localEndpoint) (Endpoint, error) {
@@ -409,6 +423,7 @@ func (d *Driver) Leave(ctx context.Context, r *network.LeaveRequest) error {
 	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, ep.ID); err != nil {
 		return fmt.Errorf("leave %.12s: %w", ep.ID, err)
 	}
+	d.dropMulticastRoute(ep.ID)
 	d.log.Info("endpoint left", "network", short(n.ID), "endpoint", short(ep.ID))
 	return nil
 }
@@ -432,6 +447,7 @@ func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRe
 	d.mu.Lock()
 	delete(d.endpoints, ep.ID)
 	d.mu.Unlock()
+	d.dropMulticastRoute(ep.ID)
 	d.peers.kick()
 	d.log.Info("endpoint deleted", "network", short(n.ID), "endpoint", short(ep.ID))
 	return nil
@@ -444,6 +460,7 @@ func (d *Driver) forgetEndpoint(ctx context.Context, n *localNetwork, id, op str
 	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, id); err != nil {
 		return fmt.Errorf("%s %.12s: %w", op, id, err)
 	}
+	d.dropMulticastRoute(id)
 	if op == "delete" {
 		if err := d.cfg.Store.Delete(ctx, orphanKey(d.host, id)); err != nil {
 			return fmt.Errorf("%s %.12s: %w", op, id, err)

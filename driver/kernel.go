@@ -105,3 +105,25 @@ func (k *kernelPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	}
 	return n.SetPeers(ps, nil)
 }
+
+func (k *kernelPlane) Groups(vni uint32) ([]netip.Addr, error) {
+	n, err := k.host.Network(nsID(vni))
+	if errors.Is(err, overlay.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return n.Groups()
+}
+
+func (k *kernelPlane) SetGroups(vni uint32, remote map[netip.Addr][]netip.Addr) (int, error) {
+	n, err := k.host.Network(nsID(vni))
+	if errors.Is(err, overlay.ErrNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return n.SetGroups(remote)
+}

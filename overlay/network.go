@@ -151,6 +151,10 @@ func ensureDevices(s *handles, cfg NetworkConfig, mtu int) error {
 	if err != nil {
 		return err
 	}
+	// VXLAN: snoop IGMP/MLD with a querier (see multicast.go); GRE floods.
+	if err := setBridgeMulticast(s.ovNS, br, cfg.encap() == EncapVXLAN); err != nil {
+		return err
+	}
 	if cfg.encap() == EncapGRE {
 		err = ensureGRE(s, br, cfg, mtu)
 	} else {
@@ -355,8 +359,9 @@ func ensureBridge(ov *netlink.Handle, mtu int, alias string) (netlink.Link, erro
 		br := &netlink.Bridge{
 			// A fixed MAC: otherwise the bridge takes its lowest port's
 			// and changes it as ports come and go (bad for a gateway).
-			LinkAttrs:         netlink.LinkAttrs{Name: bridgeName, MTU: mtu, HardwareAddr: randomMAC()},
-			MulticastSnooping: &off, // flood ND multicast instead of waiting for MLD
+			LinkAttrs: netlink.LinkAttrs{Name: bridgeName, MTU: mtu, HardwareAddr: randomMAC()},
+			// Off until ensureDevices sets it for the encapsulation.
+			MulticastSnooping: &off,
 		}
 		if err := ov.LinkAdd(br); err != nil {
 			return nil, fmt.Errorf("create %s: %w", bridgeName, err)
@@ -441,6 +446,11 @@ func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error 
 	// sending the request to every remote host.
 	if err := s.ov.LinkSetBrNeighSuppress(l, true); err != nil {
 		return fmt.Errorf("bridge port %s: neigh_suppress on: %w", vxlanName, err)
+	}
+	// Never a multicast router port, which would get every group: remote
+	// hosts get the groups SetGroups names.
+	if err := setMulticastRouter(s.ovNS, l, mdbRouterDisabled); err != nil {
+		return err
 	}
 	return setUp(s.ov, vxlanName)
 }

@@ -15,7 +15,10 @@
 // device (MAC -> remote host) plus static neighbour entries (IP -> MAC) on
 // the bridge, and every remote host gets an all-zero FDB entry so broadcasts
 // (ARP, ND) are replicated to it by unicast. ARP/ND suppression on the VXLAN
-// port answers requests for known remote addresses locally. No multicast.
+// port answers requests for known remote addresses locally. The VXLAN
+// device joins no underlay multicast group: overlay multicast is
+// replicated by unicast too, each group only to the hosts that want it
+// (multicast.go).
 //
 // Encap "gre": one point-to-point gretap device per remote host (local =
 // this host, remote = that host, GRE key = VNI both ways), named "gre" plus

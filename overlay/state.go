@@ -26,6 +26,9 @@ type State struct {
 	Neigh    []NeighEntry  // neighbour entries on the bridge
 	Encap    string        // "vxlan" or "gre"; "" if the namespace has neither
 	Tunnels  []TunnelState // GRE tunnel ports, one per remote host
+	// MDB is the multicast forwarding state: the bridge's entries (learned
+	// on endpoint ports, set on the VXLAN port) and the VXLAN device's.
+	MDB []MDBEntry
 }
 
 // TunnelState is one GRE tunnel port: the point-to-point tunnel to one
@@ -175,6 +178,9 @@ func readState(s *handles) (*State, error) {
 				}
 			}
 		}
+	}
+	if st.MDB, err = readMDB(s.ovNS, names); err != nil {
+		return nil, err
 	}
 	sort.Slice(st.FDB, func(i, j int) bool { return st.FDB[i].String() < st.FDB[j].String() })
 	sort.Slice(st.Neigh, func(i, j int) bool { return st.Neigh[i].IP.Less(st.Neigh[j].IP) })

@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path"
+	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -34,10 +36,14 @@ func (h *Host) importImage() error {
 	return nil
 }
 
+// McastTool is the path, in Image, of the multicast sender and receiver
+// (internal/mcast/dnp-mcast): `dnp-mcast send|recv ... GROUP:PORT`.
+const McastTool = "/usr/bin/dnp-mcast"
+
 // busyboxRootfs returns a tar of a minimal root filesystem: the static
-// busybox binary with a symlink for every applet at its usual path, plus
-// the directories and files programs expect. Built in memory, once per test
-// binary; nothing is written to disk.
+// busybox binary with a symlink for every applet at its usual path, the
+// multicast test tool (McastTool), plus the directories and files programs
+// expect. Built in memory, once per test binary.
 func busyboxRootfs() ([]byte, error) {
 	bin, err := exec.LookPath("busybox")
 	if err != nil {
@@ -84,6 +90,13 @@ func busyboxRootfs() ([]byte, error) {
 	if err := writeFile(tw, "bin/busybox", data, 0o755); err != nil {
 		return nil, err
 	}
+	mcast, err := buildMcastTool()
+	if err != nil {
+		return nil, err
+	}
+	if err := writeFile(tw, strings.TrimPrefix(McastTool, "/"), mcast, 0o755); err != nil {
+		return nil, err
+	}
 	for _, applet := range strings.Fields(list) {
 		if applet == "bin/busybox" {
 			continue
@@ -109,4 +122,26 @@ func writeFile(tw *tar.Writer, name string, data []byte, mode int64) error {
 	}
 	_, err := tw.Write(data)
 	return err
+}
+
+// buildMcastTool builds internal/mcast/dnp-mcast as a static binary and
+// returns it.
+func buildMcastTool() ([]byte, error) {
+	dir, err := os.MkdirTemp("", "dnp-mcast-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	_, here, _, _ := runtime.Caller(0) // integration/harness/image.go
+	src := filepath.Join(filepath.Dir(here), "..", "..", "internal", "mcast", "dnp-mcast")
+	bin := filepath.Join(dir, "dnp-mcast")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", bin, ".")
+	cmd.Dir = src
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("go build %s: %v\n%s", src, err, out)
+	}
+	return os.ReadFile(bin)
 }
