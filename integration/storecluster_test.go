@@ -20,12 +20,15 @@ import (
 // What TestStoreClusterFailover asserts and how it paces the failover.
 const (
 	// clusterMaxFailing bounds the longest run of failing Docker
-	// operations on a host around the leader's death, and the longest
-	// single operation: the election and the clients' switch to another
-	// member (etcd holds a write sent to the dying leader for its request
-	// timeout, 7 s by default), with room for a loaded machine. Past it,
-	// users would see an outage, not a failover.
+	// operations on a host around the leader's death: the election and
+	// the clients' switch to another member, with room for a loaded
+	// machine. Past it, users would see an outage, not a failover.
 	clusterMaxFailing = 15 * time.Second
+	// clusterMaxOp bounds the slowest Docker operation: etcd holds a
+	// write sent to the dying leader for its request timeout (7 s by
+	// default) before the plugin can retry it, and a docker run makes
+	// several store calls.
+	clusterMaxOp = 20 * time.Second
 	// clusterWarmup: containers come and go this long before the kill.
 	clusterWarmup = 3 * time.Second
 	// clusterLeaderDown: the killed leader stays down this long.
@@ -317,9 +320,9 @@ func reportChurn(t *testing.T, kind string, ops []churnOp, killed time.Time, ele
 		t.Errorf("%s: Docker operations failed for %s in a row (%s), want at most %s: the failover took longer than an election",
 			kind, longest.Round(time.Millisecond), longestAt, clusterMaxFailing)
 	}
-	if slowest > clusterMaxFailing {
+	if slowest > clusterMaxOp {
 		t.Errorf("%s: a Docker operation took %s (%s), want at most %s: the failover held it up longer than an election",
-			kind, slowest.Round(time.Millisecond), slowestOp, clusterMaxFailing)
+			kind, slowest.Round(time.Millisecond), slowestOp, clusterMaxOp)
 	}
 }
 
