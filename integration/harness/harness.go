@@ -90,6 +90,7 @@ type Cluster struct {
 	opts     Options
 	mu       sync.Mutex
 	cleanups []func()
+	nodes    int // made by AddNode
 
 	subnetLock *os.File // flock on the underlay subnet, released at teardown
 }
@@ -425,4 +426,53 @@ func (c *Cluster) AttachRoot() error {
 		}
 	}
 	return nil
+}
+
+// Node is a bare network namespace on the underlay (no dockerd), for
+// servers that must be reachable by every host at an address of their own,
+// such as the members of a store cluster: killing a member's process then
+// leaves its address in place (peers get "connection refused" at once, as
+// with a real crashed server).
+type Node struct {
+	Name       string // as given to AddNode
+	NetNS      string // path of its namespace, /run/netns/dnpt-<id>-<name>
+	UnderlayIP string // its underlay address, e.g. 192.168.200.221
+}
+
+// maxNodes bounds AddNode: node k gets the underlay address .(220+k).
+const maxNodes = 30
+
+// AddNode makes a namespace named dnpt-<id>-<name> with a veth to the
+// underlay switch and the next free node address (192.168.N.221, .222,
+// ...), lo up and a default route via the switch. Teardown removes it
+// with the rest of the run (after Cleanup functions ran).
+func (c *Cluster) AddNode(name string) (*Node, error) {
+	c.mu.Lock()
+	c.nodes++
+	k := c.nodes
+	c.mu.Unlock()
+	if k > maxNodes {
+		return nil, fmt.Errorf("add node %s: at most %d nodes per cluster", name, maxNodes)
+	}
+	base := strings.TrimSuffix(c.SwitchIP, "1")
+	n := &Node{Name: name, UnderlayIP: base + strconv.Itoa(220+k)}
+	nsName := c.Prefix + "-" + name
+	n.NetNS = netnsPath(nsName)
+	sw := c.Prefix + "-ul"
+	port := "n" + strconv.Itoa(k) // the switch's end, like h1, h2 for hosts
+	steps := [][]string{
+		{"netns", "add", nsName},
+		{"-n", nsName, "link", "set", "lo", "up"},
+		{"-n", sw, "link", "add", port, "type", "veth", "peer", "name", underlayDev, "netns", nsName},
+		{"-n", sw, "link", "set", port, "master", "br0", "up"},
+		{"-n", nsName, "addr", "add", n.UnderlayIP + subnetBits, "dev", underlayDev},
+		{"-n", nsName, "link", "set", underlayDev, "up"},
+		{"-n", nsName, "route", "add", "default", "via", c.SwitchIP},
+	}
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return nil, fmt.Errorf("add node %s: %w", name, err)
+		}
+	}
+	return n, nil
 }

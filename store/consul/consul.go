@@ -181,7 +181,11 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 		case se.Code == http.StatusForbidden || se.Code == http.StatusUnauthorized || denied(se.Body):
 			kind = store.ErrDenied
 		case se.Code == http.StatusTooManyRequests || se.Code >= 500:
-			// No cluster leader, rate limited and the like.
+			// No cluster leader, a server that cannot reach the leader
+			// (it died), rate limited and the like: the agent answers,
+			// the cluster cannot serve for now (store.WithFailover
+			// retries).
+			err = store.Interrupted(err)
 		default:
 			// Permission denied, value too large and the like.
 			kind = store.ErrInvalid

@@ -277,6 +277,13 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 		case codes.InvalidArgument, codes.FailedPrecondition, codes.OutOfRange:
 			// Too many operations, request too large and the like.
 			kind = store.ErrInvalid
+		case codes.Unavailable:
+			// A member answered "no leader" or "request timed out" (it
+			// forwarded the request to a leader that died), or the
+			// member itself went away mid-request: a failover, which
+			// store.WithFailover rides through. (No connection at all
+			// is errNoConnection above.)
+			err = store.Interrupted(err)
 		}
 	}
 	if kind == store.ErrTimeout && !errors.Is(err, context.Canceled) {

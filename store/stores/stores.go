@@ -12,20 +12,29 @@ import (
 )
 
 // Open returns the store cfg.URL names. It does not wait for a server:
-// calls fail with store.ErrUnavailable until it answers.
+// calls fail with store.ErrUnavailable until it answers. Calls to etcd,
+// Consul and ZooKeeper ride through a failover of the cluster (see
+// store.WithFailover).
 func Open(ctx context.Context, cfg store.Config) (store.Store, error) {
 	loc, err := store.ParseURL(cfg.URL)
 	if err != nil {
 		return nil, err
 	}
+	var open func(context.Context, store.Config) (store.Store, error)
 	switch loc.Scheme {
 	case "bolt":
 		return bolt.Open(ctx, cfg)
 	case "etcd":
-		return etcd.Open(ctx, cfg)
+		open = etcd.Open
 	case "consul":
-		return consul.Open(ctx, cfg)
+		open = consul.Open
 	default: // zk; ParseURL allows no other
-		return zk.Open(ctx, cfg)
+		open = zk.Open
 	}
+	s, err := open(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	// Clusters elect a new leader when theirs dies: calls wait for it.
+	return store.WithFailover(s), nil
 }

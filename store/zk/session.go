@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-zookeeper/zk"
@@ -45,7 +47,8 @@ func dial(hosts []string, timeout time.Duration, user, password, endpoint string
 	}
 	conn, _, err := zk.Connect(hosts, timeout,
 		zk.WithLogger(slogLogger{endpoint: endpoint}),
-		zk.WithEventCallback(s.onEvent))
+		zk.WithEventCallback(s.onEvent),
+		zk.WithDialer(handshakeDialer(handshakeWait(timeout))))
 	if err != nil {
 		return nil, err
 	}
@@ -158,4 +161,60 @@ type slogLogger struct{ endpoint string }
 
 func (l slogLogger) Printf(format string, args ...any) {
 	slog.Debug("zookeeper client: "+fmt.Sprintf(format, args...), "endpoint", l.endpoint)
+}
+
+// handshakeWait is how long a new connection waits for the server's
+// answer to its connect request: a third of the session timeout, between
+// 2 s and 5 s. The client library itself waits 10 times its receive
+// timeout (over a minute for a 10 s session), but a server can take the
+// connection and never answer: ZooKeeper 3.8 does that to clients that
+// connect while it starts (closing them fails with a NullPointerException
+// and leaves the socket open). The client must give up on such a server
+// and try again (another one, or the same) well before its session expires.
+func handshakeWait(sessionTimeout time.Duration) time.Duration {
+	return min(max(sessionTimeout/3, 2*time.Second), 5*time.Second)
+}
+
+// handshakeDialer dials like the library's default dialer, and caps the
+// read deadline of each connection's handshake (see handshakeWait).
+func handshakeDialer(wait time.Duration) zk.Dialer {
+	return func(network, address string, timeout time.Duration) (net.Conn, error) {
+		c, err := net.DialTimeout(network, address, timeout)
+		if err != nil {
+			return nil, err
+		}
+		return &handshakeConn{Conn: c, wait: wait}, nil
+	}
+}
+
+// handshakeConn caps read deadlines at wait from now until the server has
+// sent its first byte (the connect response); then it is a plain conn.
+type handshakeConn struct {
+	net.Conn
+	wait     time.Duration
+	answered atomic.Bool
+}
+
+func (c *handshakeConn) SetReadDeadline(t time.Time) error {
+	if !c.answered.Load() && !t.IsZero() {
+		if limit := time.Now().Add(c.wait); limit.Before(t) {
+			t = limit
+		}
+	}
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *handshakeConn) SetDeadline(t time.Time) error {
+	if err := c.Conn.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return c.SetReadDeadline(t)
+}
+
+func (c *handshakeConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.answered.Store(true)
+	}
+	return n, err
 }

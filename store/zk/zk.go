@@ -251,6 +251,12 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 	if err == kind {
 		cause = nil
 	}
+	if kind == store.ErrUnavailable && (errors.Is(err, zk.ErrConnectionClosed) || errors.Is(err, zk.ErrSessionMoved)) {
+		// The server went away mid-request (it died, or dropped its
+		// clients when the ensemble lost its leader); the client moves
+		// to another one (store.WithFailover retries).
+		cause = store.Interrupted(err)
+	}
 	if strings.HasSuffix(err.Error(), "unknown error: -124") {
 		// The client library does not know ZooKeeper 3.7's
 		// SESSIONCLOSEDREQUIRESASLAUTH (enforce.auth).

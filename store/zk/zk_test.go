@@ -541,3 +541,57 @@ func TestDownFailsFastWithLongDeadline(t *testing.T) {
 		t.Logf("%s, server down: failed in %s: %v", op, took.Round(time.Millisecond), err)
 	}
 }
+
+// A server that takes the connection but never answers the connect
+// request (ZooKeeper 3.8 does that to clients that connect while it
+// starts) is given up within seconds and tried again, not waited on for
+// over a minute while the session expires: the client reconnects.
+func TestSilentServer(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	accepted := make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c // held open, never answered
+		}
+	}()
+	t.Cleanup(func() {
+		for {
+			select {
+			case c := <-accepted:
+				c.Close()
+			default:
+				return
+			}
+		}
+	})
+
+	s := open(t, store.Config{URL: "zk://" + l.Addr().String() + "/silent"})
+	start := time.Now()
+	if _, err := s.Get(ctxT(t, 2*time.Second), "k"); !errors.Is(err, store.ErrUnavailable) {
+		t.Fatalf("get from a silent server: %v, want unavailable", err)
+	}
+	// The default 10 s session: the handshake waits 3.3 s, then the
+	// client sleeps 1 s before it tries its only server again.
+	var held []net.Conn
+	timeout := time.After(10 * time.Second)
+	for len(held) < 2 {
+		select {
+		case c := <-accepted:
+			held = append(held, c)
+		case <-timeout:
+			t.Fatalf("the client still waits on its first connection to a silent server after %s", time.Since(start).Round(time.Millisecond))
+		}
+	}
+	t.Logf("the client tried the silent server again after %s", time.Since(start).Round(time.Millisecond))
+	for _, c := range held {
+		accepted <- c // closed by the cleanup
+	}
+}
