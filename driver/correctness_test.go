@@ -172,6 +172,19 @@ func TestMembershipOfAnEarlierVersion(t *testing.T) {
 	if _, ok := overlayRec(t, s, "blue"); ok {
 		t.Fatal("overlay left after the last network went")
 	}
+
+	// A host gone for good leaves with all its networks at once.
+	for _, id := range []string{"n3", "n4"} {
+		if err := a2.d.CreateNetwork(ctx, createReq(id, "10.20.0.0/24", opts)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := leaveOverlay(ctx, s, "blue", "192.0.2.1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := overlayRec(t, s, "blue"); ok || len(keys(t, s, vnisDir)) != 0 {
+		t.Fatal("overlay or VNI left after its only host left")
+	}
 }
 
 // MACs and addresses are claimed with the endpoint record: a second

@@ -444,7 +444,7 @@ func leaveOverlayNetwork(ctx context.Context, s store.Store, name, host, netID s
 
 // leaveOverlay removes host, with all its networks, from the overlay's
 // members and deletes the overlay (and frees its VNI) when nothing uses
-// it any more.
+// it any more: for a host that is gone for good.
 func leaveOverlay(ctx context.Context, s store.Store, name, host string) error {
 	return releaseOverlay(ctx, s, name, func(rec *overlayRecord) error {
 		dropMember(rec, host)
