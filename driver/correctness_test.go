@@ -185,6 +185,22 @@ func TestMembershipOfAnEarlierVersion(t *testing.T) {
 	if _, ok := overlayRec(t, s, "blue"); ok || len(keys(t, s, vnisDir)) != 0 {
 		t.Fatal("overlay or VNI left after its only host left")
 	}
+	// Networks whose overlay went from under them (as the previous version
+	// did) can still be removed, after a restart too.
+	a2.stop()
+	<-a2.d.Done()
+	a3 := newHost(t, s, "192.0.2.1")
+	if err := createEP(a3, "n3", "ep1", "10.20.0.2/24", ""); err == nil || !strings.Contains(err.Error(), "overlay record is gone") {
+		t.Errorf("endpoint on a network whose overlay is gone: %v", err)
+	}
+	for _, id := range []string{"n3", "n4"} {
+		if err := a3.d.DeleteNetwork(ctx, &network.DeleteNetworkRequest{NetworkID: id}); err != nil {
+			t.Errorf("delete network %s whose overlay is gone: %v", id, err)
+		}
+	}
+	if got := keys(t, s, netmapDir); len(got) != 0 {
+		t.Errorf("netmap left: %v", got)
+	}
 }
 
 // MACs and addresses are claimed with the endpoint record: a second

@@ -232,6 +232,15 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 // DeleteNetwork forgets the network here and leaves its overlay.
 func (d *Driver) DeleteNetwork(ctx context.Context, r *network.DeleteNetworkRequest) error {
 	n, err := d.network(ctx, r.NetworkID)
+	if errors.Is(err, errNoOverlay) {
+		// Its overlay went from under it (an earlier version freed it
+		// with another network of this host): nothing left to leave.
+		if err := d.cfg.Store.Delete(ctx, netmapKey(d.host, r.NetworkID)); err != nil {
+			return fmt.Errorf("delete network %.12s: %w", r.NetworkID, err)
+		}
+		d.log.Warn("network deleted; its overlay record was gone already", "network", short(r.NetworkID))
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -277,6 +286,9 @@ func (d *Driver) network(ctx context.Context, id string) (*localNetwork, error) 
 		return nil, err
 	}
 	okv, err := d.cfg.Store.Get(ctx, overlayKey(rec.Overlay))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("network %.12s: overlay %s: %w", id, rec.Overlay, errNoOverlay)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("network %.12s: overlay %s: %w", id, rec.Overlay, err)
 	}
@@ -448,6 +460,9 @@ func dataEndpoint(ep *localEndpoint) (Endpoint, error) {
 	}
 	return out, nil
 }
+
+// errNoOverlay: a network's overlay record is gone from the store.
+var errNoOverlay = errors.New("the overlay record is gone from the store (removed while this network still used it, by an earlier version); remove the network and create it again")
 
 // errNoEndpoint: the store has no record of the endpoint.
 var errNoEndpoint = errors.New("endpoint does not exist")
