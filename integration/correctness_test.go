@@ -39,6 +39,8 @@ func TestDriverCorrectness(t *testing.T) {
 	t.Run("bad record costs only itself", func(t *testing.T) { testBadRecord(t, c, url, st, plugins) })
 	t.Run("addresses from another IPAM", func(t *testing.T) { testForeignIPAM(t, c) })
 	t.Run("input", func(t *testing.T) { testInput(t, c) })
+	// Everything went with the containers and networks, claims included.
+	waitFor(t, 15*time.Second, "store emptied", func() bool { return len(storeKeys(t, st)) == 0 })
 }
 
 // dnpNet creates a network of the plugin with its IPAM driver.
