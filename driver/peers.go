@@ -235,7 +235,7 @@ type plannedOverlay struct {
 	networks  []string         // every Docker network of this host on it
 	endpoints []*localEndpoint // its endpoints on this host
 	peers     []Peer           // its endpoints on other live hosts, by MAC
-	skipped   []RecordProblem  // records of other live hosts not programmed (conflicts.go)
+	skipped   []RecordProblem  // its records of live hosts skipped (conflicts.go)
 }
 
 // plan computes from the mirrors what this host's kernel should hold:
