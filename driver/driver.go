@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -50,6 +51,10 @@ type Peer struct {
 type DataPlane interface {
 	// Check reports whether the kernel can build encap, with a clear error if not.
 	Check(encap string) error
+	// MaxMTU is the largest overlay MTU the underlay carries with encap:
+	// the underlay device's MTU minus the encapsulation's overhead (what
+	// an overlay without an MTU of its own gets).
+	MaxMTU(encap string) (int, error)
 	// EnsureOverlay builds (or finds and repairs) the overlay's bridge and tunnel.
 	EnsureOverlay(ov Overlay) error
 	// RemoveOverlay deletes everything the overlay has on this host.
@@ -89,6 +94,10 @@ type Metrics interface {
 	// Known reports the endpoints in the store, on this host and on
 	// others, and the live hosts (this one included), as last seen.
 	Known(localEndpoints, remoteEndpoints, hosts int)
+	// Skipped reports the endpoint records the last reconciliation did
+	// not program: malformed ones, and ones claiming a MAC or address
+	// another endpoint of their overlay holds.
+	Skipped(invalid, conflicting int)
 }
 
 // Driver is the NetworkDriver.
@@ -176,25 +185,51 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 	if r.NetworkID == "" {
 		return errors.New("CreateNetwork without a NetworkID")
 	}
+	if err := validID("network", r.NetworkID); err != nil {
+		return err
+	}
+	d.log.Debug("create network request", "network", short(r.NetworkID), "ipv4", ipamDataString(r.IPv4Data), "ipv6", ipamDataString(r.IPv6Data), "options", r.Options)
 	spec, err := parseCreate(r)
 	if err != nil {
 		return err
 	}
-	if d.cfg.Scope == network.GlobalScope {
+	space := ipamSpace(r)
+	switch {
+	case d.cfg.Scope == network.GlobalScope:
 		// Only swarm networks exist with a driver of global scope; their
-		// Docker ID is the same on every node.
+		// Docker ID is the same on every node, and the swarm manager
+		// allocates every address of the network, whatever its IPAM driver.
 		spec.Swarm = r.NetworkID
+		if len(spec.Ranges) > 0 {
+			return errSwarmRange
+		}
+	case !ownIPAM(space) && len(spec.Ranges) == 0:
+		return errForeignIPAM(space)
+	case ownIPAM(space) && len(spec.Ranges) > 0:
+		return fmt.Errorf("option %s is for networks whose addresses come from another IPAM driver; this one uses the plugin's, which never gives one address twice: drop the option", OptIPAMRange)
+	case !ownIPAM(space):
+		spec.Uncoordinated = true
 	}
 	if err := d.cfg.Plane.Check(spec.Encap); err != nil {
 		return err
 	}
-	ov, err := joinOverlay(ctx, d.cfg.Store, spec, d.host)
+	maxMTU, err := d.cfg.Plane.MaxMTU(spec.Encap)
+	if err != nil {
+		return fmt.Errorf("network %.12s: %w", r.NetworkID, err)
+	}
+	if spec.MTU > maxMTU {
+		return fmt.Errorf("option mtu=%d: this host's underlay carries at most %d with %s (the underlay device's MTU minus the %s overhead)", spec.MTU, maxMTU, spec.Encap, spec.Encap)
+	}
+	ov, err := joinOverlay(ctx, d.cfg.Store, spec, joining{Host: d.host, Network: r.NetworkID, MaxMTU: maxMTU})
 	if err != nil {
 		return err
 	}
-	rec := networkRecord{Overlay: ov.Name, Internal: spec.Internal, MTU: spec.MTU}
+	rec := networkRecord{Overlay: ov.Name, Internal: spec.Internal, MTU: spec.MTU, IPAMRanges: subnetStrings(spec.Ranges)}
+	if len(rec.IPAMRanges) == 0 {
+		rec.IPAMRanges = nil
+	}
 	if _, err := d.cfg.Store.Put(ctx, netmapKey(d.host, r.NetworkID), encode(rec)); err != nil {
-		leaveOverlay(ctx, d.cfg.Store, ov.Name, d.host)
+		leaveOverlayNetwork(ctx, d.cfg.Store, ov.Name, d.host, r.NetworkID)
 		return fmt.Errorf("record network %.12s: %w", r.NetworkID, err)
 	}
 	d.mu.Lock()
@@ -207,14 +242,25 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 // DeleteNetwork forgets the network here and leaves its overlay.
 func (d *Driver) DeleteNetwork(ctx context.Context, r *network.DeleteNetworkRequest) error {
 	n, err := d.network(ctx, r.NetworkID)
+	if errors.Is(err, errNoOverlay) {
+		// Its overlay went from under it (an earlier version freed it
+		// with another network of this host): nothing left to leave.
+		if err := d.cfg.Store.Delete(ctx, netmapKey(d.host, r.NetworkID)); err != nil {
+			return fmt.Errorf("delete network %.12s: %w", r.NetworkID, err)
+		}
+		d.log.Warn("network deleted; its overlay record was gone already", "network", short(r.NetworkID))
+		return nil
+	}
 	if err != nil {
 		return err
 	}
+	// Leave first: should the netmap delete fail, Docker's retry finds the
+	// network again, and leaving twice is harmless.
+	if err := leaveOverlayNetwork(ctx, d.cfg.Store, n.Overlay.Name, d.host, n.ID); err != nil {
+		return fmt.Errorf("delete network %.12s: leave overlay %s: %w", n.ID, n.Overlay.Name, err)
+	}
 	if err := d.cfg.Store.Delete(ctx, netmapKey(d.host, n.ID)); err != nil {
 		return fmt.Errorf("delete network %.12s: %w", n.ID, err)
-	}
-	if err := leaveOverlay(ctx, d.cfg.Store, n.Overlay.Name, d.host); err != nil {
-		return fmt.Errorf("delete network %.12s: leave overlay %s: %w", n.ID, n.Overlay.Name, err)
 	}
 	d.mu.Lock()
 	delete(d.networks, n.ID)
@@ -235,6 +281,9 @@ func (d *Driver) network(ctx context.Context, id string) (*localNetwork, error) 
 	if id == "" {
 		return nil, errors.New("no NetworkID given")
 	}
+	if err := validID("network", id); err != nil {
+		return nil, err
+	}
 	kv, err := d.cfg.Store.Get(ctx, netmapKey(d.host, id))
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("network %.12s is not a network of this plugin on this host", id)
@@ -247,6 +296,9 @@ func (d *Driver) network(ctx context.Context, id string) (*localNetwork, error) 
 		return nil, err
 	}
 	okv, err := d.cfg.Store.Get(ctx, overlayKey(rec.Overlay))
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("network %.12s: overlay %s: %w", id, rec.Overlay, errNoOverlay)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("network %.12s: overlay %s: %w", id, rec.Overlay, err)
 	}
@@ -268,29 +320,41 @@ func (d *Driver) CreateEndpoint(ctx context.Context, r *network.CreateEndpointRe
 	if err != nil {
 		return nil, err
 	}
-	if r.EndpointID == "" || r.Interface == nil || r.Interface.Address == "" {
+	if err := validID("endpoint", r.EndpointID); err != nil {
+		return nil, err
+	}
+	if r.Interface == nil || r.Interface.Address == "" {
 		return nil, fmt.Errorf("endpoint %.12s: Docker gave no IPv4 address (use --ipam-driver with this plugin)", r.EndpointID)
 	}
-	ip4, err := netip.ParsePrefix(r.Interface.Address)
+	rec := endpointRecord{Network: n.ID, Host: d.host}
+	ip4, err := endpointAddr(n, r.Interface.Address, false)
 	if err != nil {
-		return nil, fmt.Errorf("endpoint %.12s: address %q: %v", r.EndpointID, r.Interface.Address, err)
+		return nil, fmt.Errorf("endpoint %.12s: %w", r.EndpointID, err)
 	}
-	rec := endpointRecord{Network: n.ID, Host: d.host, IPv4: ip4.String(), IPv6: r.Interface.AddressIPv6}
+	rec.IPv4 = ip4.String()
+	if r.Interface.AddressIPv6 != "" {
+		ip6, err := endpointAddr(n, r.Interface.AddressIPv6, true)
+		if err != nil {
+			return nil, fmt.Errorf("endpoint %.12s: %w", r.EndpointID, err)
+		}
+		rec.IPv6 = ip6.String()
+	}
+	if err := d.inRanges(ctx, n, rec); err != nil {
+		return nil, fmt.Errorf("endpoint %.12s: %w", r.EndpointID, err)
+	}
 	resp := &network.CreateEndpointResponse{}
 	if r.Interface.MacAddress != "" {
-		if _, err := net.ParseMAC(r.Interface.MacAddress); err != nil {
-			return nil, fmt.Errorf("endpoint %.12s: mac %q: %v", r.EndpointID, r.Interface.MacAddress, err)
+		mac, err := unicastMAC(r.Interface.MacAddress)
+		if err != nil {
+			return nil, fmt.Errorf("endpoint %.12s: %w", r.EndpointID, err)
 		}
-		rec.MAC = r.Interface.MacAddress
+		rec.MAC = mac.String()
 	} else {
 		rec.MAC = newMAC().String()
 		resp.Interface = &network.EndpointInterface{MacAddress: rec.MAC}
 	}
-	if _, err := d.cfg.Store.CompareAndSwap(ctx, endpointKey(n.Overlay.Name, r.EndpointID), encode(rec), 0); err != nil {
-		if errors.Is(err, store.ErrConflict) {
-			return nil, fmt.Errorf("endpoint %.12s already exists", r.EndpointID)
-		}
-		return nil, fmt.Errorf("record endpoint %.12s: %w", r.EndpointID, err)
+	if err := createEndpoint(ctx, d.cfg.Store, n.Overlay.Name, r.EndpointID, rec); err != nil {
+		return nil, fmt.Errorf("endpoint %.12s: %w", r.EndpointID, err)
 	}
 	d.mu.Lock()
 	d.endpoints[r.EndpointID] = &localEndpoint{ID: r.EndpointID, Network: n.ID, Rec: rec}
@@ -320,6 +384,9 @@ func (d *Driver) endpoint(ctx context.Context, netID, epID string) (*localNetwor
 	}
 	if epID == "" {
 		return nil, nil, errors.New("no EndpointID given")
+	}
+	if err := validID("endpoint", epID); err != nil {
+		return nil, nil, err
 	}
 	kv, err := d.cfg.Store.Get(ctx, endpointKey(n.Overlay.Name, epID))
 	if errors.Is(err, store.ErrNotFound) {
@@ -408,6 +475,9 @@ func dataEndpoint(ep *localEndpoint) (Endpoint, error) {
 	return out, nil
 }
 
+// errNoOverlay: a network's overlay record is gone from the store.
+var errNoOverlay = errors.New("the overlay record is gone from the store (removed while this network still used it, by an earlier version); remove the network and create it again")
+
 // errNoEndpoint: the store has no record of the endpoint.
 var errNoEndpoint = errors.New("endpoint does not exist")
 
@@ -441,7 +511,7 @@ func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRe
 	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, ep.ID); err != nil {
 		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
 	}
-	if err := d.cfg.Store.Delete(ctx, endpointKey(n.Overlay.Name, ep.ID)); err != nil {
+	if err := deleteEndpoint(ctx, d.cfg.Store, n.Overlay.Name, ep.ID); err != nil {
 		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
 	}
 	d.mu.Lock()
@@ -514,4 +584,15 @@ func short(id string) string {
 func hostname() string {
 	h, _ := os.Hostname()
 	return h
+}
+
+// ipamDataString shows the IPAM data of a request in a log line.
+func ipamDataString(data []*network.IPAMData) string {
+	var parts []string
+	for _, x := range data {
+		if x != nil {
+			parts = append(parts, fmt.Sprintf("space=%s pool=%s gateway=%s aux=%v", x.AddressSpace, x.Pool, x.Gateway, x.AuxAddresses))
+		}
+	}
+	return strings.Join(parts, "; ")
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/docker/go-plugins-helpers/network"
 
+	"github.com/dnplabs/docker-net-plugin/ipam"
 	"github.com/dnplabs/docker-net-plugin/store"
 	"github.com/dnplabs/docker-net-plugin/store/bolt"
 )
@@ -37,6 +38,14 @@ func (f *fakePlane) Check(encap string) error {
 		return fmt.Errorf("kernel has no gretap: use encap=vxlan")
 	}
 	return nil
+}
+
+// MaxMTU: a 1500-byte underlay minus 50 for VXLAN (42 for GRE).
+func (f *fakePlane) MaxMTU(encap string) (int, error) {
+	if encap == "gre" {
+		return 1458, nil
+	}
+	return 1450, nil
 }
 func (f *fakePlane) EnsureOverlay(ov Overlay) error {
 	f.mu.Lock()
@@ -139,7 +148,7 @@ func createReq(id, subnet string, opts map[string]string) *network.CreateNetwork
 	return &network.CreateNetworkRequest{
 		NetworkID: id,
 		Options:   map[string]interface{}{genericKey: generic},
-		IPv4Data:  []*network.IPAMData{{Pool: subnet, Gateway: strings.TrimSuffix(subnet, "0/24") + "1/24"}},
+		IPv4Data:  []*network.IPAMData{{AddressSpace: ipam.LocalSpace, Pool: subnet, Gateway: strings.TrimSuffix(subnet, "0/24") + "1/24"}},
 	}
 }
 

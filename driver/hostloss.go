@@ -18,8 +18,9 @@ import (
 // orphans/<host>/<ep id> and releases the endpoint's addresses in IPAM, in
 // one transaction per endpoint. When the lost host's plugin registers
 // again it restores the orphans whose interface still exists in its
-// kernel (the container survived): address, endpoint record, and drops the
-// others.
+// kernel (the container survived): address, endpoint record and its MAC
+// and address claims (claims.go), and drops the others. The claims go and
+// come back in the same transactions as the endpoint record.
 
 const orphansDir = "orphans"
 
@@ -104,6 +105,12 @@ func orphanHost(ctx context.Context, s store.Store, host string, log interface {
 		id := kv.Key[strings.LastIndex(kv.Key, "/")+1:]
 		o := orphanRecord{Overlay: overlayOfKey(kv.Key), ID: id, Endpoint: rec}
 		ops := []store.Op{store.Delete(kv.Key, kv.Version)}
+		claims, err := claimDeletes(ctx, s, o.Overlay, id, rec)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("lost host %s: orphan endpoint %.12s: %w", host, id, err))
+			continue
+		}
+		ops = append(ops, claims...)
 		for _, s := range []string{rec.IPv4, rec.IPv6} {
 			pfx, err := netip.ParsePrefix(s)
 			if err != nil {
@@ -189,6 +196,7 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 		return drop("its interface is gone")
 	}
 	ops := []store.Op{store.Delete(kv.Key, kv.Version), store.Create(endpointKey(o.Overlay, o.ID), encode(o.Endpoint))}
+	ops = append(ops, claimOps(o.Overlay, o.ID, o.Endpoint)...)
 	for _, a := range o.Addresses {
 		op, err := ipam.ClaimOp(a)
 		if err != nil {
@@ -213,6 +221,28 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 				"endpoint", short(o.ID), "address", a.Address, "now_held_by", holder)
 			return nil // left in place: an operator's call
 		}
+	}
+	for _, c := range claimsOf(o.Overlay, o.Endpoint) {
+		kv, err := s.Get(ctx, c.Key)
+		if err != nil {
+			continue
+		}
+		holder, err := decodeKV[claimRecord](kv)
+		if err != nil {
+			continue
+		}
+		if holder.Endpoint == o.ID {
+			// Left by an earlier version's host-loss handling: drop it
+			// and restore on the next pass.
+			if err := s.Txn(ctx, store.Delete(kv.Key, kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
+				return fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
+			}
+			d.peers.restoreLater()
+			return nil
+		}
+		d.log.Error("cannot restore endpoint after this host was lost: its "+c.What+" was taken meanwhile; remove and re-create the container",
+			"endpoint", short(o.ID), "now_held_by", short(holder.Endpoint), "holder_host", holder.Host)
+		return nil // left in place: an operator's call
 	}
 	return nil // the orphan changed meanwhile: the next pass sees it
 }

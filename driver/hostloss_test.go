@@ -71,8 +71,10 @@ func TestHostLossReleasesAndRestores(t *testing.T) {
 		return len(keys(t, s, endpointsDir)) == 1 && len(keys(t, s, orphansDir+"/"+lost)) == 3 &&
 			slices.Equal(addrs(t, s), []string{"10.20.0.2@192.0.2.1"})
 	})
-	if got := a.plane.peerIPs(vni); len(got) != 0 {
-		t.Fatalf("host a still has peers of the lost host: %v", got)
+	eventually(t, "host a drops the lost host's peers", func() bool { return len(a.plane.peerIPs(vni)) == 0 })
+	// Their MAC and address claims went with the records.
+	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{"addrs/blue/10.20.0.2"}) || len(keys(t, s, macsDir)) != 1 {
+		t.Fatalf("claims after c's endpoints were orphaned: %v %v; want a's only", got, keys(t, s, macsDir))
 	}
 	// Idempotent: a repeated or concurrent collection changes nothing.
 	if err := orphanHost(ctx, s, lost, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
@@ -98,6 +100,9 @@ func TestHostLossReleasesAndRestores(t *testing.T) {
 	})
 	if _, err := s.Get(ctx, endpointKey("blue", "epc1cccc")); err != nil {
 		t.Fatalf("restored endpoint record: %v", err)
+	}
+	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{"addrs/blue/10.20.0.2", "addrs/blue/10.20.0.3"}) || len(keys(t, s, macsDir)) != 2 {
+		t.Fatalf("claims after c restored its endpoint: %v %v; want a's and c's restored one", got, keys(t, s, macsDir))
 	}
 
 	// Docker's cleanup of the endpoints the store no longer knows succeeds.

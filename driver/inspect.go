@@ -82,6 +82,25 @@ func (p *peerSync) lastSeen(ctx context.Context, rec hostRecord) {
 type ClusterState struct {
 	Hosts    []HostInfo    `json:"hosts"`
 	Overlays []OverlayInfo `json:"overlays"`
+	// Problems are endpoint records the hosts skip: malformed, or
+	// claiming a MAC or address another endpoint of the overlay holds.
+	Problems []RecordProblem `json:"problems"`
+}
+
+// RecordProblem is one endpoint record the peer sync skips.
+type RecordProblem struct {
+	Overlay  string `json:"overlay"`
+	Endpoint string `json:"endpoint"`
+	Host     string `json:"host"`
+	IPv4     string `json:"ipv4,omitempty"`
+	IPv6     string `json:"ipv6,omitempty"`
+	MAC      string `json:"mac"`
+	Kind     string `json:"kind"` // SkipInvalid or SkipConflict
+	Reason   string `json:"reason"`
+	// ConflictsWith is the endpoint that keeps the MAC or address this
+	// record also claims, on ConflictHost; empty for a malformed record.
+	ConflictsWith string `json:"conflicts_with,omitempty"`
+	ConflictHost  string `json:"conflict_host,omitempty"`
 }
 
 // HostInfo is one host: live, or dead but still named by some record.
@@ -177,12 +196,14 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 			host(h)
 		}
 	}
+	records := map[string]endpointRecord{}
 	for _, kv := range lists[endpointsDir] {
 		rec, err := decodeKV[endpointRecord](kv)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
+		records[kv.Key] = rec
 		name := overlayOfKey(kv.Key)
 		ov := overlays[name]
 		if ov == nil {
@@ -212,7 +233,10 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		}
 	}
 
-	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}}
+	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}, Problems: recordProblems(records, func(h string) bool { return hosts[h] != nil && hosts[h].Alive })}
+	if out.Problems == nil {
+		out.Problems = []RecordProblem{}
+	}
 	for _, h := range hosts {
 		out.Hosts = append(out.Hosts, *h)
 	}
@@ -256,6 +280,10 @@ type HostPlan struct {
 	// LiveHosts are the hosts whose plugins hold their live key; endpoints
 	// of other hosts are not programmed.
 	LiveHosts []string
+	// Skipped are the endpoint records of live hosts that the hosts skip
+	// (malformed, or claiming a MAC or address another endpoint of the
+	// overlay holds), on every overlay.
+	Skipped []RecordProblem
 }
 
 // PlannedOverlay is one overlay this host needs: it has a local endpoint.
@@ -303,6 +331,7 @@ func DesiredState(ctx context.Context, st store.Store, addr netip.Addr) (*HostPl
 	}
 	sort.Slice(out.LiveHosts, func(i, j int) bool { return addrLess(out.LiveHosts[i], out.LiveHosts[j]) })
 	var errs []error
+	out.Skipped = recordProblems(p.endpoints, func(h string) bool { return p.hosts[h] || h == p.d.host })
 	for _, po := range planned {
 		pov := PlannedOverlay{Overlay: overlayOf(po.net), Networks: po.networks, Peers: po.peers}
 		for _, ep := range po.endpoints {

@@ -28,6 +28,8 @@ func nsID(vni uint32) string { return strconv.FormatUint(uint64(vni), 10) }
 
 func (k *kernelPlane) Check(encap string) error { return overlay.Available(encap) }
 
+func (k *kernelPlane) MaxMTU(encap string) (int, error) { return k.host.MaxMTU(k.local, encap) }
+
 func (k *kernelPlane) EnsureOverlay(ov Overlay) error {
 	cfg := overlay.NetworkConfig{ID: nsID(ov.VNI), VNI: ov.VNI, Encap: ov.Encap, LocalIP: k.local, MTU: ov.MTU}
 	for i, gw := range ov.Gateways {

@@ -3,11 +3,15 @@ package driver
 import (
 	"fmt"
 	"net/netip"
+	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 
 	"github.com/docker/go-plugins-helpers/network"
+
+	"github.com/dnplabs/docker-net-plugin/ipam"
 )
 
 // The -o options users give to `docker network create -d dnp`.
@@ -16,9 +20,14 @@ const (
 	OptVNI     = "vni"     // VXLAN network identifier 1..16777215; default: allocated in the store
 	OptEncap   = "encap"   // vxlan (default) or gre
 	OptMTU     = "mtu"     // container MTU; default: underlay MTU minus the encapsulation overhead
+	// OptIPAMRange opts a network whose addresses come from another IPAM
+	// driver than the plugin's (Docker's default one hands out addresses
+	// per host) into an overlay anyway: its value is this host's range(s),
+	// comma-separated CIDRs, disjoint from every other host's.
+	OptIPAMRange = "uncoordinated-ipam-range"
 )
 
-var knownOptions = []string{OptOverlay, OptVNI, OptEncap, OptMTU}
+var knownOptions = []string{OptOverlay, OptVNI, OptEncap, OptMTU, OptIPAMRange}
 
 // Keys libnetwork puts in CreateNetwork's Options.
 const (
@@ -39,6 +48,10 @@ type netSpec struct {
 	// Swarm is the cluster-wide Docker network ID of a swarm network
 	// (drivers of scope global); empty for a plain host's network.
 	Swarm string
+	// Ranges are the ranges of -o uncoordinated-ipam-range; Uncoordinated
+	// says the addresses come from another IPAM driver than the plugin's.
+	Ranges        []netip.Prefix
+	Uncoordinated bool
 }
 
 // parseCreate turns a CreateNetwork request into a netSpec, rejecting
@@ -60,7 +73,7 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 		switch k {
 		case OptOverlay:
 			if !validName(v) {
-				return spec, fmt.Errorf("option overlay=%q: use 1-48 letters, digits, '.', '_' or '-'", v)
+				return spec, fmt.Errorf("option overlay=%q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", v)
 			}
 			spec.Overlay = v
 		case OptVNI:
@@ -80,6 +93,14 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 				return spec, fmt.Errorf("option mtu=%q: want a number from 576 to 9000", v)
 			}
 			spec.MTU = n
+		case OptIPAMRange:
+			for _, f := range strings.Split(v, ",") {
+				p, err := netip.ParsePrefix(strings.TrimSpace(f))
+				if err != nil {
+					return spec, fmt.Errorf("option %s=%q: want comma-separated CIDR ranges, e.g. 10.88.0.0/25: %v", OptIPAMRange, v, err)
+				}
+				spec.Ranges = append(spec.Ranges, p.Masked())
+			}
 		default:
 			return spec, fmt.Errorf("unknown option %q (known: %s)", k, strings.Join(knownOptions, ", "))
 		}
@@ -104,6 +125,17 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 				gp = netip.PrefixFrom(a, p.Bits())
 			}
 			gw = gp.Addr()
+			if !p.Masked().Contains(gw) {
+				return spec, fmt.Errorf("gateway %s is not inside subnet %s", gw, p.Masked())
+			}
+		}
+		if p.Addr().Zone() != "" {
+			return spec, fmt.Errorf("subnet %q: zones are not supported", data.Pool)
+		}
+		for _, other := range spec.Subnets {
+			if other.Overlaps(p) {
+				return spec, fmt.Errorf("subnets %s and %s overlap", other, p.Masked())
+			}
 		}
 		spec.Subnets = append(spec.Subnets, p.Masked())
 		spec.Gateways = append(spec.Gateways, gw)
@@ -114,7 +146,68 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 	if spec.Overlay == "" {
 		spec.Overlay = "net-" + strings.NewReplacer(".", "-", "/", "-").Replace(spec.Subnets[0].String())
 	}
+	for i, r := range spec.Ranges {
+		if !slices.ContainsFunc(spec.Subnets, func(s netip.Prefix) bool { return s.Bits() <= r.Bits() && s.Contains(r.Addr()) }) {
+			return spec, fmt.Errorf("option %s: range %s is inside none of the network's subnets %v", OptIPAMRange, r, spec.Subnets)
+		}
+		for _, o := range spec.Ranges[:i] {
+			if o.Overlaps(r) {
+				return spec, fmt.Errorf("option %s: ranges %s and %s overlap", OptIPAMRange, o, r)
+			}
+		}
+	}
 	return spec, nil
+}
+
+// ipamSpace is the address space Docker says the network's addresses come
+// from, "" when the request names none.
+func ipamSpace(r *network.CreateNetworkRequest) string {
+	for _, list := range [][]*network.IPAMData{r.IPv4Data, r.IPv6Data} {
+		for _, d := range list {
+			if d != nil && d.AddressSpace != ipam.LocalSpace && d.AddressSpace != ipam.GlobalSpace {
+				return d.AddressSpace
+			}
+		}
+	}
+	for _, list := range [][]*network.IPAMData{r.IPv4Data, r.IPv6Data} {
+		for _, d := range list {
+			if d != nil {
+				return d.AddressSpace
+			}
+		}
+	}
+	return ""
+}
+
+// ownIPAM says whether an address space is one of the plugin's IPAM driver.
+func ownIPAM(space string) bool { return space == ipam.LocalSpace || space == ipam.GlobalSpace }
+
+// errForeignIPAM explains why a network whose addresses come from another
+// IPAM driver is refused, and what to type instead.
+func errForeignIPAM(space string) error {
+	what := fmt.Sprintf("address space %q", space)
+	if space == "LocalDefault" || space == "GlobalDefault" {
+		what += ", Docker's default IPAM driver"
+	}
+	return fmt.Errorf("this network's addresses come from another IPAM driver than this plugin's (%s), which hands them out on each host alone: "+
+		"containers on different hosts would get the same address on one overlay. "+
+		"Create it with this plugin as IPAM driver too: --ipam-driver with the same name as -d (e.g. -d dnp --ipam-driver dnp; "+
+		"in Compose, under the network: \"ipam: driver: dnp\"). "+
+		"To keep another IPAM driver, give each host a range of its own: --ip-range R -o %s=R", what, OptIPAMRange)
+}
+
+var (
+	namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+	idPattern   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+)
+
+// validID checks a network or endpoint ID before it goes into a store key:
+// Docker's are 64 hex digits (swarm networks': 25 letters and digits).
+func validID(what, id string) error {
+	if !idPattern.MatchString(id) {
+		return fmt.Errorf("invalid %s ID %q: want 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", what, id)
+	}
+	return nil
 }
 
 // userOptions returns the -o options, which libnetwork passes as a map
@@ -150,17 +243,9 @@ func boolOption(v interface{}) bool {
 	return false
 }
 
-func validName(s string) bool {
-	if len(s) == 0 || len(s) > 48 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
+// validName says whether s is an overlay name: 1-64 letters, digits, '.',
+// '_' or '-', starting with a letter or digit (so never "." or "..").
+func validName(s string) bool { return namePattern.MatchString(s) }
 
 // sortedKeys is for stable messages.
 func sortedKeys(m map[string]string) []string {

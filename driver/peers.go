@@ -31,13 +31,28 @@ type peerSync struct {
 	// whether this host's orphaned endpoints should be looked at.
 	hostsLoaded time.Time
 	restoreDue  bool
+
+	// claimsDone: the claims of this host's endpoints recorded by an
+	// earlier version were made (claims.go).
+	claimsDone bool
+	// skipped are the records the last reconciliation skipped, by key,
+	// with why: each is logged when it starts and stops being skipped.
+	skipped map[string]RecordProblem
 }
 
 // debounce lets a burst of store events become one reconciliation.
 const debounce = 20 * time.Millisecond
 
 func newPeerSync(d *Driver) *peerSync {
-	return &peerSync{d: d, kickc: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{}}
+	return &peerSync{d: d, kickc: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
+		skipped: map[string]RecordProblem{}}
+}
+
+// restoreLater asks for another look at this host's orphaned endpoints
+// (from run's goroutine only).
+func (p *peerSync) restoreLater() {
+	p.restoreDue = true
+	time.AfterFunc(100*time.Millisecond, p.kick)
 }
 
 // kick asks for a reconciliation soon.
@@ -106,6 +121,14 @@ func (p *peerSync) run(ctx context.Context) {
 						log.Warn("restoring orphaned endpoints failed; retrying", "err", err)
 						p.restoreDue = true
 						time.AfterFunc(time.Second, p.kick)
+					}
+				}
+				if !p.claimsDone && p.hosts[p.d.host] {
+					if err := p.backfillClaims(ctx); err != nil {
+						log.Warn("claiming the MACs and addresses of endpoints recorded by an earlier version failed; retrying", "err", err)
+						time.AfterFunc(time.Second, p.kick)
+					} else {
+						p.claimsDone = true
 					}
 				}
 				if err := p.collectLost(ctx); err != nil {
@@ -212,6 +235,7 @@ type plannedOverlay struct {
 	networks  []string         // every Docker network of this host on it
 	endpoints []*localEndpoint // its endpoints on this host
 	peers     []Peer           // its endpoints on other live hosts, by MAC
+	skipped   []RecordProblem  // its records of live hosts skipped (conflicts.go)
 }
 
 // plan computes from the mirrors what this host's kernel should hold:
@@ -268,24 +292,52 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 		}
 	}
 
+	records := map[string][]keyedRecord{}
 	for key, rec := range p.endpoints {
-		po := planned[overlayOfKey(key)]
-		if rec.Host == d.host || !p.hosts[rec.Host] || po == nil {
+		name := overlayOfKey(key)
+		if rec.Host == d.host || !p.hosts[rec.Host] || planned[name] == nil {
 			continue
 		}
-		peer, err := peerOf(rec)
-		if err != nil {
-			d.log.Warn("skipping endpoint", "key", key, "err", err)
-			continue
-		}
-		po.peers = append(po.peers, peer)
+		records[name] = append(records[name], keyedRecord{key, rec})
 	}
-	for _, po := range planned {
-		sort.Slice(po.peers, func(i, j int) bool { return po.peers[i].MAC.String() < po.peers[j].MAC.String() })
+	for name, po := range planned {
 		sort.Slice(po.endpoints, func(i, j int) bool { return po.endpoints[i].ID < po.endpoints[j].ID })
 		slices.Sort(po.networks)
+		recs := records[name]
+		for _, ep := range po.endpoints {
+			recs = append(recs, keyedRecord{endpointKey(name, ep.ID), ep.Rec})
+		}
+		sortKeyed(recs)
+		po.peers, po.skipped = pickPeers(name, recs, d.host, d.cfg.HostAddr)
 	}
 	return planned, errors.Join(errs...)
+}
+
+// noteSkipped logs the records skipped now that were not before (and
+// those no longer skipped), once each, and counts them in the metrics.
+func (p *peerSync) noteSkipped(planned map[string]*plannedOverlay) {
+	now := map[string]RecordProblem{}
+	counts := map[string]int{}
+	for _, po := range planned {
+		for _, sk := range po.skipped {
+			key := endpointKey(sk.Overlay, sk.Endpoint)
+			now[key] = sk
+			counts[sk.Kind]++
+			if prev, ok := p.skipped[key]; !ok || prev.Reason != sk.Reason {
+				p.d.log.Warn("endpoint record skipped: the rest of the overlay is programmed without it",
+					"overlay", sk.Overlay, "endpoint", short(sk.Endpoint), "host", sk.Host, "ip", sk.IPv4, "mac", sk.MAC, "reason", sk.Reason)
+			}
+		}
+	}
+	for key, sk := range p.skipped {
+		if _, ok := now[key]; !ok {
+			p.d.log.Info("endpoint record no longer skipped", "overlay", sk.Overlay, "endpoint", short(sk.Endpoint), "host", sk.Host)
+		}
+	}
+	p.skipped = now
+	if m := p.d.cfg.Metrics; m != nil {
+		m.Skipped(counts[SkipInvalid], counts[SkipConflict])
+	}
 }
 
 // reconcile makes the kernel match the plan: overlays with a local
@@ -298,6 +350,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	defer cancel()
 
 	planned, planErr := p.plan(ctx)
+	p.noteSkipped(planned)
 	errs := []error{planErr}
 	wanted := map[uint32]bool{}
 	changes := 0

@@ -27,6 +27,9 @@ func (d *Driver) AllocateNetwork(ctx context.Context, r *network.AllocateNetwork
 	if r.NetworkID == "" {
 		return nil, errors.New("AllocateNetwork without a NetworkID")
 	}
+	if err := validID("network", r.NetworkID); err != nil {
+		return nil, err
+	}
 	user := map[string]string{}
 	for k, v := range r.Options {
 		if !strings.HasPrefix(k, "com.docker.") {
@@ -39,9 +42,13 @@ func (d *Driver) AllocateNetwork(ctx context.Context, r *network.AllocateNetwork
 			data = append(data, &list[i])
 		}
 	}
+	d.log.Debug("allocate network request", "network", short(r.NetworkID), "ipam", ipamDataString(data), "options", r.Options)
 	spec, err := parseSpec(user, data)
 	if err != nil {
 		return nil, err
+	}
+	if len(spec.Ranges) > 0 {
+		return nil, errSwarmRange
 	}
 	spec.Swarm = r.NetworkID
 	ov, err := allocateOverlay(ctx, d.cfg.Store, spec)

@@ -234,9 +234,9 @@ func TestOperatorTools(t *testing.T) {
 		}
 	}
 	if after[`dnp_hosts_known`] != 3 || after[`dnp_reconcile_runs_total{result="ok"}`] == 0 ||
-		after[`dnp_store_operation_duration_seconds_count{op="cas"}`] == 0 {
-		t.Errorf("h1 metrics: hosts %v, reconcile runs %v, store CAS %v; want 3 and some",
-			after[`dnp_hosts_known`], after[`dnp_reconcile_runs_total{result="ok"}`], after[`dnp_store_operation_duration_seconds_count{op="cas"}`])
+		after[`dnp_store_operation_duration_seconds_count{op="txn"}`] == 0 {
+		t.Errorf("h1 metrics: hosts %v, reconcile runs %v, store transactions %v; want 3 and some",
+			after[`dnp_hosts_known`], after[`dnp_reconcile_runs_total{result="ok"}`], after[`dnp_store_operation_duration_seconds_count{op="txn"}`])
 	}
 	for _, dir := range []string{"endpoints", "hosts"} {
 		if v := after[fmt.Sprintf(`dnp_store_watch_reconnects_total{dir="%s"}`, dir)]; v != 0 {

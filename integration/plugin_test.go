@@ -79,7 +79,7 @@ func kvServerProc(t *testing.T, c *harness.Cluster, kind string) (*testenv.Serve
 func storeKeys(t *testing.T, st store.Store) []string {
 	t.Helper()
 	var out []string
-	for _, dir := range []string{"overlays", "vnis", "netmap", "endpoints", "ipam"} {
+	for _, dir := range []string{"overlays", "vnis", "netmap", "endpoints", "macs", "addrs", "ipam"} {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		kvs, err := st.List(ctx, dir)
 		cancel()

@@ -105,17 +105,8 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 
 	mtu := cfg.MTU
 	if mtu == 0 {
-		under, err := underlayMTU(s.host, cfg.LocalIP)
-		if err != nil {
+		if mtu, err = maxMTU(s.host, cfg.LocalIP, cfg.encap()); err != nil {
 			return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
-		}
-		over := vxlanOverhead(cfg.LocalIP)
-		if cfg.encap() == EncapGRE {
-			over = greOverhead
-		}
-		mtu = under - over
-		if mtu < 68 {
-			return nil, fmt.Errorf("network %s: underlay MTU %d too small for %s", cfg.ID, under, cfg.encap())
 		}
 	}
 
@@ -268,6 +259,39 @@ func Available(encap string) error {
 	default:
 		return fmt.Errorf("kernel check for %s devices: %w", link.Type(), err)
 	}
+}
+
+// MaxMTU is the largest MTU an overlay with encap ("" for VXLAN) can have
+// on this host: the MTU of the device holding local minus the
+// encapsulation's overhead. It is also the MTU EnsureNetwork gives a
+// network without one.
+func (h *Host) MaxMTU(local netip.Addr, encap string) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s, err := h.openHost()
+	if err != nil {
+		return 0, err
+	}
+	defer s.close()
+	return maxMTU(s.host, local, encap)
+}
+
+func maxMTU(h *netlink.Handle, local netip.Addr, encap string) (int, error) {
+	under, err := underlayMTU(h, local)
+	if err != nil {
+		return 0, err
+	}
+	over := vxlanOverhead(local)
+	if encap == EncapGRE {
+		over = greOverhead
+	}
+	if encap == "" {
+		encap = EncapVXLAN
+	}
+	if under-over < 68 {
+		return 0, fmt.Errorf("underlay MTU %d too small for %s", under, encap)
+	}
+	return under - over, nil
 }
 
 // underlayMTU is the MTU of the host device that holds addr.

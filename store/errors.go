@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // The kinds of failure every backend reports; test with errors.Is.
@@ -58,7 +59,9 @@ func Fail(ctx context.Context, op, key, endpoint string, kind, cause error) erro
 	return &Error{Op: op, Key: key, Endpoint: endpoint, Kind: kind, Cause: cause}
 }
 
-// ValidKey reports whether key is a well-formed relative key.
+// ValidKey reports whether key is a well-formed relative key: no leading
+// or trailing "/", no empty, "." or ".." segments (which some backends
+// would resolve as paths). Every backend checks every key with it.
 func ValidKey(key string) error {
 	if key == "" {
 		return fmt.Errorf("%w: empty key", ErrInvalid)
@@ -66,9 +69,12 @@ func ValidKey(key string) error {
 	if key[0] == '/' || key[len(key)-1] == '/' {
 		return fmt.Errorf("%w: key %q must not start or end with /", ErrInvalid, key)
 	}
-	for i := 1; i < len(key); i++ {
-		if key[i] == '/' && key[i-1] == '/' {
+	for _, seg := range strings.Split(key, "/") {
+		switch seg {
+		case "":
 			return fmt.Errorf("%w: key %q has an empty segment", ErrInvalid, key)
+		case ".", "..":
+			return fmt.Errorf("%w: key %q has a %q segment", ErrInvalid, key, seg)
 		}
 	}
 	return nil

@@ -163,6 +163,15 @@ func (d *doctorRun) check(ctx context.Context) error {
 			fix:  "check the store and the records named; what could be read is checked below",
 		})
 	}
+	for _, sk := range plan.Skipped {
+		fix := fmt.Sprintf("remove the container of endpoint %s on host %s (docker rm -f), or, if it has none, delete the record endpoints/%s/%s from the store",
+			short(sk.Endpoint), sk.Host, sk.Overlay, sk.Endpoint)
+		d.problem(problem{
+			what: fmt.Sprintf("overlay %s: endpoint record %s (host %s, %s, MAC %s) is skipped by every host: %s",
+				sk.Overlay, short(sk.Endpoint), sk.Host, sk.IPv4, sk.MAC, sk.Reason),
+			fix: fix,
+		})
+	}
 	if slices.Contains(plan.LiveHosts, d.addr.String()) {
 		d.ok("plugin of %s is registered in the store (alive); %d live host(s) in all", d.addr, len(plan.LiveHosts))
 	} else {

@@ -96,7 +96,20 @@ func printStatus(w io.Writer, cs *driver.ClusterState, now time.Time) {
 	if n == 0 {
 		fmt.Fprintln(tw, "(none)")
 	}
+	printProblems(tw, cs.Problems)
 	tw.Flush()
+}
+
+// printProblems lists the endpoint records the hosts skip, if any.
+func printProblems(tw io.Writer, ps []driver.RecordProblem) {
+	if len(ps) == 0 {
+		return
+	}
+	fmt.Fprintln(tw, "\nPROBLEMS (endpoint records the hosts skip; the rest of each overlay works)")
+	fmt.Fprintln(tw, "OVERLAY\tHOST\tENDPOINT\tIP\tMAC\tWHY")
+	for _, p := range ps {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Overlay, p.Host, short(p.Endpoint), dash(p.IPv4), dash(p.MAC), p.Reason)
+	}
 }
 
 func short(id string) string {

@@ -33,6 +33,7 @@ type Metrics struct {
 	hosts        prometheus.Gauge
 	reconciles   *prometheus.CounterVec
 	changes      prometheus.Counter
+	skipped      *prometheus.GaugeVec
 }
 
 // New registers every collector (plus Go runtime and process metrics) in a
@@ -78,14 +79,20 @@ func New() *Metrics {
 			Name: "dnp_reconcile_changes_total",
 			Help: "Kernel changes (forwarding and neighbour entries, overlays removed) the reconciliation made.",
 		}),
+		skipped: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "dnp_endpoint_records_skipped",
+			Help: "Endpoint records of other hosts the last reconciliation did not program, by reason: invalid (malformed) or conflict (a MAC or address another endpoint of the overlay holds). Each is logged once; `docker-net-plugin status` lists them.",
+		}, []string{"reason"}),
 	}
 	m.reg.MustRegister(m.calls, m.callSeconds, m.storeSeconds, m.storeErrors, m.reconnects,
-		m.endpoints, m.hosts, m.reconciles, m.changes,
+		m.endpoints, m.hosts, m.reconciles, m.changes, m.skipped,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Show both results from the start, so that rate() and alerts work
 	// before the first error.
 	m.reconciles.WithLabelValues("ok")
 	m.reconciles.WithLabelValues("error")
+	m.skipped.WithLabelValues("invalid")
+	m.skipped.WithLabelValues("conflict")
 	return m
 }
 
@@ -124,6 +131,15 @@ func (m *Metrics) Known(localEndpoints, remoteEndpoints, hosts int) {
 	m.endpoints.WithLabelValues("local").Set(float64(localEndpoints))
 	m.endpoints.WithLabelValues("remote").Set(float64(remoteEndpoints))
 	m.hosts.Set(float64(hosts))
+}
+
+// Skipped records the endpoint records the driver skips (driver.Metrics).
+func (m *Metrics) Skipped(invalid, conflicting int) {
+	if m == nil {
+		return
+	}
+	m.skipped.WithLabelValues("invalid").Set(float64(invalid))
+	m.skipped.WithLabelValues("conflict").Set(float64(conflicting))
 }
 
 func result(err error) string {

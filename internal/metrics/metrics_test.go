@@ -126,6 +126,7 @@ func TestCountsWhatHappened(t *testing.T) {
 	m.Reconciled(4, nil)
 	m.Reconciled(0, errors.New("store away"))
 	m.Known(2, 5, 3)
+	m.Skipped(0, 2)
 
 	got := scrape(t, m)
 	want := map[string]float64{
@@ -148,6 +149,8 @@ func TestCountsWhatHappened(t *testing.T) {
 		`dnp_endpoints_known{location="local"}`:                                            2,
 		`dnp_endpoints_known{location="remote"}`:                                           5,
 		`dnp_hosts_known`:                                                                  3,
+		`dnp_endpoint_records_skipped{reason="invalid"}`:                                   0,
+		`dnp_endpoint_records_skipped{reason="conflict"}`:                                  2,
 	}
 	for k, v := range want {
 		if g, ok := got[k]; !ok || g != v {

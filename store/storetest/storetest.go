@@ -207,10 +207,25 @@ func testBasics(t *testing.T, s store.Store) {
 
 func testInvalid(t *testing.T, s store.Store) {
 	ctx := ctxT(t, 30*time.Second)
-	for _, k := range []string{"", "/a", "a/", "a//b"} {
+	for _, k := range []string{"", "/a", "a/", "a//b", ".", "..", "a/.", "a/..", "./a", "a/../b", "a/./b"} {
 		_, err := s.Put(ctx, k, []byte("x"))
 		wantKind(t, err, store.ErrInvalid, fmt.Sprintf("put %q", k))
+		_, err = s.Get(ctx, k)
+		wantKind(t, err, store.ErrInvalid, fmt.Sprintf("get %q", k))
+		_, err = s.CompareAndSwap(ctx, k, []byte("x"), 0)
+		wantKind(t, err, store.ErrInvalid, fmt.Sprintf("cas %q", k))
+		wantKind(t, s.Delete(ctx, k), store.ErrInvalid, fmt.Sprintf("delete %q", k))
+		wantKind(t, s.Txn(ctx, store.Put(k, nil)), store.ErrInvalid, fmt.Sprintf("txn put %q", k))
+		if k != "" {
+			_, err = s.List(ctx, k)
+			wantKind(t, err, store.ErrInvalid, fmt.Sprintf("list %q", k))
+		}
 	}
+	// Dots inside a segment are fine.
+	if _, err := s.Put(ctx, "d/a.b/..c/v..", []byte("x")); err != nil {
+		t.Fatalf("put a key with dots inside its segments: %v", err)
+	}
+	s.Delete(ctx, "d/a.b/..c/v..")
 	wantKind(t, s.Txn(ctx), store.ErrInvalid, "empty txn")
 	wantKind(t, s.Txn(ctx, store.Put("x", nil), store.Put("x", nil)), store.ErrInvalid, "txn naming a key twice")
 	wantKind(t, s.Txn(ctx, store.Update("x", nil, 0)), store.ErrInvalid, "update without a version")
