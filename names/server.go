@@ -1,6 +1,7 @@
 package names
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -148,29 +149,54 @@ func prepareOverlay(nsPath string, addr netip.Addr, ov driver.Overlay) error {
 	return nil
 }
 
-// startHostServer puts the name server's address on the host's loopback
-// device and answers REFUSED there: containers on no overlay of this
-// plugin (the daemon's "dns" setting is theirs too) reach the address
-// through their default route and go on to their next server at once,
-// instead of waiting for a timeout.
+// startHostServer answers REFUSED on the name server's address in the
+// host's own namespace (see hostResponder).
 func (s *Service) startHostServer() {
-	h, err := netlink.NewHandle()
-	if err == nil {
-		err = ensureAddr(h, "lo", s.cfg.Addr)
-		h.Close()
-	}
+	sv, err := hostResponder(s.cfg.Addr)
 	if err != nil {
-		s.log.Warn("cannot put the name server's address on the host's loopback; containers on no overlay may wait for it to time out", "err", err)
-		return
-	}
-	sv, err := listen("", s.cfg.Addr, dns.HandlerFunc(refused))
-	if err != nil {
-		s.log.Warn("cannot answer on the name server's address in the host's namespace", "err", err)
+		s.log.Warn("cannot answer on the name server's address in the host's namespace; containers on no overlay may wait for it to time out", "err", err)
 		return
 	}
 	s.srvMu.Lock()
 	s.servers[0] = sv // VNI 0 is never an overlay's
 	s.srvMu.Unlock()
+}
+
+// hostResponder puts addr on the host's loopback device and answers
+// REFUSED there: containers on no overlay of this plugin (the daemon's
+// "dns" setting is theirs too) reach the address through their default
+// route and go on to their next server at once, instead of waiting for a
+// timeout.
+func hostResponder(addr netip.Addr) (*server, error) {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return nil, err
+	}
+	err = ensureAddr(h, "lo", addr)
+	h.Close()
+	if err != nil {
+		return nil, err
+	}
+	return listen("", addr, dns.HandlerFunc(refused))
+}
+
+// RefuseOnHost answers REFUSED on addr in the host's namespace until ctx
+// ends. It is all a swarm node's plugin does for names (Docker resolves
+// names of swarm networks itself), in case the daemon's "dns" setting
+// names addr there too.
+func RefuseOnHost(ctx context.Context, addr netip.Addr) error {
+	if !addr.Is4() || !addr.IsLinkLocalUnicast() {
+		return fmt.Errorf("name server address %v: want an IPv4 link-local address (169.254.0.0/16)", addr)
+	}
+	sv, err := hostResponder(addr)
+	if err != nil {
+		return err
+	}
+	go func() {
+		<-ctx.Done()
+		sv.close()
+	}()
+	return nil
 }
 
 // serveOverlay makes the overlay's name server run (again, if its

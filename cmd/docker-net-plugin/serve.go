@@ -98,7 +98,7 @@ func serve(ctx context.Context, args []string) error {
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
-	ns, err := nameService(f, st, addr, log)
+	ns, err := nameService(ctx, f, st, addr, log)
 	if err != nil {
 		return err
 	}
@@ -154,14 +154,21 @@ func serve(ctx context.Context, args []string) error {
 
 // nameService is the service that resolves container names across hosts,
 // or nil when it is off: by --names-addr off, and in swarm (global scope),
-// where Docker resolves names itself.
-func nameService(f serveFlags, st store.Store, host netip.Addr, log *slog.Logger) (*names.Service, error) {
-	if f.namesAddr == "off" || f.scope == "global" {
+// where Docker resolves names itself and the plugin only answers REFUSED
+// on the address in the host's namespace.
+func nameService(ctx context.Context, f serveFlags, st store.Store, host netip.Addr, log *slog.Logger) (*names.Service, error) {
+	if f.namesAddr == "off" {
 		return nil, nil
 	}
 	a, err := netip.ParseAddr(f.namesAddr)
 	if err != nil {
 		return nil, fmt.Errorf("--names-addr %q: %v (or off)", f.namesAddr, err)
+	}
+	if f.scope == "global" {
+		if err := names.RefuseOnHost(ctx, a); err != nil {
+			log.Warn("cannot answer on the name server's address in the host's namespace", "err", err)
+		}
+		return nil, nil
 	}
 	netnsHost := &overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}
 	ns, err := names.New(names.Config{
