@@ -28,8 +28,8 @@ const namesFresh = 2 * time.Second
 // AAAA and PTR; overlays are isolated, a container on two overlays sees
 // both, local names and the outside world resolve as before, --internal
 // overlays resolve too. New and removed containers show within
-// namesFresh; names survive a plugin kill -9 and a store outage, and go
-// with a lost host's endpoints.
+// namesFresh; names survive a plugin kill -9 and a store outage (and a
+// kill -9 during an outage), and go with a lost host's endpoints.
 func TestNames(t *testing.T) {
 	c := harness.New(t, 3, harness.Options{DNS: namesDNS})
 	srv, url, st := kvServerProc(t, c, "etcd")
@@ -166,6 +166,11 @@ func TestNames(t *testing.T) {
 	client.want(t, 0, "during a store outage", "worker", A, w1, w2)
 	worker1.want(t, 0, "during a store outage", "client", A, client4)
 	iclient.want(t, 0, "during a store outage", "iweb", A, iweb)
+	// ... also by a plugin that restarts meanwhile (from its cache file).
+	plugins[h1.Name].Crash(t)
+	plugins[h1.Name].Start(t)
+	worker1.want(t, 5*time.Second, "after a plugin restart during a store outage", "client", A, client4)
+	client.want(t, 0, "after h1's plugin restarted during a store outage", "web", A, web4)
 	srv.Start(t)
 	client.want(t, relConverge, "after the store outage", "web", A, web4)
 

@@ -40,6 +40,9 @@ type Config struct {
 	Docker string
 	// NetNS returns the path of an overlay's network namespace on this host.
 	NetNS func(vni uint32) (string, error)
+	// Cache is a file where the service keeps what it last knew, to answer
+	// from after a restart while the store is down ("": none).
+	Cache string
 	Log   *slog.Logger
 }
 
@@ -101,6 +104,7 @@ func New(cfg Config) (*Service, error) {
 // publishing this host's names.
 func (s *Service) Start(ctx context.Context) {
 	s.startHostServer()
+	s.loadCache()
 	var wg sync.WaitGroup
 	wg.Go(func() { s.watchDocker(ctx) })
 	wg.Go(func() { s.run(ctx) })
@@ -194,6 +198,8 @@ func (s *Service) run(ctx context.Context) {
 		}
 	}
 	retry := time.Duration(0)
+	var lastSave time.Time
+	savePending := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -215,6 +221,16 @@ func (s *Service) run(ctx context.Context) {
 				time.AfterFunc(retry, s.kick)
 			} else {
 				retry = 0
+			}
+			// The cache file follows, at most once per cacheEvery.
+			if wait := cacheEvery - time.Since(lastSave); wait <= 0 {
+				if err := s.saveCache(); err != nil {
+					s.log.Warn("cannot write the names cache", "err", err)
+				}
+				lastSave, savePending = time.Now(), false
+			} else if !savePending {
+				savePending = true
+				time.AfterFunc(wait, s.kick)
 			}
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -273,5 +274,34 @@ func TestNameSet(t *testing.T) {
 	got := nameSet([]string{"/Web", ""}, []string{"web", "p1-web-1", "abc123."})
 	if !slices.Equal(got, []string{"abc123", "p1-web-1", "web"}) {
 		t.Errorf("nameSet = %v", got)
+	}
+}
+
+// TestCache: what one run knew answers names in the next, before the
+// store does.
+func TestCache(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "names.json")
+	s := testService(t, h1)
+	s.cfg.Cache = file
+	s.haveView, s.haveRecords = true, true
+	s.endpoints = []driver.KnownEndpoint{ep("blue", "e-web", h2, "10.1.0.2", ""), ep("blue", "e-me", h1, "10.1.0.3", "")}
+	s.live = map[string]bool{h1: true, h2: true}
+	s.records = map[string]record{recordKey("blue", "e-web"): {Host: h2, Name: "web", Network: "blue", Names: []string{"web"}}}
+	if err := s.saveCache(); err != nil {
+		t.Fatal(err)
+	}
+	r := testService(t, h1)
+	r.cfg.Cache = file
+	if got, _ := r.idx.Load().lookup([]string{"blue"}, "web"); len(got) != 0 {
+		t.Fatalf("a new service knows web before loading the cache: %v", got)
+	}
+	r.loadCache()
+	resp := answer(r.idx.Load(), "blue", a("10.1.0.3"), query("web", dns.TypeA))
+	if got := answers(resp); !slices.Equal(got, []string{"10.1.0.2"}) {
+		t.Errorf("after loading the cache: web = %v (%s), want 10.1.0.2", got, dns.RcodeToString[resp.Rcode])
+	}
+	// Nothing from the store yet: it neither publishes nor rewrites the cache.
+	if r.haveView || r.haveRecords {
+		t.Errorf("the cache counts as the store's view")
 	}
 }

@@ -25,10 +25,10 @@ const bridgeName = "br0"
 // server is one name server: UDP and TCP on the name server's address,
 // port 53, in one network namespace.
 type server struct {
-	overlay string
-	nsIno   uint64 // inode of the namespace it listens in
-	pc      net.PacketConn
-	l       net.Listener
+	ov    driver.Overlay // the overlay it serves (none for the host's)
+	nsIno uint64         // inode of the namespace it listens in
+	pc    net.PacketConn
+	l     net.Listener
 }
 
 // close stops the server: its serving loops end on the closed sockets.
@@ -223,7 +223,8 @@ func (s *Service) ensureOverlayServer(ov driver.Overlay) error {
 	s.srvMu.Lock()
 	defer s.srvMu.Unlock()
 	if sv := s.servers[ov.VNI]; sv != nil {
-		if sv.nsIno == ino && sv.overlay == ov.Name {
+		if sv.nsIno == ino && sv.ov.Name == ov.Name {
+			sv.ov = ov
 			return nil
 		}
 		sv.close()
@@ -233,7 +234,7 @@ func (s *Service) ensureOverlayServer(ov driver.Overlay) error {
 	if err != nil {
 		return err
 	}
-	sv.overlay, sv.nsIno = ov.Name, ino
+	sv.ov, sv.nsIno = ov, ino
 	s.servers[ov.VNI] = sv
 	s.log.Info("name server running", "overlay", ov.Name, "vni", ov.VNI, "addr", s.cfg.Addr)
 	return nil
@@ -247,7 +248,7 @@ func (s *Service) stopOverlay(vni uint32) {
 	if sv := s.servers[vni]; sv != nil && vni != 0 {
 		sv.close()
 		delete(s.servers, vni)
-		s.log.Info("name server stopped", "overlay", sv.overlay, "vni", strconv.FormatUint(uint64(vni), 10))
+		s.log.Info("name server stopped", "overlay", sv.ov.Name, "vni", strconv.FormatUint(uint64(vni), 10))
 	}
 }
 

@@ -35,6 +35,7 @@ type serveFlags struct {
 	defaultPoolSize     int
 	metricsAddr         string
 	namesAddr           string
+	namesCache          string
 	dockerHost          string
 }
 
@@ -53,6 +54,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
 	fs.StringVar(&f.namesAddr, "names-addr", names.DefaultAddr.String(), "link-local address of the name server that resolves containers across hosts (docs/names.md); off: no names across hosts")
+	fs.StringVar(&f.namesCache, "names-cache", "/var/lib/docker-net-plugin/names.json", "file where the name server keeps what it knows, to answer from after a restart while the store is down; empty: none")
 	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "this host's dockerd API socket, where the names of its containers are read")
 	if err := envFlags(fs); err != nil {
 		return err
@@ -172,7 +174,7 @@ func nameService(ctx context.Context, f serveFlags, st store.Store, host netip.A
 	}
 	netnsHost := &overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}
 	ns, err := names.New(names.Config{
-		Store: st, Host: host.String(), Addr: a, Docker: f.dockerHost, Log: log,
+		Store: st, Host: host.String(), Addr: a, Docker: f.dockerHost, Cache: f.namesCache, Log: log,
 		NetNS: func(vni uint32) (string, error) {
 			n, err := netnsHost.Network(strconv.FormatUint(uint64(vni), 10))
 			if err != nil {

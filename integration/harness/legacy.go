@@ -95,6 +95,7 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
 		"--live-ttl", "10s",
 		"--docker-host", "unix://" + h.DockerSock,
+		"--names-cache", filepath.Join(h.Dir, "names-cache.json"),
 		"--log-level", "debug",
 	}, extra...)
 	p.Start(t)
