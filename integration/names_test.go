@@ -101,7 +101,17 @@ func TestNames(t *testing.T) {
 	both.want(t, 0, "a container on blue and red resolves red's names", "db", A, db)
 	iclient.want(t, 10*time.Second, "an --internal overlay resolves its names across hosts", "iweb", A, iweb)
 	worker1.want(t, 0, "the other way round: h1 resolves h3's container", "client", A, client4)
+	webID := h1.MustDocker(t, "inspect", "-f", "{{.Id}}", "p1-web-1")
+	client.want(t, 0, "short container ID", webID[:12], A, web4)
 	t.Logf("names resolve across hosts: web %s/%s, worker %s+%s, db %s, iweb %s", web4, web6, w1, w2, db, iweb)
+
+	// Containers on no overlay of the plugin (a Docker bridge network) have
+	// the same dns setting: the plugin answers REFUSED on the address in
+	// the host's namespace, and they go on to the next server.
+	h3.MustDocker(t, "network", "create", "-d", "bridge", "--subnet", "10.59.0.0/24", "nmbr")
+	runContainer(t, h3, "onbridge", "nmbr")
+	dnsOf(t, h3, "onbridge").want(t, 0, "a container on a Docker bridge network: the outside world", outsideName, A, outsideAddr)
+	namesCheckHostRefuses(t, h3)
 
 	// As users see it: programs in the container use the names.
 	if out, err := h3.Docker("exec", "p3-client-1", "ping", "-c", "1", "-W", "2", "web"); err != nil {
@@ -283,4 +293,21 @@ func TestNamesManaged(t *testing.T) {
 	}
 	ip3 := runContainer(t, h1, "three", "blue")
 	two.want(t, namesFresh, "a container started after the restart", "three", dns.TypeA, ip3)
+}
+
+// namesCheckHostRefuses checks that the name server's address in h's own
+// namespace answers REFUSED.
+func namesCheckHostRefuses(t *testing.T, h *harness.Host) {
+	t.Helper()
+	q := new(dns.Msg)
+	q.SetQuestion("web.", dns.TypeA)
+	var resp *dns.Msg
+	err := h.Do(func() error {
+		var err error
+		resp, _, err = (&dns.Client{Timeout: 2 * time.Second}).Exchange(q, names.DefaultAddr.String()+":53")
+		return err
+	})
+	if err != nil || resp.Rcode != dns.RcodeRefused {
+		t.Errorf("%s: %s in the host's namespace: %v %v, want REFUSED", h.Name, names.DefaultAddr, resp, err)
+	}
 }
