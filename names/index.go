@@ -38,13 +38,13 @@ func buildIndex(in indexInput) *index {
 	}
 	bySandbox := map[string][]driver.KnownEndpoint{}
 	for _, ep := range in.endpoints {
-		if !in.live[ep.Host] {
-			continue // a lost host's names go with its endpoints
-		}
 		if ep.Host == in.host {
 			if sb := in.sandboxes[ep.ID]; sb != "" {
 				bySandbox[sb] = append(bySandbox[sb], ep)
 			}
+		}
+		if !in.live[ep.Host] {
+			continue // a lost host's names go with its endpoints
 		}
 		rec, ok := in.records[recordKey(ep.Overlay, ep.ID)]
 		if !ok || rec.Host != ep.Host {

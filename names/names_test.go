@@ -121,6 +121,26 @@ func TestAnswer(t *testing.T) {
 	}
 }
 
+// TestScopeWithoutOwnLiveKey: a host that does not see its own live key
+// (not registered yet, say) still scopes its containers' queries by
+// their containers.
+func TestScopeWithoutOwnLiveKey(t *testing.T) {
+	ix := buildIndex(indexInput{
+		host: h3,
+		endpoints: []driver.KnownEndpoint{
+			ep("red", "e-db", h2, "10.2.0.2", ""),
+			ep("blue", "e-both-b", h3, "10.1.0.10", ""),
+			ep("red", "e-both-r", h3, "10.2.0.10", ""),
+		},
+		live:      map[string]bool{h2: true},
+		records:   map[string]record{recordKey("red", "e-db"): {Host: h2, Name: "db", Network: "red", Names: []string{"db"}}},
+		sandboxes: map[string]string{"e-both-b": "sb", "e-both-r": "sb"},
+	})
+	if got := answers(answer(ix, "blue", a("10.1.0.10"), query("db", dns.TypeA))); !slices.Equal(got, []string{"10.2.0.2"}) {
+		t.Errorf("db from a container on blue and red = %v, want 10.2.0.2", got)
+	}
+}
+
 func TestReverseAddr(t *testing.T) {
 	for _, c := range []struct {
 		in   string

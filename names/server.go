@@ -25,10 +25,11 @@ const bridgeName = "br0"
 // server is one name server: UDP and TCP on the name server's address,
 // port 53, in one network namespace.
 type server struct {
-	ov    driver.Overlay // the overlay it serves (none for the host's)
-	nsIno uint64         // inode of the namespace it listens in
-	pc    net.PacketConn
-	l     net.Listener
+	ov     driver.Overlay // the overlay it serves (none for the host's)
+	nsPath string         // where the namespace it listens in is bound
+	nsIno  uint64         // inode of that namespace
+	pc     net.PacketConn
+	l      net.Listener
 }
 
 // close stops the server: its serving loops end on the closed sockets.
@@ -209,6 +210,18 @@ func (s *Service) serveOverlay(ov driver.Overlay) {
 }
 
 func (s *Service) ensureOverlayServer(ov driver.Overlay) error {
+	// Fast path, on every Join and reconciliation: the server runs in the
+	// namespace still bound at its path.
+	s.srvMu.Lock()
+	if sv := s.servers[ov.VNI]; sv != nil && sv.ov.Name == ov.Name {
+		if ino, err := nsInode(sv.nsPath); err == nil && ino == sv.nsIno {
+			sv.ov = ov
+			s.srvMu.Unlock()
+			return nil
+		}
+	}
+	s.srvMu.Unlock()
+
 	path, err := s.cfg.NetNS(ov.VNI)
 	if err != nil {
 		return err
@@ -234,7 +247,7 @@ func (s *Service) ensureOverlayServer(ov driver.Overlay) error {
 	if err != nil {
 		return err
 	}
-	sv.ov, sv.nsIno = ov, ino
+	sv.ov, sv.nsPath, sv.nsIno = ov, path, ino
 	s.servers[ov.VNI] = sv
 	s.log.Info("name server running", "overlay", ov.Name, "vni", ov.VNI, "addr", s.cfg.Addr)
 	return nil
