@@ -151,4 +151,5 @@ var Expected = []Benchmark{
 	{"ipam", "5. IPAM allocation rate", 5},
 	{"scale", "6. Scale", 6},
 	{"multicast", "7. Multicast", 7},
+	{"names", "8. Name propagation", 8},
 }

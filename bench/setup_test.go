@@ -112,7 +112,13 @@ type benchCluster struct {
 // still runs (etcd's own cleanup comes before the cluster's teardown).
 func newCluster(t *testing.T, n int) *benchCluster {
 	t.Helper()
-	c := harness.New(t, n, harness.Options{})
+	return newClusterOpts(t, n, harness.Options{})
+}
+
+// newClusterOpts is newCluster with harness options.
+func newClusterOpts(t *testing.T, n int, opts harness.Options) *benchCluster {
+	t.Helper()
+	c := harness.New(t, n, opts)
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)
 	}

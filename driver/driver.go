@@ -82,7 +82,8 @@ type Config struct {
 	Scope    string     // "local" (plain hosts) or "global" (swarm)
 	LiveTTL  time.Duration
 	Log      *slog.Logger
-	Metrics  Metrics // optional; nil means none
+	Metrics  Metrics     // optional; nil means none
+	Names    NameService // optional; nil means no names across hosts
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -450,8 +451,11 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 		return nil, fmt.Errorf("join %.12s: %w", ep.ID, err)
 	}
 	d.peers.kick()
-	d.log.Info("endpoint joined", "network", short(n.ID), "endpoint", short(ep.ID), "interface", ifName)
 	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifName, DstPrefix: "eth"}}
+	if d.cfg.Names != nil {
+		resp.StaticRoutes = d.cfg.Names.Join(overlayOf(n), ep.ID, r.SandboxKey)
+	}
+	d.log.Info("endpoint joined", "network", short(n.ID), "endpoint", short(ep.ID), "interface", ifName)
 	if d.takeMulticastRoute(r.SandboxKey, ep.ID) {
 		resp.StaticRoutes = append(resp.StaticRoutes, multicastRoute())
 	}
@@ -483,6 +487,9 @@ var errNoEndpoint = errors.New("endpoint does not exist")
 
 // Leave removes the endpoint's interfaces; the record stays until DeleteEndpoint.
 func (d *Driver) Leave(ctx context.Context, r *network.LeaveRequest) error {
+	if d.cfg.Names != nil {
+		d.cfg.Names.Leave(r.EndpointID)
+	}
 	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
 	if errors.Is(err, errNoEndpoint) {
 		return d.forgetEndpoint(ctx, n, r.EndpointID, "leave")
@@ -501,6 +508,9 @@ func (d *Driver) Leave(ctx context.Context, r *network.LeaveRequest) error {
 // DeleteEndpoint removes the endpoint's record; the overlay's bridge and
 // tunnel go with the last local endpoint (the peer sync does that).
 func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRequest) error {
+	if d.cfg.Names != nil {
+		d.cfg.Names.Leave(r.EndpointID)
+	}
 	n, ep, err := d.endpoint(ctx, r.NetworkID, r.EndpointID)
 	if errors.Is(err, errNoEndpoint) {
 		return d.forgetEndpoint(ctx, n, r.EndpointID, "delete")

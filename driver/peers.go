@@ -135,6 +135,7 @@ func (p *peerSync) run(ctx context.Context) {
 					log.Warn("releasing a lost host's endpoints failed; retrying", "err", err)
 					time.AfterFunc(time.Second, p.kick)
 				}
+				p.observeNames()
 				changes, err := p.reconcile(ctx)
 				if m := p.d.cfg.Metrics; m != nil {
 					m.Reconciled(changes, err)

@@ -50,7 +50,8 @@ func managedPluginDir(t testing.TB) string {
 }
 
 // installManaged installs the plugin as a managed plugin on h. The TLS
-// bind mount's source is a directory of the host's own (it must exist).
+// bind mount's source is a directory of the host's own (it must exist);
+// the Docker socket mount's source is h's dockerd socket.
 func installManaged(t *testing.T, c *harness.Cluster, h *harness.Host, settings ...string) *harness.ManagedPlugin {
 	t.Helper()
 	conf := filepath.Join(h.Dir, "dnp-config")
@@ -59,6 +60,7 @@ func installManaged(t *testing.T, c *harness.Cluster, h *harness.Host, settings 
 	}
 	settings = append([]string{
 		"config.source=" + conf,
+		"dockersock.source=" + h.DockerSock,
 		"DNP_NETNS_PREFIX=" + c.Prefix + "-" + h.Name + "-",
 		"DNP_LOG_LEVEL=debug",
 	}, settings...)

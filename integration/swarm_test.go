@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
+
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 )
 
@@ -29,7 +31,10 @@ func TestSwarm(t *testing.T) {
 		plainSubnet = "10.70.0.0/24"
 		service     = "pinger"
 	)
-	c := harness.New(t, 4, harness.Options{})
+	// daemon.json names the plugin's name server as docs/names.md says:
+	// swarm networks keep Docker's own name resolution.
+	c := harness.New(t, 4, harness.Options{DNS: namesDNS})
+	stubResolver(t, c)
 	url, st := kvServer(t, c, "etcd")
 	nodes, plainHost := c.Hosts[:3], c.Hosts[3]
 	mgr, workers := nodes[0], nodes[1:]
@@ -105,6 +110,7 @@ func TestSwarm(t *testing.T) {
 	}
 	tasks, ips := runningTasks()
 	t.Logf("%s: every task pings every other task across hosts: %v (%s after swarm init)", service, ips, time.Since(start).Round(time.Millisecond))
+	swarmNames(t, mgr, tasks[mgr.Name], service, values(ips))
 	// The network's options show what AllocateNetwork returned on the
 	// manager, and every node's CreateNetwork got: the user's options with
 	// the overlay's name and VNI.
@@ -136,6 +142,10 @@ func TestSwarm(t *testing.T) {
 	pingEventually(t, w, "attached", ips[workers[0].Name])
 	pingEventually(t, mgr, tasks[mgr.Name], attached)
 	t.Logf("docker run on %s: %s reaches the tasks on other hosts", w.Name, attached)
+	// Docker's name gossip: the worker that did not restart resolves the
+	// container attached on the other worker.
+	d := dnsOf(t, workers[0], tasks[workers[0].Name])
+	d.want(t, 20*time.Second, "a container attached on another node", "attached", dns.TypeA, attached)
 
 	// A plain host's network on the same store, side by side; the swarm
 	// network's subnet is not for it.
@@ -182,4 +192,20 @@ func TestSwarm(t *testing.T) {
 	if len(left) > 0 {
 		t.Errorf("store keys left after everything was removed: %v", left)
 	}
+}
+
+// swarmNames checks, from a task on h, the names Docker itself gives swarm
+// networks (the daemons' "dns" setting names the plugin's name server
+// too): the service name (its virtual IP), tasks.<service> (every task),
+// and the outside world.
+func swarmNames(t *testing.T, h *harness.Host, task, service string, taskIPs []string) {
+	t.Helper()
+	d := dnsOf(t, h, task)
+	d.want(t, 20*time.Second, "tasks.<service>", "tasks."+service, dns.TypeA, taskIPs...)
+	vip, err := d.lookup(service, dns.TypeA)
+	if err != nil || len(vip) != 1 || slices.Contains(taskIPs, vip[0]) {
+		t.Errorf("%s resolves to %v (%v), want one virtual IP, not a task's %v", service, vip, err, taskIPs)
+	}
+	d.want(t, 0, "the outside world", outsideName, dns.TypeA, outsideAddr)
+	t.Logf("swarm names from a task on %s: %s -> %v, tasks.%s -> %v", h.Name, service, vip, service, taskIPs)
 }

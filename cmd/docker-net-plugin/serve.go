@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -18,6 +19,8 @@ import (
 	"github.com/dnplabs/docker-net-plugin/internal/metrics"
 	"github.com/dnplabs/docker-net-plugin/internal/pluginapi"
 	"github.com/dnplabs/docker-net-plugin/ipam"
+	"github.com/dnplabs/docker-net-plugin/names"
+	"github.com/dnplabs/docker-net-plugin/overlay"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -31,6 +34,9 @@ type serveFlags struct {
 	defaultPool         string
 	defaultPoolSize     int
 	metricsAddr         string
+	namesAddr           string
+	namesCache          string
+	dockerHost          string
 }
 
 func serve(ctx context.Context, args []string) error {
@@ -47,6 +53,9 @@ func serve(ctx context.Context, args []string) error {
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
+	fs.StringVar(&f.namesAddr, "names-addr", names.DefaultAddr.String(), "link-local address of the name server that resolves containers across hosts (docs/names.md); off: no names across hosts")
+	fs.StringVar(&f.namesCache, "names-cache", "/var/lib/docker-net-plugin/names.json", "file where the name server keeps what it knows, to answer from after a restart while the store is down; empty: none")
+	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "this host's dockerd API socket, where the names of its containers are read")
 	if err := envFlags(fs); err != nil {
 		return err
 	}
@@ -91,7 +100,17 @@ func serve(ctx context.Context, args []string) error {
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
+	ns, err := nameService(ctx, f, st, addr, log)
+	if err != nil {
+		return err
+	}
+	if ns != nil {
+		plane = ns.Plane(plane)
+	}
 	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	if ns != nil {
+		cfg.Names = ns
+	}
 	var observe pluginapi.Observer
 	if m != nil {
 		cfg.Metrics = m
@@ -111,6 +130,9 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	nd.Start(ctx)
+	if ns != nil {
+		ns.Start(ctx)
+	}
 	log.Info("plugin serving", "socket", f.socket, "store", st.Endpoint(), "advertise", addr, "scope", f.scope, "version", version)
 	err = pluginapi.Serve(ctx, l, pluginapi.New(nd, id, log, observe), log)
 	if ctx.Err() != nil {
@@ -120,9 +142,51 @@ func serve(ctx context.Context, args []string) error {
 		case <-time.After(10 * time.Second):
 			log.Warn("driver did not stop within 10s")
 		}
+		if ns != nil {
+			select {
+			case <-ns.Done():
+			case <-time.After(5 * time.Second):
+				log.Warn("name service did not stop within 5s")
+			}
+		}
 	}
 	log.Info("plugin stopped")
 	return err
+}
+
+// nameService is the service that resolves container names across hosts,
+// or nil when it is off: by --names-addr off, and in swarm (global scope),
+// where Docker resolves names itself and the plugin only answers REFUSED
+// on the address in the host's namespace.
+func nameService(ctx context.Context, f serveFlags, st store.Store, host netip.Addr, log *slog.Logger) (*names.Service, error) {
+	if f.namesAddr == "off" {
+		return nil, nil
+	}
+	a, err := netip.ParseAddr(f.namesAddr)
+	if err != nil {
+		return nil, fmt.Errorf("--names-addr %q: %v (or off)", f.namesAddr, err)
+	}
+	if f.scope == "global" {
+		if err := names.RefuseOnHost(ctx, a); err != nil {
+			log.Warn("cannot answer on the name server's address in the host's namespace", "err", err)
+		}
+		return nil, nil
+	}
+	netnsHost := &overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}
+	ns, err := names.New(names.Config{
+		Store: st, Host: host.String(), Addr: a, Docker: f.dockerHost, Cache: f.namesCache, Log: log,
+		NetNS: func(vni uint32) (string, error) {
+			n, err := netnsHost.Network(strconv.FormatUint(uint64(vni), 10))
+			if err != nil {
+				return "", err
+			}
+			return n.NetNS, nil
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("--names-addr: %w", err)
+	}
+	return ns, nil
 }
 
 // advertiseAddr is the given address, else the IPv4 address of the

@@ -70,6 +70,10 @@ type Options struct {
 	NoImage bool
 	// CommandTimeout bounds each Docker and Exec call (default 2 minutes).
 	CommandTimeout time.Duration
+	// DNS, when set, gives every host's daemon.json a "dns" list: the
+	// servers containers use. It is called once the underlay exists, so
+	// the list can name the switch (SwitchIP).
+	DNS func(c *Cluster) []string
 }
 
 // Cluster is a set of Docker hosts on one underlay. Its fields are read-only.

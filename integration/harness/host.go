@@ -3,6 +3,7 @@ package harness
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -104,7 +105,11 @@ func (h *Host) StartDockerd() error {
 		}
 	}
 	config := filepath.Join(etcDir, "daemon.json")
-	if err := os.WriteFile(config, []byte("{}\n"), 0o644); err != nil {
+	daemonJSON := []byte("{}\n")
+	if h.cluster.opts.DNS != nil {
+		daemonJSON, _ = json.Marshal(map[string][]string{"dns": h.cluster.opts.DNS(h.cluster)})
+	}
+	if err := os.WriteFile(config, daemonJSON, 0o644); err != nil {
 		return fmt.Errorf("write %s: %w", config, err)
 	}
 	resolvConf := filepath.Join(h.Dir, "resolv.conf")

@@ -94,6 +94,8 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		"--advertise-addr", h.UnderlayIP,
 		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
 		"--live-ttl", "10s",
+		"--docker-host", "unix://" + h.DockerSock,
+		"--names-cache", filepath.Join(h.Dir, "names-cache.json"),
 		"--log-level", "debug",
 	}, extra...)
 	p.Start(t)
