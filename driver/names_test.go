@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/docker/go-plugins-helpers/network"
+
+	"github.com/dnplabs/docker-net-plugin/ipam"
 )
 
 // fakeNames records what the driver tells the name service.
@@ -61,10 +63,15 @@ func TestNameServiceHook(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-d.Done() })
 	other := newHost(t, s, "192.0.2.2")
 
-	if err := d.CreateNetwork(ctx, createReq("n1", "10.20.0.0/24", map[string]string{"overlay": "blue"})); err != nil {
+	dualStack := func(id string) *network.CreateNetworkRequest {
+		r := createReq(id, "10.20.0.0/24", map[string]string{"overlay": "blue"})
+		r.IPv6Data = []*network.IPAMData{{AddressSpace: ipam.LocalSpace, Pool: "fd00::/64"}}
+		return r
+	}
+	if err := d.CreateNetwork(ctx, dualStack("n1")); err != nil {
 		t.Fatal(err)
 	}
-	if err := other.d.CreateNetwork(ctx, createReq("n2", "10.20.0.0/24", map[string]string{"overlay": "blue"})); err != nil {
+	if err := other.d.CreateNetwork(ctx, dualStack("n2")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := d.CreateEndpoint(ctx, &network.CreateEndpointRequest{NetworkID: "n1", EndpointID: "ep1aaaaa",
@@ -75,8 +82,8 @@ func TestNameServiceHook(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(j.StaticRoutes) != 1 || j.StaticRoutes[0].Destination != "169.254.53.53/32" {
-		t.Errorf("Join's routes %+v, want the name service's", j.StaticRoutes)
+	if !slices.ContainsFunc(j.StaticRoutes, func(r *network.StaticRoute) bool { return r.Destination == "169.254.53.53/32" }) {
+		t.Errorf("Join's routes %+v, want the name service's among them", j.StaticRoutes)
 	}
 	if fn.joined["ep1aaaaa"] != "/var/run/docker/netns/sb1" {
 		t.Errorf("name service told of joins %v", fn.joined)
