@@ -21,6 +21,7 @@ import (
 // testHost is one simulated host: a network namespace on a test underlay
 // with an overlay.Host working in it.
 type testHost struct {
+	ul   *testenv.Underlay
 	ns   *testenv.NetNS
 	ip   netip.Addr
 	host *overlay.Host
@@ -39,6 +40,7 @@ func newHosts(t *testing.T, n int) []*testHost {
 	var hosts []*testHost
 	for i := range n {
 		h := &testHost{
+			ul:   u,
 			ns:   u.Hosts[i],
 			ip:   u.Addrs[i],
 			host: &overlay.Host{NetNS: u.Hosts[i].Path(), Prefix: fmt.Sprintf("%s-%d-", prefix, i+1)},
