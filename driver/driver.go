@@ -28,6 +28,9 @@ type Overlay struct {
 	Subnets  []netip.Prefix
 	Gateways []netip.Addr // per subnet; invalid when none
 	MTU      int          // 0: derive from the underlay
+	// Encrypted: VXLAN between hosts is encrypted (the plane must be an
+	// EncryptingPlane).
+	Encrypted bool
 }
 
 // Endpoint is one container interface on an overlay.
@@ -78,6 +81,9 @@ type Config struct {
 	LiveTTL  time.Duration
 	Log      *slog.Logger
 	Metrics  Metrics // optional; nil means none
+	// PublicKey is this host's public key for encrypted overlays, as
+	// published in its host record; empty if it cannot encrypt.
+	PublicKey string
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -106,6 +112,7 @@ type Driver struct {
 	planeMu sync.Mutex
 
 	peers *peerSync
+	keys  *keySync
 	done  chan struct{}
 }
 
@@ -140,6 +147,7 @@ func New(cfg Config) *Driver {
 		endpoints: map[string]*localEndpoint{},
 	}
 	d.peers = newPeerSync(d)
+	d.keys = newKeySync(d)
 	d.done = make(chan struct{})
 	return d
 }
@@ -149,7 +157,13 @@ func New(cfg Config) *Driver {
 // When the store is unreachable it keeps trying in the background: the
 // plugin serves what it can and converges once the store is back.
 func (d *Driver) Start(ctx context.Context) {
-	go func() { defer close(d.done); d.peers.run(ctx) }()
+	go func() {
+		defer close(d.done)
+		var wg sync.WaitGroup
+		wg.Go(func() { d.keys.run(ctx) })
+		d.peers.run(ctx)
+		wg.Wait()
+	}()
 }
 
 // Done is closed once the driver stopped after Start's ctx ended.
@@ -178,6 +192,11 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 	if err := d.cfg.Plane.Check(spec.Encap); err != nil {
 		return err
 	}
+	if spec.Encrypted {
+		if err := d.checkEncryption(); err != nil {
+			return err
+		}
+	}
 	ov, err := joinOverlay(ctx, d.cfg.Store, spec, d.host)
 	if err != nil {
 		return err
@@ -190,7 +209,7 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 	d.mu.Lock()
 	d.networks[r.NetworkID] = &localNetwork{ID: r.NetworkID, Rec: rec, Overlay: ov}
 	d.mu.Unlock()
-	d.log.Info("network created", "network", short(r.NetworkID), "overlay", ov.Name, "vni", ov.VNI, "subnets", ov.Subnets)
+	d.log.Info("network created", "network", short(r.NetworkID), "overlay", ov.Name, "vni", ov.VNI, "subnets", ov.Subnets, "encrypted", ov.Encrypted)
 	return nil
 }
 
@@ -331,7 +350,7 @@ func (d *Driver) endpoint(ctx context.Context, netID, epID string) (*localNetwor
 
 // overlayOf builds the data plane's view of a network.
 func overlayOf(n *localNetwork) Overlay {
-	ov := Overlay{Name: n.Overlay.Name, VNI: n.Overlay.VNI, Encap: n.Overlay.Encap, MTU: n.Overlay.MTU}
+	ov := Overlay{Name: n.Overlay.Name, VNI: n.Overlay.VNI, Encap: n.Overlay.Encap, MTU: n.Overlay.MTU, Encrypted: n.Overlay.Encrypted}
 	if n.Rec.MTU != 0 {
 		ov.MTU = n.Rec.MTU
 	}

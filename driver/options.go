@@ -16,9 +16,12 @@ const (
 	OptVNI     = "vni"     // VXLAN network identifier 1..16777215; default: allocated in the store
 	OptEncap   = "encap"   // vxlan (default) or gre
 	OptMTU     = "mtu"     // container MTU; default: underlay MTU minus the encapsulation overhead
+	// OptEncrypted encrypts the overlay's traffic between hosts: -o encrypted
+	// (Docker's overlay driver's spelling) or encrypted=true.
+	OptEncrypted = "encrypted"
 )
 
-var knownOptions = []string{OptOverlay, OptVNI, OptEncap, OptMTU}
+var knownOptions = []string{OptOverlay, OptVNI, OptEncap, OptMTU, OptEncrypted}
 
 // Keys libnetwork puts in CreateNetwork's Options.
 const (
@@ -34,8 +37,10 @@ type netSpec struct {
 	Encap    string
 	MTU      int // 0: derive from the underlay
 	Internal bool
-	Subnets  []netip.Prefix // IPv4 first
-	Gateways []netip.Addr   // same order as Subnets; may be invalid (none)
+	// Encrypted: VXLAN between hosts is encrypted (see docs/encryption.md).
+	Encrypted bool
+	Subnets   []netip.Prefix // IPv4 first
+	Gateways  []netip.Addr   // same order as Subnets; may be invalid (none)
 	// Swarm is the cluster-wide Docker network ID of a swarm network
 	// (drivers of scope global); empty for a plain host's network.
 	Swarm string
@@ -80,6 +85,12 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 				return spec, fmt.Errorf("option mtu=%q: want a number from 576 to 9000", v)
 			}
 			spec.MTU = n
+		case OptEncrypted:
+			on, err := encryptedValue(v)
+			if err != nil {
+				return spec, err
+			}
+			spec.Encrypted = on
 		default:
 			return spec, fmt.Errorf("unknown option %q (known: %s)", k, strings.Join(knownOptions, ", "))
 		}
@@ -107,6 +118,9 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 		}
 		spec.Subnets = append(spec.Subnets, p.Masked())
 		spec.Gateways = append(spec.Gateways, gw)
+	}
+	if spec.Encrypted && spec.Encap != "vxlan" {
+		return spec, fmt.Errorf("option encrypted: works with encap vxlan only, not %s", spec.Encap)
 	}
 	if len(spec.Subnets) == 0 || !spec.Subnets[0].Addr().Is4() {
 		return spec, fmt.Errorf("the network needs an IPv4 subnet (use --ipam-driver with this plugin, or --subnet)")
@@ -137,6 +151,18 @@ func userOptions(all map[string]interface{}) (map[string]string, error) {
 		out[k] = s
 	}
 	return out, nil
+}
+
+// encryptedValue reads -o encrypted: no value (Docker's form) or a boolean.
+func encryptedValue(v string) (bool, error) {
+	if v == "" {
+		return true, nil
+	}
+	on, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("option encrypted=%q: want no value, true or false", v)
+	}
+	return on, nil
 }
 
 func boolOption(v interface{}) bool {

@@ -129,7 +129,7 @@ func (p *peerSync) run(ctx context.Context) {
 // register keeps this host's live key, retrying while the store is away,
 // and releases it when ctx ends.
 func (p *peerSync) register(ctx context.Context) {
-	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339)}
+	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.d.cfg.PublicKey}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
 		reg, err := p.d.cfg.Store.Register(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
 		if err == nil {

@@ -40,6 +40,8 @@ type overlayRecord struct {
 	Gateways []string `json:"gateways,omitempty"`
 	MTU      int      `json:"mtu,omitempty"` // set only when a user gave -o mtu
 	Hosts    []string `json:"hosts"`         // hosts with a Docker network on this overlay
+	// Encrypted: VXLAN between the hosts is encrypted (-o encrypted).
+	Encrypted bool `json:"encrypted,omitempty"`
 	// Swarm is the Docker network ID of the swarm network the overlay
 	// belongs to; empty for an overlay of plain hosts' networks. The two
 	// kinds never share an overlay: their addresses come from different
@@ -68,6 +70,9 @@ type hostRecord struct {
 	Addr    string `json:"addr"`
 	Name    string `json:"name"`
 	Started string `json:"started"`
+	// Key is the host's public key for encrypted overlays (X25519,
+	// base64); empty if the host cannot encrypt.
+	Key string `json:"key,omitempty"`
 }
 
 func overlayKey(name string) string         { return overlaysDir + "/" + name }
@@ -110,6 +115,12 @@ func compatible(rec overlayRecord, spec netSpec) error {
 	}
 	if spec.Encap != rec.Encap {
 		return fmt.Errorf("overlay %q already exists with encap %s, not %s", rec.Name, rec.Encap, spec.Encap)
+	}
+	switch {
+	case rec.Encrypted && !spec.Encrypted:
+		return fmt.Errorf("overlay %q already exists encrypted (on hosts %v): create it with -o encrypted here too", rec.Name, rec.Hosts)
+	case !rec.Encrypted && spec.Encrypted:
+		return fmt.Errorf("overlay %q already exists unencrypted (on hosts %v): create it without -o encrypted, or use another -o overlay name", rec.Name, rec.Hosts)
 	}
 	switch {
 	case rec.Swarm == spec.Swarm:
@@ -192,7 +203,7 @@ func claimOverlay(ctx context.Context, s store.Store, spec netSpec, claim func(r
 // newOverlayRecord is the record of a new overlay of spec, without users
 // and without a VNI yet.
 func newOverlayRecord(spec netSpec) overlayRecord {
-	rec := overlayRecord{Name: spec.Overlay, Encap: spec.Encap, Subnets: subnetStrings(spec.Subnets), MTU: spec.MTU, Swarm: spec.Swarm}
+	rec := overlayRecord{Name: spec.Overlay, Encap: spec.Encap, Subnets: subnetStrings(spec.Subnets), MTU: spec.MTU, Swarm: spec.Swarm, Encrypted: spec.Encrypted}
 	for _, gw := range spec.Gateways {
 		if gw.IsValid() {
 			rec.Gateways = append(rec.Gateways, gw.String())

@@ -91,7 +91,14 @@ func serve(ctx context.Context, args []string) error {
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	enc, pub, err := f.host.encryption.encryption(f.logLevel)
+	if err != nil {
+		// Plain overlays work without it; -o encrypted then says why not.
+		log.Warn("encrypted overlays unavailable", "err", err)
+	} else {
+		plane = driver.NewEncryptingKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix, enc)
+	}
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log, PublicKey: pub}
 	var observe pluginapi.Observer
 	if m != nil {
 		cfg.Metrics = m

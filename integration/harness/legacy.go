@@ -95,6 +95,8 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
 		"--live-ttl", "10s",
 		"--log-level", "debug",
+		// The host's own key and encryption data path socket.
+		"--state-dir", filepath.Join(h.Dir, "state"),
 	}, extra...)
 	p.Start(t)
 	c.Cleanup(func() {
