@@ -22,6 +22,9 @@ type EncryptingPlane interface {
 	CheckEncryption() error
 	// SetHostKeys adds or replaces the public keys of hosts.
 	SetHostKeys(keys map[netip.Addr]string) error
+	// ResumeEncryption starts at once, before the store is read, what the
+	// encrypted overlays already on this host need (after a restart).
+	ResumeEncryption() error
 }
 
 func (d *Driver) checkEncryption() error {
@@ -44,6 +47,9 @@ func (k *keySync) run(ctx context.Context) {
 	plane, ok := k.d.cfg.Plane.(EncryptingPlane)
 	if !ok || k.d.cfg.PublicKey == "" {
 		return
+	}
+	if err := plane.ResumeEncryption(); err != nil {
+		k.d.log.Warn("resuming encrypted overlays' data path failed; retried when the store is read", "err", err)
 	}
 	events, err := k.d.cfg.Store.Watch(ctx, hostsDir)
 	if err != nil {

@@ -40,6 +40,13 @@ func (k *kernelPlane) CheckEncryption() error {
 	return overlay.EncryptionAvailable()
 }
 
+func (k *kernelPlane) ResumeEncryption() error {
+	if k.host.Encryption == nil || !k.local.Is4() {
+		return nil
+	}
+	return k.host.StartEncryption(k.local)
+}
+
 func (k *kernelPlane) SetHostKeys(keys map[netip.Addr]string) error {
 	if k.host.Encryption == nil {
 		return nil

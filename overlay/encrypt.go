@@ -72,7 +72,8 @@ type Encryption struct {
 	LogLevel string
 }
 
-func (e *Encryption) control() string { return filepath.Join(e.StateDir, "crypt.sock") }
+func (e *Encryption) control() string   { return filepath.Join(e.StateDir, "crypt.sock") }
+func (e *Encryption) stateFile() string { return filepath.Join(e.StateDir, "crypt-state.json") }
 
 // keeper runs a Host's data path and keeps it told what the Host wants:
 // the VNIs of encrypted networks with their member hosts, and the hosts'
@@ -125,6 +126,28 @@ func (h *Host) SetHostKeys(keys map[netip.Addr]string) error {
 		return nil // a data path started later gets them all
 	}
 	return k.call(func(c *crypt.Client) error { return c.SetKeys(changed) })
+}
+
+// StartEncryption makes sure the data path runs if encrypted networks
+// exist here (their crypt namespace does), before anything else: a
+// restarted plugin calls it first thing, so that a data path that died
+// with the plugin carries traffic again at once (it takes up its saved
+// state). local is this host's underlay address.
+func (h *Host) StartEncryption(local netip.Addr) error {
+	if !isNamedNS(h.cryptPath()) {
+		return nil
+	}
+	k, err := h.keeper()
+	if err != nil {
+		return err
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.client != nil {
+		return nil
+	}
+	k.local = local
+	return k.start()
 }
 
 // EncryptionStatus reports the running data path's state, or an error if
@@ -260,8 +283,9 @@ func (h *Host) cryptSetMembers(vni uint32, hosts []netip.Addr) (int, error) {
 	return 1, k.call(func(c *crypt.Client) error { return c.SetMembers(vni, hosts) })
 }
 
-// cryptRemove stops the data path carrying vni and, if no VNI is left,
-// stops it and removes the crypt namespace.
+// cryptRemove stops the data path carrying vni and, if no encrypted
+// network is left on this host, stops it and removes the crypt namespace.
+// Called with h.mu held.
 func (h *Host) cryptRemove(vni uint32) error {
 	k, err := h.keeper()
 	if err != nil {
@@ -270,15 +294,13 @@ func (h *Host) cryptRemove(vni uint32) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	delete(k.vnis, vni)
-	left := 0
 	if k.client != nil || k.dial() == nil {
-		left, err = k.client.RemoveVNI(vni)
-		if err != nil {
+		if _, err := k.client.RemoveVNI(vni); err != nil {
 			return err
 		}
 	}
-	if left > 0 || len(k.vnis) > 0 {
-		return nil
+	if left, err := h.anyEncrypted(); err != nil || left {
+		return err
 	}
 	if k.client != nil {
 		if err := k.client.Stop(); err != nil {
@@ -287,8 +309,36 @@ func (h *Host) cryptRemove(vni uint32) error {
 		k.client.Close()
 		k.client = nil
 	}
+	os.Remove(k.enc.stateFile())
 	// The data path also stops by itself once the namespace is gone.
 	return removeNamedNS(h.cryptPath())
+}
+
+// anyEncrypted reports whether an encrypted network exists on this host.
+// Called with h.mu held.
+func (h *Host) anyEncrypted() (bool, error) {
+	ids, err := namedNSes(h.dir(), h.prefix())
+	if err != nil {
+		return false, err
+	}
+	for _, id := range ids {
+		if id == cryptID {
+			continue
+		}
+		s, err := h.open(id)
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return false, err
+		}
+		info, err := readInfo(s.ov)
+		s.close()
+		if err == nil && info.encrypted {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // call runs f with a connected client, starting the data path if none
@@ -368,7 +418,7 @@ func (k *keeper) spawn() error {
 	cfg := crypt.Config{
 		HostNetNS: k.h.NetNS, CryptNetNS: k.h.cryptPath(), Local: k.local, Port: enc.Port,
 		KeyFile: enc.KeyFile, PSKFile: enc.PSKFile, RekeyInterval: enc.RekeyInterval,
-		Control: enc.control(), LogLevel: enc.LogLevel,
+		Control: enc.control(), StateFile: enc.stateFile(), LogLevel: enc.LogLevel,
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {

@@ -46,6 +46,11 @@ type Config struct {
 	RekeyInterval time.Duration `json:"rekey_interval"`
 	// Control is the path of the control socket.
 	Control string `json:"control"`
+	// StateFile, if set, keeps what the data path was told (VNIs, their
+	// members, hosts' public keys: nothing secret), so that a data path
+	// started again carries traffic at once, before the plugin tells it
+	// anything.
+	StateFile string `json:"state_file,omitempty"`
 	// LogLevel is debug, info, warn or error (empty: info); the log goes
 	// to stderr. Log, if set, is used instead.
 	LogLevel string       `json:"log_level,omitempty"`
@@ -169,6 +174,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer d.ln.Close()
+	if err := d.load(); err != nil {
+		d.log.Warn("saved state not used", "file", cfg.StateFile, "err", err)
+	}
 	if d.udp, err = listenUDP(cfg.HostNetNS, netip.AddrPortFrom(cfg.Local, uint16(cfg.Port))); err != nil {
 		return err
 	}
@@ -636,7 +644,72 @@ func (d *dataPath) handle(req request) response {
 		return response{Error: fmt.Sprintf("unknown op %q", req.Op)}
 	}
 	d.tab.Store(tab)
+	if err := d.save(tab); err != nil {
+		d.log.Warn("saving state", "file", d.cfg.StateFile, "err", err)
+	}
 	return response{VNIs: len(tab.vnis)}
+}
+
+// savedState is what StateFile holds.
+type savedState struct {
+	Keys map[string]string       `json:"keys"`
+	VNIs map[uint32][]netip.Addr `json:"vnis"`
+}
+
+func (d *dataPath) save(tab *table) error {
+	if d.cfg.StateFile == "" {
+		return nil
+	}
+	st := savedState{Keys: map[string]string{}, VNIs: map[uint32][]netip.Addr{}}
+	for a, p := range tab.peers {
+		st.Keys[a.String()] = p.pub
+	}
+	for vni, hosts := range tab.vnis {
+		l := []netip.Addr{}
+		for h := range hosts {
+			l = append(l, h)
+		}
+		slices.SortFunc(l, func(a, b netip.Addr) int { return a.Compare(b) })
+		st.VNIs[vni] = l
+	}
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	tmp := d.cfg.StateFile + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, d.cfg.StateFile)
+}
+
+// load takes up the saved state, if any.
+func (d *dataPath) load() error {
+	if d.cfg.StateFile == "" {
+		return nil
+	}
+	b, err := os.ReadFile(d.cfg.StateFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var st savedState
+	if err := json.Unmarshal(b, &st); err != nil {
+		return err
+	}
+	reqs := []request{{Op: opSetKeys, Keys: st.Keys}}
+	for vni, hosts := range st.VNIs {
+		reqs = append(reqs, request{Op: opAddVNI, VNI: vni}, request{Op: opSetMembers, VNI: vni, Hosts: hosts})
+	}
+	for _, r := range reqs {
+		if resp := d.handle(r); resp.Error != "" {
+			return errors.New(resp.Error)
+		}
+	}
+	d.log.Info("took up saved state", "vnis", len(st.VNIs), "hosts", len(st.Keys))
+	return nil
 }
 
 func (d *dataPath) status(tab *table) *Status {
