@@ -22,6 +22,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 )
 
@@ -82,6 +83,9 @@ func RunFromEnv(ctx context.Context) error {
 	}
 	return err
 }
+
+// dataPathNice is the data path's scheduling priority (nice value).
+const dataPathNice = -10
 
 // TUNName is the data path's device in the crypt namespace.
 const TUNName = "dnpc0"
@@ -186,6 +190,14 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer d.tun.Close()
 
+	// Packets wait for this process: on a busy host let it run before
+	// ordinary work, as the kernel's own packet processing does (best
+	// effort; needs CAP_SYS_NICE). Nice values are per thread: set them
+	// for every thread of the process group (the data path's own, it
+	// runs in a session of its own); threads made later inherit them.
+	if err := unix.Setpriority(unix.PRIO_PGRP, 0, dataPathNice); err != nil {
+		d.log.Debug("cannot raise the data path's priority", "err", err)
+	}
 	ctx, d.stop = context.WithCancel(ctx)
 	defer d.stop()
 	var wg sync.WaitGroup
@@ -329,6 +341,11 @@ func setupTUN(cryptNS string) error {
 	if err := h.LinkSetMTU(l, 65535); err != nil {
 		return fmt.Errorf("%s MTU: %w", TUNName, err)
 	}
+	// The TUN device drops what does not fit its queue (it never makes
+	// the sender wait): room for bursts while the data path waits for a CPU.
+	if err := h.LinkSetTxQLen(l, 2000); err != nil {
+		return fmt.Errorf("%s queue length: %w", TUNName, err)
+	}
 	if err := h.LinkSetUp(l); err != nil {
 		return fmt.Errorf("%s up: %w", TUNName, err)
 	}
@@ -379,13 +396,55 @@ func (d *dataPath) note(m map[netip.Addr][]uint32, addr netip.Addr, epoch uint32
 	m[addr] = l
 }
 
+// batch is how many packets the data path moves per system call at most.
+const batch = 64
+
 // send carries packets from the TUN device to the remote hosts: each an
-// IPv4 UDP VXLAN packet a VXLAN socket of the crypt namespace sent.
+// IPv4 UDP VXLAN packet a VXLAN socket of the crypt namespace sent. It
+// reads what the TUN device has queued (up to batch packets), seals it,
+// and sends it with one sendmmsg.
 func (d *dataPath) send() {
 	senders := map[netip.Addr]*Sender{}
-	buf := make([]byte, 65536+TagSize)
+	bufs := make([][]byte, batch)
+	lens := make([]int, batch)
+	msgs := make([]ipv4.Message, batch)
+	addrs := make([]net.UDPAddr, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, 65536+TagSize)
+		addrs[i].IP = make(net.IP, 4)
+		msgs[i].Buffers = make([][]byte, 1)
+		msgs[i].Addr = &addrs[i]
+	}
+	rc, err := d.tun.SyscallConn()
+	if err != nil {
+		d.log.Error("TUN", "err", err)
+		d.stop()
+		return
+	}
+	pc := ipv4.NewPacketConn(d.udp)
 	for {
-		n, err := d.tun.Read(buf[:65536])
+		n := 0
+		var readErr error
+		err := rc.Read(func(fd uintptr) bool {
+			for n < batch {
+				m, err := unix.Read(int(fd), bufs[n][:65536])
+				switch {
+				case err == unix.EINTR:
+					continue
+				case err == unix.EAGAIN:
+					return n > 0 // nothing (more) queued: wait, or send what we have
+				case err != nil:
+					readErr = err
+					return true
+				}
+				lens[n] = m
+				n++
+			}
+			return true
+		})
+		if err == nil {
+			err = readErr
+		}
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
 				d.log.Error("read TUN", "err", err)
@@ -393,63 +452,97 @@ func (d *dataPath) send() {
 			}
 			return
 		}
-		p := buf[:n]
-		// IPv4, no fragments, UDP to the VXLAN port, a VXLAN header.
-		if n < 20 || p[0]>>4 != 4 || p[9] != unix.IPPROTO_UDP || binary.BigEndian.Uint16(p[6:])&0x3fff != 0 {
-			d.counters.dropNotVXLAN.Add(1)
-			continue
+		k := 0
+		for i := range n {
+			pkt, dst, ok := d.seal(senders, bufs[i][:lens[i]])
+			if !ok {
+				continue
+			}
+			a := dst.As4()
+			copy(addrs[k].IP, a[:])
+			addrs[k].Port = d.cfg.Port
+			msgs[k].Buffers[0] = pkt
+			k++
 		}
-		ihl := int(p[0]&0x0f) * 4
-		total := int(binary.BigEndian.Uint16(p[2:]))
-		if ihl < 20 || total > n || total < ihl+8+8 || binary.BigEndian.Uint16(p[ihl+2:]) != VXLANPort {
-			d.counters.dropNotVXLAN.Add(1)
-			continue
+		for off := 0; off < k; {
+			w, err := pc.WriteBatch(msgs[off:k], 0)
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				// The first message failed (e.g. no route): drop it, go on.
+				d.counters.dropSend.Add(1)
+				w = 1
+			}
+			for _, m := range msgs[off : off+w] {
+				d.counters.txPackets.Add(1)
+				d.counters.txBytes.Add(uint64(len(m.Buffers[0])))
+			}
+			off += w
 		}
-		dst := netip.AddrFrom4([4]byte(p[16:20]))
-		start := ihl + 8 // the VXLAN header
-		plain := p[start:total]
-		vni := binary.BigEndian.Uint32(plain[4:]) >> 8
-		tab := d.tab.Load()
-		if !tab.vnis[vni][dst] {
-			d.counters.dropNotMember.Add(1)
-			continue
-		}
-		pe := tab.peers[dst]
-		if pe == nil {
-			d.counters.dropNoKey.Add(1)
-			continue
-		}
-		s := senders[dst]
-		if s == nil || s.Pair() != pe.pair {
-			s = NewSender(pe.pair)
-			senders[dst] = s
-		}
-		epoch := d.epoch()
-		before, _ := s.KeyInUse()
-		pkt := s.Seal(buf[start-HeaderSize:], len(plain), epoch)
-		if after, _ := s.KeyInUse(); after != before {
-			d.note(d.sent, dst, after)
-		}
-		if _, err := d.udp.WriteToUDPAddrPort(pkt, netip.AddrPortFrom(dst, uint16(d.cfg.Port))); err != nil {
-			d.counters.dropSend.Add(1)
-			continue
-		}
-		d.counters.txPackets.Add(1)
-		d.counters.txBytes.Add(uint64(len(pkt)))
 	}
+}
+
+// seal turns one packet from the TUN device into the encrypted packet for
+// its remote host, in place; ok is false for a packet to drop.
+func (d *dataPath) seal(senders map[netip.Addr]*Sender, p []byte) (pkt []byte, dst netip.Addr, ok bool) {
+	n := len(p)
+	// IPv4, no fragments, UDP to the VXLAN port, a VXLAN header.
+	if n < 20 || p[0]>>4 != 4 || p[9] != unix.IPPROTO_UDP || binary.BigEndian.Uint16(p[6:])&0x3fff != 0 {
+		d.counters.dropNotVXLAN.Add(1)
+		return nil, dst, false
+	}
+	ihl := int(p[0]&0x0f) * 4
+	total := int(binary.BigEndian.Uint16(p[2:]))
+	if ihl < 20 || total > n || total < ihl+8+8 || binary.BigEndian.Uint16(p[ihl+2:]) != VXLANPort {
+		d.counters.dropNotVXLAN.Add(1)
+		return nil, dst, false
+	}
+	dst = netip.AddrFrom4([4]byte(p[16:20]))
+	start := ihl + 8 // the VXLAN header
+	plain := p[start:total]
+	vni := binary.BigEndian.Uint32(plain[4:]) >> 8
+	tab := d.tab.Load()
+	if !tab.vnis[vni][dst] {
+		d.counters.dropNotMember.Add(1)
+		return nil, dst, false
+	}
+	pe := tab.peers[dst]
+	if pe == nil {
+		d.counters.dropNoKey.Add(1)
+		return nil, dst, false
+	}
+	s := senders[dst]
+	if s == nil || s.Pair() != pe.pair {
+		s = NewSender(pe.pair)
+		senders[dst] = s
+	}
+	before, _ := s.KeyInUse()
+	pkt = s.Seal(p[start-HeaderSize:cap(p)], len(plain), d.epoch())
+	if after, _ := s.KeyInUse(); after != before {
+		d.note(d.sent, dst, after)
+	}
+	return pkt, dst, true
 }
 
 // ipUDPSize is the IPv4 and UDP header the data path puts back in front
 // of a VXLAN packet it received.
 const ipUDPSize = 28
 
-// receive carries packets from remote hosts into the TUN device.
+// receive carries packets from remote hosts into the TUN device; it takes
+// up to batch packets per recvmmsg.
 func (d *dataPath) receive() {
 	receivers := map[netip.Addr]*Receiver{}
-	buf := make([]byte, 65536+ipUDPSize)
 	off := ipUDPSize - HeaderSize // the plaintext then starts at ipUDPSize
+	bufs := make([][]byte, batch)
+	msgs := make([]ipv4.Message, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, 65536+ipUDPSize)
+		msgs[i].Buffers = [][]byte{bufs[i][off:]}
+	}
+	pc := ipv4.NewPacketConn(d.udp)
 	for {
-		n, from, err := d.udp.ReadFromUDPAddrPort(buf[off:])
+		n, err := pc.ReadBatch(msgs, 0)
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				d.log.Error("read UDP", "err", err)
@@ -457,52 +550,73 @@ func (d *dataPath) receive() {
 			}
 			return
 		}
-		src := from.Addr().Unmap()
-		pe := d.tab.Load().peers[src]
-		if pe == nil {
-			d.counters.dropUnknownPeer.Add(1)
-			continue
-		}
-		r := receivers[src]
-		if r == nil || r.Pair() != pe.pair {
-			r = NewReceiver(pe.pair)
-			r.NewKey = func(epoch uint32, _ uint64) { d.note(d.received, src, epoch) }
-			receivers[src] = r
-		}
-		plain, err := r.Open(buf[off:off+n], d.epoch())
-		if err != nil {
-			switch {
-			case errors.Is(err, ErrEpoch):
-				d.counters.dropEpoch.Add(1)
-			case errors.Is(err, ErrAuth):
-				d.counters.dropAuth.Add(1)
-			case errors.Is(err, ErrReplay):
-				d.counters.dropReplay.Add(1)
-			default:
-				d.counters.dropMalformed.Add(1)
+		for i := range n {
+			from, ok := msgs[i].Addr.(*net.UDPAddr)
+			if !ok {
+				continue
 			}
-			continue
+			src, _ := netip.AddrFromSlice(from.IP)
+			pkt, ok := d.open(receivers, bufs[i], msgs[i].N, src.Unmap())
+			if !ok {
+				continue
+			}
+			if _, err := d.tun.Write(pkt); err != nil {
+				if errors.Is(err, os.ErrClosed) {
+					return
+				}
+				d.counters.dropWrite.Add(1)
+				continue
+			}
+			d.counters.rxPackets.Add(1)
+			d.counters.rxBytes.Add(uint64(msgs[i].N))
 		}
-		// The VXLAN header (flag I set) and an Ethernet frame; the sender
-		// must be a member of the VNI.
-		if len(plain) < 8+14 || plain[0]&0x08 == 0 {
-			d.counters.dropMalformed.Add(1)
-			continue
-		}
-		vni := binary.BigEndian.Uint32(plain[4:]) >> 8
-		if !d.tab.Load().vnis[vni][src] {
-			d.counters.dropNotMember.Add(1)
-			continue
-		}
-		pkt := buf[:ipUDPSize+len(plain)]
-		putIPUDP(pkt, src, d.cfg.Local)
-		if _, err := d.tun.Write(pkt); err != nil {
-			d.counters.dropWrite.Add(1)
-			continue
-		}
-		d.counters.rxPackets.Add(1)
-		d.counters.rxBytes.Add(uint64(n))
 	}
+}
+
+// open checks and decrypts an encrypted packet from src (n bytes at
+// buf[ipUDPSize-HeaderSize:]) and returns the VXLAN packet to write into
+// the TUN device (in buf); ok is false for a packet to drop.
+func (d *dataPath) open(receivers map[netip.Addr]*Receiver, buf []byte, n int, src netip.Addr) (pkt []byte, ok bool) {
+	pe := d.tab.Load().peers[src]
+	if pe == nil {
+		d.counters.dropUnknownPeer.Add(1)
+		return nil, false
+	}
+	r := receivers[src]
+	if r == nil || r.Pair() != pe.pair {
+		r = NewReceiver(pe.pair)
+		r.NewKey = func(epoch uint32, _ uint64) { d.note(d.received, src, epoch) }
+		receivers[src] = r
+	}
+	off := ipUDPSize - HeaderSize
+	plain, err := r.Open(buf[off:off+n], d.epoch())
+	if err != nil {
+		switch {
+		case errors.Is(err, ErrEpoch):
+			d.counters.dropEpoch.Add(1)
+		case errors.Is(err, ErrAuth):
+			d.counters.dropAuth.Add(1)
+		case errors.Is(err, ErrReplay):
+			d.counters.dropReplay.Add(1)
+		default:
+			d.counters.dropMalformed.Add(1)
+		}
+		return nil, false
+	}
+	// The VXLAN header (flag I set) and an Ethernet frame; the sender
+	// must be a member of the VNI.
+	if len(plain) < 8+14 || plain[0]&0x08 == 0 {
+		d.counters.dropMalformed.Add(1)
+		return nil, false
+	}
+	vni := binary.BigEndian.Uint32(plain[4:]) >> 8
+	if !d.tab.Load().vnis[vni][src] {
+		d.counters.dropNotMember.Add(1)
+		return nil, false
+	}
+	pkt = buf[:ipUDPSize+len(plain)]
+	putIPUDP(pkt, src, d.cfg.Local)
+	return pkt, true
 }
 
 // putIPUDP writes the IPv4 and UDP headers of a VXLAN packet from src to
