@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"slices"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -84,8 +85,46 @@ func RunFromEnv(ctx context.Context) error {
 	return err
 }
 
-// dataPathNice is the data path's scheduling priority (nice value).
+// dataPathNice is the data path's scheduling priority (nice value) where
+// it cannot have a real-time one.
 const dataPathNice = -10
+
+// raisePriority lets the data path run before ordinary work on a busy
+// host, as the kernel's own packet processing (softirq) does: packets wait
+// for it, in both directions. First choice is the lowest real-time
+// priority (SCHED_RR 1: it preempts ordinary tasks at once; the kernel
+// keeps 5% of every CPU for them even then), else nice -10. Both are best
+// effort (they need CAP_SYS_NICE) and apply to every thread there is now;
+// threads the Go runtime makes later inherit them.
+func (d *dataPath) raisePriority() {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		d.log.Debug("cannot raise the data path's priority", "err", err)
+		return
+	}
+	rt := true
+	for _, tk := range tasks {
+		tid, err := strconv.Atoi(tk.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.SchedSetAttr(tid, &unix.SchedAttr{Policy: unix.SCHED_RR, Priority: 1}, 0); err != nil {
+			rt = false
+			break
+		}
+	}
+	if rt {
+		d.log.Info("data path runs at real-time priority (SCHED_RR 1)")
+		return
+	}
+	// Nice values are per thread too: PRIO_PGRP sets every thread of the
+	// process group, the data path's own (it runs in a session of its own).
+	if err := unix.Setpriority(unix.PRIO_PGRP, 0, dataPathNice); err != nil {
+		d.log.Info("data path runs at normal priority", "err", err)
+		return
+	}
+	d.log.Info("data path runs at nice " + strconv.Itoa(dataPathNice))
+}
 
 // TUNName is the data path's device in the crypt namespace.
 const TUNName = "dnpc0"
@@ -190,14 +229,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer d.tun.Close()
 
-	// Packets wait for this process: on a busy host let it run before
-	// ordinary work, as the kernel's own packet processing does (best
-	// effort; needs CAP_SYS_NICE). Nice values are per thread: set them
-	// for every thread of the process group (the data path's own, it
-	// runs in a session of its own); threads made later inherit them.
-	if err := unix.Setpriority(unix.PRIO_PGRP, 0, dataPathNice); err != nil {
-		d.log.Debug("cannot raise the data path's priority", "err", err)
-	}
+	d.raisePriority()
 	ctx, d.stop = context.WithCancel(ctx)
 	defer d.stop()
 	var wg sync.WaitGroup
