@@ -88,6 +88,9 @@ type keeper struct {
 	local  netip.Addr
 	vnis   map[uint32][]netip.Addr // members; nil: not known yet
 	keys   map[netip.Addr]string
+	// checked: the running data path was found to have this keeper's
+	// settings (checked once, on the first connection).
+	checked bool
 }
 
 // keeper returns the Host's keeper, making it on first use.
@@ -207,10 +210,9 @@ func (h *Host) ensureCrypt(local netip.Addr, vni uint32) (netns.NsHandle, error)
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.local.IsValid() && k.local != local && k.client != nil {
-		// The underlay address changed: the data path must start again.
-		slog.Info("encryption data path: local address changed; restarting it", "was", k.local, "now", local)
-		k.client.Stop()
+	if k.local != local && k.client != nil {
+		// The underlay address changed: reconnect, and start() restarts
+		// the data path with the new one.
 		k.client.Close()
 		k.client = nil
 	}
@@ -294,8 +296,18 @@ func (h *Host) cryptRemove(vni uint32) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	delete(k.vnis, vni)
-	if k.client != nil || k.dial() == nil {
-		if _, err := k.client.RemoveVNI(vni); err != nil {
+	// Tell a running data path; none running is fine (nothing to tell).
+	for try := 0; try < 2; try++ {
+		if k.client == nil && k.dial() != nil {
+			break
+		}
+		_, err := k.client.RemoveVNI(vni)
+		if err == nil {
+			break
+		}
+		k.client.Close()
+		k.client = nil
+		if try == 1 {
 			return err
 		}
 	}
@@ -372,7 +384,20 @@ func (k *keeper) start() error {
 	if !k.local.IsValid() {
 		return errors.New("encryption data path: no local address yet")
 	}
-	if err := k.dial(); err != nil {
+	if err := k.dial(); err == nil && !k.checked {
+		// A data path of an earlier run: keep it unless it works with
+		// other settings or another key than this run's.
+		if why := k.stale(); why != "" {
+			slog.Info("encryption data path runs with other settings; restarting it", "reason", why)
+			k.client.Stop()
+			k.client.Close()
+			k.client = nil
+			if err := k.waitGone(); err != nil {
+				return err
+			}
+		}
+	}
+	if k.client == nil {
 		if err := k.spawn(); err != nil {
 			return err
 		}
@@ -382,7 +407,51 @@ func (k *keeper) start() error {
 		k.client = nil
 		return err
 	}
+	k.checked = true
 	return nil
+}
+
+// stale says how the connected data path differs from what this keeper
+// would start ("" if it does not).
+func (k *keeper) stale() string {
+	st, err := k.client.Status()
+	if err != nil {
+		return err.Error()
+	}
+	enc := k.enc
+	priv, err := crypt.LoadOrCreateKey(enc.KeyFile)
+	if err != nil {
+		return err.Error()
+	}
+	psk, err := crypt.LoadPSK(enc.PSKFile)
+	if err != nil {
+		return err.Error()
+	}
+	switch {
+	case st.Local != k.local:
+		return fmt.Sprintf("local address %s, want %s", st.Local, k.local)
+	case st.Port != enc.Port:
+		return fmt.Sprintf("port %d, want %d", st.Port, enc.Port)
+	case st.Interval != enc.RekeyInterval.String():
+		return fmt.Sprintf("rekey interval %s, want %s", st.Interval, enc.RekeyInterval)
+	case st.PublicKey != crypt.EncodePublic(priv.PublicKey()):
+		return "another host key"
+	case st.PSKID != crypt.PSKID(psk):
+		return "another pre-shared secret"
+	}
+	return ""
+}
+
+// waitGone waits until the data path told to stop has released its socket.
+func (k *keeper) waitGone() error {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		c, err := crypt.Dial(k.enc.control())
+		if err != nil {
+			return nil
+		}
+		c.Close()
+	}
+	return errors.New("encryption data path did not stop within 5s")
 }
 
 // replay tells a data path what the keeper knows: nothing is removed, so a

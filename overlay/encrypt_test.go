@@ -262,6 +262,34 @@ func TestEncryptedNetwork(t *testing.T) {
 		t.Error("the same VXLAN from the member host did not reach the container: the check proves nothing")
 	}
 
+	// A restarted plugin keeps the running data path if it has the same
+	// settings, and replaces it if not (here: another rekey interval).
+	st0, err := a.host.EncryptionStatus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := &overlay.Host{NetNS: a.host.NetNS, Prefix: a.host.Prefix, Encryption: a.host.Encryption}
+	if err := same.StartEncryption(a.ip); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := a.host.EncryptionStatus(); st == nil || st.PID != st0.PID {
+		t.Fatalf("a restart with the same settings replaced the data path (pid %d -> %v)", st0.PID, st)
+	}
+	other := *a.host.Encryption
+	other.RekeyInterval = 3 * time.Second
+	changed := &overlay.Host{NetNS: a.host.NetNS, Prefix: a.host.Prefix, Encryption: &other}
+	if err := changed.StartEncryption(a.ip); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := a.host.EncryptionStatus(); st == nil || st.PID == st0.PID || st.Interval != "3s" || len(st.VNIs) != 1 || len(st.Peers) != 1 {
+		t.Fatalf("a restart with another rekey interval: data path %+v; want a new one with 3s, which took up the saved VNI and key", st)
+	}
+	back := &overlay.Host{NetNS: a.host.NetNS, Prefix: a.host.Prefix, Encryption: a.host.Encryption}
+	if err := back.StartEncryption(a.ip); err != nil {
+		t.Fatal(err)
+	}
+	mustPing(t, ca, "10.50.0.2")
+
 	// Removing the networks removes the filter, the data path and the
 	// crypt namespace.
 	for _, h := range []*testHost{a, b} {

@@ -41,16 +41,20 @@ const (
 
 // Status is what the data path reports about itself.
 type Status struct {
-	PID      int                 `json:"pid"`
-	Instance string              `json:"instance"` // random, per process start
-	Local    netip.Addr          `json:"local"`
-	Port     int                 `json:"port"`
-	Interval string              `json:"rekey_interval"`
-	Epoch    uint32              `json:"epoch"` // now
-	PSK      bool                `json:"psk"`
-	Peers    []PeerStatus        `json:"peers"`
-	VNIs     map[uint32][]string `json:"vnis"`
-	Counters map[string]uint64   `json:"counters"`
+	PID      int        `json:"pid"`
+	Instance string     `json:"instance"` // random, per process start
+	Local    netip.Addr `json:"local"`
+	Port     int        `json:"port"`
+	Interval string     `json:"rekey_interval"`
+	Epoch    uint32     `json:"epoch"` // now
+	PSK      bool       `json:"psk"`
+	// PublicKey is this host's public key; PSKID identifies the
+	// pre-shared secret (PSKID), "" for none.
+	PublicKey string              `json:"public_key"`
+	PSKID     string              `json:"psk_id,omitempty"`
+	Peers     []PeerStatus        `json:"peers"`
+	VNIs      map[uint32][]string `json:"vnis"`
+	Counters  map[string]uint64   `json:"counters"`
 }
 
 // PeerStatus is one remote host as the data path knows it.

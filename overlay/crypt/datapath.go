@@ -862,6 +862,7 @@ func (d *dataPath) status(tab *table) *Status {
 	st := &Status{
 		PID: os.Getpid(), Instance: d.instance, Local: d.cfg.Local, Port: d.cfg.Port,
 		Interval: d.cfg.RekeyInterval.String(), Epoch: d.epoch(), PSK: d.psk != nil,
+		PublicKey: EncodePublic(d.priv.PublicKey()), PSKID: PSKID(d.psk),
 		VNIs: map[uint32][]string{}, Counters: d.counters.snapshot(),
 	}
 	for vni, hosts := range tab.vnis {

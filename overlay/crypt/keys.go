@@ -161,6 +161,17 @@ func LoadPSK(path string) ([]byte, error) {
 	return b, nil
 }
 
+// PSKID is a short identifier of a pre-shared secret ("" for none), for
+// telling whether a running data path has the secret a file now holds.
+// It is shown only on the data path's root-only control socket.
+func PSKID(psk []byte) string {
+	if psk == nil {
+		return ""
+	}
+	h := sha256.Sum256(append([]byte("dnp psk id "), psk...))
+	return base64.RawStdEncoding.EncodeToString(h[:9])
+}
+
 // Pair is the secret shared by this host and one remote host: everything
 // the traffic keys of the pair are derived from.
 type Pair struct {
