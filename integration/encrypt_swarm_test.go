@@ -146,8 +146,10 @@ func TestEncryptedSwarm(t *testing.T) {
 	}
 	t.Logf("h2's managed plugin killed (pid %d), restarted by dockerd as pid %d in %s: h1 -> h2 %d of %d pings answered, none in clear",
 		oldPID, newPID, restartedIn.Round(time.Millisecond), got, count)
-	if got < count-5 {
-		t.Errorf("h1 -> h2: %d of %d pings answered across h2's managed plugin restart", got, count)
+	// Traffic resumes as soon as the plugin is back: at most the pings of
+	// the restart itself, and two more, are lost.
+	if lost, bound := count-got, int(restartedIn/(200*time.Millisecond))+3; lost > bound {
+		t.Errorf("h1 -> h2: %d of %d pings lost across h2's managed plugin restart (%s); want at most %d", lost, count, restartedIn.Round(time.Millisecond), bound)
 	}
 
 	// Docker's encrypted overlay: it needs ESP (IPsec) in the kernel.
