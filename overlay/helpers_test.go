@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -55,6 +56,14 @@ func newHosts(t *testing.T, n int) []*testHost {
 				if err := h.host.DeleteNetwork(id); err != nil {
 					t.Errorf("cleanup: %v", err)
 				}
+			}
+			// The last encrypted network takes the crypt namespace with it;
+			// if a failed test left it, it goes here (and its data path
+			// stops by itself).
+			crypt := h.host.Prefix + "crypt"
+			if _, err := os.Stat(filepath.Join(overlay.DefaultDir, crypt)); err == nil {
+				t.Errorf("cleanup: crypt namespace %s left; removing it", crypt)
+				run("ip", "netns", "del", crypt)
 			}
 		})
 	}

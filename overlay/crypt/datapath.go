@@ -389,7 +389,8 @@ func setupTUN(cryptNS string) error {
 }
 
 // watchNamespace stops the data path once its crypt namespace is gone
-// (the plugin removed the last encrypted overlay, or the host was wiped).
+// (the plugin removed the last encrypted overlay, or the host was wiped),
+// or the host namespace it was given by path (tests' hosts).
 func (d *dataPath) watchNamespace(ctx context.Context) {
 	if d.cfg.CryptNetNS == "" {
 		return
@@ -402,11 +403,16 @@ func (d *dataPath) watchNamespace(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		var st unix.Statfs_t
-		if err := unix.Statfs(d.cfg.CryptNetNS, &st); err != nil || st.Type != unix.NSFS_MAGIC {
-			d.log.Info("crypt namespace gone; stopping", "netns", d.cfg.CryptNetNS)
-			d.stop()
-			return
+		for _, ns := range []string{d.cfg.CryptNetNS, d.cfg.HostNetNS} {
+			var st unix.Statfs_t
+			if ns == "" {
+				continue
+			}
+			if err := unix.Statfs(ns, &st); err != nil || st.Type != unix.NSFS_MAGIC {
+				d.log.Info("namespace gone; stopping", "netns", ns)
+				d.stop()
+				return
+			}
 		}
 	}
 }
