@@ -92,25 +92,33 @@ func TestBenchThroughput(t *testing.T) {
 	rec.res.Baseline = "the same iperf3 between the two hosts' own network namespaces directly over the underlay " +
 		"(veth to the harness's switch bridge, MTU " + x.underlayMTU(t) + "): the limit of this machine's path."
 
-	var over, under []float64
+	cases := x.comparisons(t)
+	samples := make([][]float64, len(cases))
+	var under []float64
 	for i := range Runs {
-		v, err := iperf(x.ns2, x.ns1, x.ip2)
-		if err != nil {
-			t.Fatalf("run %d, overlay: %v", i+1, err)
+		var line []string
+		for ci, c := range cases {
+			if c.Unavailable != "" {
+				continue
+			}
+			v, err := iperf(c.NS2, c.NS1, c.IP2)
+			if err != nil {
+				t.Fatalf("run %d, %s: %v", i+1, c.Name, err)
+			}
+			samples[ci] = append(samples[ci], v)
+			line = append(line, fmt.Sprintf("%s %.2f", c.Name, v))
 		}
-		over = append(over, v)
-		v, err = iperf(x.hostNS2, x.hostNS1, x.underlay2)
+		v, err := iperf(x.hostNS2, x.hostNS1, x.underlay2)
 		if err != nil {
 			t.Fatalf("run %d, underlay: %v", i+1, err)
 		}
 		under = append(under, v)
-		t.Logf("run %d: overlay %.2f Gbit/s, underlay %.2f Gbit/s", i+1, over[i], under[i])
+		t.Logf("run %d (Gbit/s): %s; underlay %.2f", i+1, strings.Join(line, ", "), v)
 	}
-	rec.res.Rows = append(rec.res.Rows, Row{
-		Name: "container to container, overlay (encap=vxlan)", Unit: "Gbit/s", Samples: over,
-		BaseName: "host to host, underlay", Base: under, Chart: "Throughput, Gbit/s",
-	})
-
+	rec.res.Rows = append(rec.res.Rows, compareRows(cases, samples, under, "container to container, ", "Gbit/s", "Throughput, Gbit/s")...)
+	rec.note("%s", encryptionNote())
+	rec.note("Docker's own overlay driver: the same two hosts in swarm mode, an attachable `docker network create -d overlay` network, containers started with docker run; its rows have the same underlay baseline and are not drawn in the chart. %s",
+		compareNote(cases, samples, "throughput"))
 	// encap=gre: measured where the kernel has gretap, reported otherwise.
 	greRow := Row{Name: "container to container, overlay (encap=gre)", Unit: "Gbit/s"}
 	if err := overlay.Available(overlay.EncapGRE); err != nil {
@@ -147,7 +155,7 @@ func TestBenchThroughput(t *testing.T) {
 		greRow.Chart = "Throughput, Gbit/s"
 	}
 	rec.res.Rows = append(rec.res.Rows, greRow)
-	rec.note("Cases alternate run by run (overlay, then underlay). One TCP stream; sender and receiver share the machine's %d cores, so the numbers are CPU-bound, not link-bound.", numCPU())
+	rec.note("Cases alternate run by run (each overlay, then the underlay). One TCP stream; sender and receiver share the machine's %d cores, so the numbers are CPU-bound, not link-bound.", numCPU())
 	rec.note("Store: etcd on the underlay; the store is not on the data path.")
 	rec.save()
 }
@@ -224,44 +232,57 @@ func TestBenchLatency(t *testing.T) {
 	x.h1.Docker(append([]string{"exec", "c1"}, "ping", "-c", "2", x.ip2)...)
 	x.h1.Exec("busybox", "ping", "-c", "2", x.underlay2)
 
-	var pOver, pUnder, rOver, rUnder []float64
+	cases := x.comparisons(t)
+	for _, c := range cases[1:] {
+		if c.Unavailable == "" {
+			x.h1.Docker("exec", c.Container1, "ping", "-c", "2", c.IP2)
+		}
+	}
+	pings, rrs := make([][]float64, len(cases)), make([][]float64, len(cases))
+	var pUnder, rUnder []float64
 	for i := range Runs {
-		out, err := x.h1.Docker(append(append([]string{"exec", "c1"}, pingArgs...), x.ip2)...)
+		var line []string
+		for ci, c := range cases {
+			if c.Unavailable != "" {
+				continue
+			}
+			out, err := x.h1.Docker(append(append([]string{"exec", c.Container1}, pingArgs...), c.IP2)...)
+			if err != nil {
+				t.Fatalf("run %d: %s ping: %v", i+1, c.Name, err)
+			}
+			v, err := avgRTT(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pings[ci] = append(pings[ci], v)
+			rate, err := tcpRR(c.NS2, c.NS1, c.IP2, 2*time.Second)
+			if err != nil {
+				t.Fatalf("run %d: %s: %v", i+1, c.Name, err)
+			}
+			rrs[ci] = append(rrs[ci], rate/1000)
+			line = append(line, fmt.Sprintf("%s %.0f µs %.1f k/s", c.Name, v, rate/1000))
+		}
+		out, err := x.h1.Exec(append(append([]string{"busybox"}, pingArgs...), x.underlay2)...)
 		if err != nil {
-			t.Fatalf("run %d: overlay ping: %v", i+1, err)
+			t.Fatalf("run %d: underlay ping: %v", i+1, err)
 		}
 		v, err := avgRTT(out)
 		if err != nil {
 			t.Fatal(err)
 		}
-		pOver = append(pOver, v)
-		out, err = x.h1.Exec(append(append([]string{"busybox"}, pingArgs...), x.underlay2)...)
-		if err != nil {
-			t.Fatalf("run %d: underlay ping: %v", i+1, err)
-		}
-		if v, err = avgRTT(out); err != nil {
-			t.Fatal(err)
-		}
 		pUnder = append(pUnder, v)
-
-		rate, err := tcpRR(x.ns2, x.ns1, x.ip2, 2*time.Second)
-		if err != nil {
-			t.Fatalf("run %d: overlay: %v", i+1, err)
-		}
-		rOver = append(rOver, rate/1000)
-		rate, err = tcpRR(x.hostNS2, x.hostNS1, x.underlay2, 2*time.Second)
+		rate, err := tcpRR(x.hostNS2, x.hostNS1, x.underlay2, 2*time.Second)
 		if err != nil {
 			t.Fatalf("run %d: underlay: %v", i+1, err)
 		}
 		rUnder = append(rUnder, rate/1000)
-		t.Logf("run %d: ping %.0f/%.0f µs, tcp rr %.1f/%.1f k/s (overlay/underlay)", i+1, pOver[i], pUnder[i], rOver[i], rUnder[i])
+		t.Logf("run %d: %s; underlay %.0f µs %.1f k/s", i+1, strings.Join(line, ", "), v, rate/1000)
 	}
-	rec.res.Rows = []Row{
-		{Name: "ping RTT, container to container, overlay", Unit: "µs", Samples: pOver,
-			BaseName: "host to host, underlay", Base: pUnder, Chart: "Ping RTT, microseconds"},
-		{Name: "TCP request/response, container to container, overlay", Unit: "1000 transactions/s", Samples: rOver,
-			BaseName: "host to host, underlay", Base: rUnder, Chart: "TCP request/response, 1000/s"},
-	}
+	rec.res.Rows = append(compareRows(cases, pings, pUnder, "ping RTT, container to container, ", "µs", "Ping RTT, microseconds"),
+		compareRows(cases, rrs, rUnder, "TCP request/response, container to container, ", "1000 transactions/s", "TCP request/response, 1000/s")...)
+	rec.note("%s", encryptionNote())
+	rec.note("Docker's own overlay driver: the same two hosts in swarm mode, an attachable overlay network; its rows have the same underlay baseline and are not drawn in the chart. %s %s",
+		compareNote(cases, pings, "ping RTT"), compareNote(cases, rrs, "request/response rate"))
 	rec.note("Lower is better for RTT, higher for the request/response rate. The two cases alternate run by run.")
 	rec.save()
 }

@@ -528,7 +528,7 @@ func TestInputChecks(t *testing.T) {
 // jumboPlane is a fakePlane on an underlay of MTU 9000.
 type jumboPlane struct{ *fakePlane }
 
-func (j *jumboPlane) MaxMTU(string) (int, error) { return 8950, nil }
+func (j *jumboPlane) MaxMTU(string, bool) (int, error) { return 8950, nil }
 
 // Endpoints recorded by the previous version have no claims: a started
 // plugin claims its own, so that no new endpoint takes their MAC or

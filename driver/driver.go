@@ -29,6 +29,9 @@ type Overlay struct {
 	Subnets  []netip.Prefix
 	Gateways []netip.Addr // per subnet; invalid when none
 	MTU      int          // 0: derive from the underlay
+	// Encrypted: VXLAN between hosts is encrypted (the plane must be an
+	// EncryptingPlane).
+	Encrypted bool
 }
 
 // Endpoint is one container interface on an overlay.
@@ -51,10 +54,11 @@ type Peer struct {
 type DataPlane interface {
 	// Check reports whether the kernel can build encap, with a clear error if not.
 	Check(encap string) error
-	// MaxMTU is the largest overlay MTU the underlay carries with encap:
-	// the underlay device's MTU minus the encapsulation's overhead (what
-	// an overlay without an MTU of its own gets).
-	MaxMTU(encap string) (int, error)
+	// MaxMTU is the largest overlay MTU the underlay carries with encap,
+	// encrypted or not: the underlay device's MTU minus the
+	// encapsulation's (and encryption's) overhead (what an overlay without
+	// an MTU of its own gets).
+	MaxMTU(encap string, encrypted bool) (int, error)
 	// EnsureOverlay builds (or finds and repairs) the overlay's bridge and tunnel.
 	EnsureOverlay(ov Overlay) error
 	// RemoveOverlay deletes everything the overlay has on this host.
@@ -84,6 +88,9 @@ type Config struct {
 	Log      *slog.Logger
 	Metrics  Metrics     // optional; nil means none
 	Names    NameService // optional; nil means no names across hosts
+	// PublicKey is this host's public key for encrypted overlays, as
+	// published in its host record; empty if it cannot encrypt.
+	PublicKey string
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -117,6 +124,7 @@ type Driver struct {
 
 	peers *peerSync
 	mcast *mcastSync
+	keys  *keySync
 	done  chan struct{}
 
 	// mroutes: which endpoint holds the multicast route of a sandbox
@@ -157,6 +165,7 @@ func New(cfg Config) *Driver {
 	d.peers = newPeerSync(d)
 	d.mcast = newMcastSync(d)
 	d.mroutes = map[string]string{}
+	d.keys = newKeySync(d)
 	d.done = make(chan struct{})
 	return d
 }
@@ -169,6 +178,7 @@ func (d *Driver) Start(ctx context.Context) {
 	var wg sync.WaitGroup
 	wg.Go(func() { d.peers.run(ctx) })
 	wg.Go(func() { d.mcast.run(ctx) })
+	wg.Go(func() { d.keys.run(ctx) })
 	go func() { wg.Wait(); close(d.done) }()
 }
 
@@ -214,7 +224,12 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 	if err := d.cfg.Plane.Check(spec.Encap); err != nil {
 		return err
 	}
-	maxMTU, err := d.cfg.Plane.MaxMTU(spec.Encap)
+	if spec.Encrypted {
+		if err := d.checkEncryption(); err != nil {
+			return err
+		}
+	}
+	maxMTU, err := d.cfg.Plane.MaxMTU(spec.Encap, spec.Encrypted)
 	if err != nil {
 		return fmt.Errorf("network %.12s: %w", r.NetworkID, err)
 	}
@@ -236,7 +251,7 @@ func (d *Driver) CreateNetwork(ctx context.Context, r *network.CreateNetworkRequ
 	d.mu.Lock()
 	d.networks[r.NetworkID] = &localNetwork{ID: r.NetworkID, Rec: rec, Overlay: ov}
 	d.mu.Unlock()
-	d.log.Info("network created", "network", short(r.NetworkID), "overlay", ov.Name, "vni", ov.VNI, "subnets", ov.Subnets)
+	d.log.Info("network created", "network", short(r.NetworkID), "overlay", ov.Name, "vni", ov.VNI, "subnets", ov.Subnets, "encrypted", ov.Encrypted)
 	return nil
 }
 
@@ -409,7 +424,7 @@ func (d *Driver) endpoint(ctx context.Context, netID, epID string) (*localNetwor
 
 // overlayOf builds the data plane's view of a network.
 func overlayOf(n *localNetwork) Overlay {
-	ov := Overlay{Name: n.Overlay.Name, VNI: n.Overlay.VNI, Encap: n.Overlay.Encap, MTU: n.Overlay.MTU}
+	ov := Overlay{Name: n.Overlay.Name, VNI: n.Overlay.VNI, Encap: n.Overlay.Encap, MTU: n.Overlay.MTU, Encrypted: n.Overlay.Encrypted}
 	if n.Rec.MTU != 0 {
 		ov.MTU = n.Rec.MTU
 	}
@@ -443,7 +458,7 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 	}
 	d.planeMu.Lock()
 	defer d.planeMu.Unlock()
-	if err := d.cfg.Plane.EnsureOverlay(overlayOf(n)); err != nil {
+	if err := d.ensureOverlay(overlayOf(n)); err != nil {
 		return nil, fmt.Errorf("join %.12s: build overlay %s: %w", ep.ID, n.Overlay.Name, err)
 	}
 	ifName, err := d.cfg.Plane.AddEndpoint(n.Overlay.VNI, dpEP)

@@ -40,12 +40,17 @@ func (f *fakePlane) Check(encap string) error {
 	return nil
 }
 
-// MaxMTU: a 1500-byte underlay minus 50 for VXLAN (42 for GRE).
-func (f *fakePlane) MaxMTU(encap string) (int, error) {
+// MaxMTU: a 1500-byte underlay minus 50 for VXLAN (42 for GRE), minus 40
+// more when encrypted.
+func (f *fakePlane) MaxMTU(encap string, encrypted bool) (int, error) {
+	mtu := 1450
 	if encap == "gre" {
-		return 1458, nil
+		mtu = 1458
 	}
-	return 1450, nil
+	if encrypted {
+		mtu -= 40
+	}
+	return mtu, nil
 }
 func (f *fakePlane) EnsureOverlay(ov Overlay) error {
 	f.mu.Lock()

@@ -206,6 +206,12 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 	}
 	err = s.Txn(ctx, ops...)
 	if err == nil {
+		// Known at once as a local endpoint: the reconciliation that
+		// follows must not see its overlay unused (and delete it with the
+		// endpoint's interface) before the watch brings the record back.
+		d.mu.Lock()
+		d.endpoints[o.ID] = &localEndpoint{ID: o.ID, Network: o.Endpoint.Network, Rec: o.Endpoint}
+		d.mu.Unlock()
 		d.log.Info("endpoint restored after this host was lost", "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
 		return nil
 	}

@@ -24,14 +24,46 @@ func NewKernelPlane(local netip.Addr, dir, prefix string) DataPlane {
 	return &kernelPlane{host: &overlay.Host{Dir: dir, Prefix: prefix}, local: local}
 }
 
+// NewEncryptingKernelPlane is NewKernelPlane that can also build encrypted
+// overlays, running their data path as enc says. It is an EncryptingPlane.
+func NewEncryptingKernelPlane(local netip.Addr, dir, prefix string, enc *overlay.Encryption) DataPlane {
+	return &kernelPlane{host: &overlay.Host{Dir: dir, Prefix: prefix, Encryption: enc}, local: local}
+}
+
+func (k *kernelPlane) CheckEncryption() error {
+	if k.host.Encryption == nil {
+		return overlay.ErrNoEncryption
+	}
+	if !k.local.Is4() {
+		return fmt.Errorf("option encrypted: needs an IPv4 underlay (this host's address is %s)", k.local)
+	}
+	return overlay.EncryptionAvailable()
+}
+
+func (k *kernelPlane) ResumeEncryption() error {
+	if k.host.Encryption == nil || !k.local.Is4() {
+		return nil
+	}
+	return k.host.StartEncryption(k.local)
+}
+
+func (k *kernelPlane) SetHostKeys(keys map[netip.Addr]string) error {
+	if k.host.Encryption == nil {
+		return nil
+	}
+	return k.host.SetHostKeys(keys)
+}
+
 func nsID(vni uint32) string { return strconv.FormatUint(uint64(vni), 10) }
 
 func (k *kernelPlane) Check(encap string) error { return overlay.Available(encap) }
 
-func (k *kernelPlane) MaxMTU(encap string) (int, error) { return k.host.MaxMTU(k.local, encap) }
+func (k *kernelPlane) MaxMTU(encap string, encrypted bool) (int, error) {
+	return k.host.MaxMTU(k.local, encap, encrypted)
+}
 
 func (k *kernelPlane) EnsureOverlay(ov Overlay) error {
-	cfg := overlay.NetworkConfig{ID: nsID(ov.VNI), VNI: ov.VNI, Encap: ov.Encap, LocalIP: k.local, MTU: ov.MTU}
+	cfg := overlay.NetworkConfig{ID: nsID(ov.VNI), VNI: ov.VNI, Encap: ov.Encap, LocalIP: k.local, MTU: ov.MTU, Encrypted: ov.Encrypted}
 	for i, gw := range ov.Gateways {
 		if gw.IsValid() && i < len(ov.Subnets) {
 			cfg.Gateways = append(cfg.Gateways, netip.PrefixFrom(gw, ov.Subnets[i].Bits()))

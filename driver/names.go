@@ -22,6 +22,29 @@ type NameService interface {
 	// Observe is given, before every reconciliation of this host's
 	// kernel, every endpoint the store holds and the live hosts.
 	Observe(endpoints []KnownEndpoint, liveHosts []string)
+	// OverlayUp is called once the overlay exists (again) on this host,
+	// OverlayDown before it is removed from it.
+	OverlayUp(ov Overlay)
+	OverlayDown(vni uint32)
+}
+
+// ensureOverlay builds the overlay on this host and tells the name service.
+func (d *Driver) ensureOverlay(ov Overlay) error {
+	if err := d.cfg.Plane.EnsureOverlay(ov); err != nil {
+		return err
+	}
+	if d.cfg.Names != nil {
+		d.cfg.Names.OverlayUp(ov)
+	}
+	return nil
+}
+
+// removeOverlay tells the name service, then removes the overlay from this host.
+func (d *Driver) removeOverlay(vni uint32) error {
+	if d.cfg.Names != nil {
+		d.cfg.Names.OverlayDown(vni)
+	}
+	return d.cfg.Plane.RemoveOverlay(vni)
 }
 
 // KnownEndpoint is an endpoint as the store records it.

@@ -18,6 +18,7 @@ import (
 // fakeNames records what the driver tells the name service.
 type fakeNames struct {
 	mu     sync.Mutex
+	up     []uint32          // VNIs OverlayUp was called with
 	joined map[string]string // endpoint id -> sandbox key
 	left   []string
 	seen   []KnownEndpoint
@@ -42,6 +43,14 @@ func (f *fakeNames) Observe(eps []KnownEndpoint, live []string) {
 	defer f.mu.Unlock()
 	f.seen, f.live = eps, live
 }
+
+func (f *fakeNames) OverlayUp(ov Overlay) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.up = append(f.up, ov.VNI)
+}
+
+func (f *fakeNames) OverlayDown(vni uint32) {}
 
 func (f *fakeNames) snapshot() ([]KnownEndpoint, []string) {
 	f.mu.Lock()
@@ -84,6 +93,12 @@ func TestNameServiceHook(t *testing.T) {
 	}
 	if !slices.ContainsFunc(j.StaticRoutes, func(r *network.StaticRoute) bool { return r.Destination == "169.254.53.53/32" }) {
 		t.Errorf("Join's routes %+v, want the name service's among them", j.StaticRoutes)
+	}
+	fn.mu.Lock()
+	up := slices.Clone(fn.up)
+	fn.mu.Unlock()
+	if len(up) == 0 {
+		t.Errorf("name service not told that the overlay is up")
 	}
 	if fn.joined["ep1aaaaa"] != "/var/run/docker/netns/sb1" {
 		t.Errorf("name service told of joins %v", fn.joined)

@@ -25,9 +25,12 @@ const (
 	// per host) into an overlay anyway: its value is this host's range(s),
 	// comma-separated CIDRs, disjoint from every other host's.
 	OptIPAMRange = "uncoordinated-ipam-range"
+	// OptEncrypted encrypts the overlay's traffic between hosts: -o encrypted
+	// (Docker's overlay driver's spelling) or encrypted=true.
+	OptEncrypted = "encrypted"
 )
 
-var knownOptions = []string{OptOverlay, OptVNI, OptEncap, OptMTU, OptIPAMRange}
+var knownOptions = []string{OptOverlay, OptVNI, OptEncap, OptMTU, OptIPAMRange, OptEncrypted}
 
 // Keys libnetwork puts in CreateNetwork's Options.
 const (
@@ -43,8 +46,10 @@ type netSpec struct {
 	Encap    string
 	MTU      int // 0: derive from the underlay
 	Internal bool
-	Subnets  []netip.Prefix // IPv4 first
-	Gateways []netip.Addr   // same order as Subnets; may be invalid (none)
+	// Encrypted: VXLAN between hosts is encrypted (see docs/encryption.md).
+	Encrypted bool
+	Subnets   []netip.Prefix // IPv4 first
+	Gateways  []netip.Addr   // same order as Subnets; may be invalid (none)
 	// Swarm is the cluster-wide Docker network ID of a swarm network
 	// (drivers of scope global); empty for a plain host's network.
 	Swarm string
@@ -101,6 +106,12 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 				}
 				spec.Ranges = append(spec.Ranges, p.Masked())
 			}
+		case OptEncrypted:
+			on, err := encryptedValue(v)
+			if err != nil {
+				return spec, err
+			}
+			spec.Encrypted = on
 		default:
 			return spec, fmt.Errorf("unknown option %q (known: %s)", k, strings.Join(knownOptions, ", "))
 		}
@@ -139,6 +150,9 @@ func parseSpec(opts map[string]string, ipamData []*network.IPAMData) (netSpec, e
 		}
 		spec.Subnets = append(spec.Subnets, p.Masked())
 		spec.Gateways = append(spec.Gateways, gw)
+	}
+	if spec.Encrypted && spec.Encap != "vxlan" {
+		return spec, fmt.Errorf("option encrypted: works with encap vxlan only, not %s", spec.Encap)
 	}
 	if len(spec.Subnets) == 0 || !spec.Subnets[0].Addr().Is4() {
 		return spec, fmt.Errorf("the network needs an IPv4 subnet (use --ipam-driver with this plugin, or --subnet)")
@@ -230,6 +244,18 @@ func userOptions(all map[string]interface{}) (map[string]string, error) {
 		out[k] = s
 	}
 	return out, nil
+}
+
+// encryptedValue reads -o encrypted: no value (Docker's form) or a boolean.
+func encryptedValue(v string) (bool, error) {
+	if v == "" {
+		return true, nil
+	}
+	on, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, fmt.Errorf("option encrypted=%q: want no value, true or false", v)
+	}
+	return on, nil
 }
 
 func boolOption(v interface{}) bool {

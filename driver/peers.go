@@ -153,7 +153,7 @@ func (p *peerSync) run(ctx context.Context) {
 // register keeps this host's live key, retrying while the store is away,
 // and releases it when ctx ends.
 func (p *peerSync) register(ctx context.Context) {
-	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339)}
+	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.d.cfg.PublicKey}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
 		reg, err := p.d.cfg.Store.Register(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
 		if err == nil {
@@ -358,7 +358,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	for _, po := range planned {
 		vni := po.net.Overlay.VNI
 		wanted[vni] = true
-		if err := d.cfg.Plane.EnsureOverlay(overlayOf(po.net)); err != nil {
+		if err := d.ensureOverlay(overlayOf(po.net)); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -382,7 +382,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 			if wanted[vni] || inUse[vni] {
 				continue
 			}
-			if err := d.cfg.Plane.RemoveOverlay(vni); err != nil {
+			if err := d.removeOverlay(vni); err != nil {
 				errs = append(errs, err)
 			} else {
 				changes++

@@ -55,6 +55,8 @@ type overlayRecord struct {
 	// the plugin's, each host's from the ranges it declared (its member's
 	// Ranges), which no two hosts share.
 	UncoordinatedIPAM bool `json:"uncoordinated_ipam,omitempty"`
+	// Encrypted: VXLAN between the hosts is encrypted (-o encrypted).
+	Encrypted bool `json:"encrypted,omitempty"`
 	// Swarm is the Docker network ID of the swarm network the overlay
 	// belongs to; empty for an overlay of plain hosts' networks. The two
 	// kinds never share an overlay: their addresses come from different
@@ -95,6 +97,9 @@ type hostRecord struct {
 	Addr    string `json:"addr"`
 	Name    string `json:"name"`
 	Started string `json:"started"`
+	// Key is the host's public key for encrypted overlays (X25519,
+	// base64); empty if the host cannot encrypt.
+	Key string `json:"key,omitempty"`
 }
 
 func overlayKey(name string) string         { return overlaysDir + "/" + name }
@@ -143,6 +148,10 @@ func compatible(rec overlayRecord, spec netSpec) error {
 		return fmt.Errorf("overlay %q takes its addresses from the plugin's IPAM driver: a network whose addresses come from another IPAM driver cannot join it (create it with --ipam-driver as on the other hosts)", rec.Name)
 	case !spec.Uncoordinated && rec.UncoordinatedIPAM:
 		return fmt.Errorf("overlay %q takes its addresses from another IPAM driver, each host from the range it declares with -o %s: a network with the plugin's IPAM cannot join it", rec.Name, OptIPAMRange)
+	case rec.Encrypted && !spec.Encrypted:
+		return fmt.Errorf("overlay %q already exists encrypted (on hosts %v): create it with -o encrypted here too", rec.Name, rec.Hosts)
+	case !rec.Encrypted && spec.Encrypted:
+		return fmt.Errorf("overlay %q already exists unencrypted (on hosts %v): create it without -o encrypted, or use another -o overlay name", rec.Name, rec.Hosts)
 	}
 	switch {
 	case rec.Swarm == spec.Swarm:
@@ -357,7 +366,7 @@ func claimOverlay(ctx context.Context, s store.Store, spec netSpec, claim func(r
 // and without a VNI yet.
 func newOverlayRecord(spec netSpec) overlayRecord {
 	rec := overlayRecord{Name: spec.Overlay, Encap: spec.Encap, Subnets: subnetStrings(spec.Subnets), MTU: spec.MTU, Swarm: spec.Swarm,
-		UncoordinatedIPAM: spec.Uncoordinated}
+		UncoordinatedIPAM: spec.Uncoordinated, Encrypted: spec.Encrypted}
 	for _, gw := range spec.Gateways {
 		if gw.IsValid() {
 			rec.Gateways = append(rec.Gateways, gw.String())

@@ -329,24 +329,6 @@ func lineWith(s, word string) string {
 	return ""
 }
 
-// overlayVNI reads an overlay's VNI from the store.
-func overlayVNI(t *testing.T, st store.Store, name string) uint32 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	kv, err := st.Get(ctx, "overlays/"+name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rec struct {
-		VNI uint32 `json:"vni"`
-	}
-	if err := json.Unmarshal(kv.Value, &rec); err != nil || rec.VNI == 0 {
-		t.Fatalf("overlay record %s: %v", kv.Value, err)
-	}
-	return rec.VNI
-}
-
 // overlayNet opens the overlay with the given VNI on h as the plugin built it.
 func overlayNet(t *testing.T, c *harness.Cluster, h *harness.Host, vni uint32) *overlay.Network {
 	t.Helper()

@@ -274,26 +274,9 @@ func (s *Service) stopServers() {
 	}
 }
 
-// Plane wraps the data plane so that every overlay on this host has its
-// name server while it exists.
-func (s *Service) Plane(inner driver.DataPlane) driver.DataPlane {
-	return &plane{DataPlane: inner, s: s}
-}
+// OverlayUp makes the overlay's name server run while the overlay exists
+// on this host (driver.NameService).
+func (s *Service) OverlayUp(ov driver.Overlay) { s.serveOverlay(ov) }
 
-type plane struct {
-	driver.DataPlane
-	s *Service
-}
-
-func (p *plane) EnsureOverlay(ov driver.Overlay) error {
-	if err := p.DataPlane.EnsureOverlay(ov); err != nil {
-		return err
-	}
-	p.s.serveOverlay(ov)
-	return nil
-}
-
-func (p *plane) RemoveOverlay(vni uint32) error {
-	p.s.stopOverlay(vni)
-	return p.DataPlane.RemoveOverlay(vni)
-}
+// OverlayDown stops the overlay's name server before the overlay goes.
+func (s *Service) OverlayDown(vni uint32) { s.stopOverlay(vni) }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -21,6 +22,7 @@ import (
 // testHost is one simulated host: a network namespace on a test underlay
 // with an overlay.Host working in it.
 type testHost struct {
+	ul   *testenv.Underlay
 	ns   *testenv.NetNS
 	ip   netip.Addr
 	host *overlay.Host
@@ -39,6 +41,7 @@ func newHosts(t *testing.T, n int) []*testHost {
 	var hosts []*testHost
 	for i := range n {
 		h := &testHost{
+			ul:   u,
 			ns:   u.Hosts[i],
 			ip:   u.Addrs[i],
 			host: &overlay.Host{NetNS: u.Hosts[i].Path(), Prefix: fmt.Sprintf("%s-%d-", prefix, i+1)},
@@ -53,6 +56,14 @@ func newHosts(t *testing.T, n int) []*testHost {
 				if err := h.host.DeleteNetwork(id); err != nil {
 					t.Errorf("cleanup: %v", err)
 				}
+			}
+			// The last encrypted network takes the crypt namespace with it;
+			// if a failed test left it, it goes here (and its data path
+			// stops by itself).
+			crypt := h.host.Prefix + "crypt"
+			if _, err := os.Stat(filepath.Join(overlay.DefaultDir, crypt)); err == nil {
+				t.Errorf("cleanup: crypt namespace %s left; removing it", crypt)
+				run("ip", "netns", "del", crypt)
 			}
 		})
 	}

@@ -35,6 +35,12 @@ func openNamedNS(path string) (netns.NsHandle, error) {
 	return ns, nil
 }
 
+// isNamedNS reports whether a namespace is bound at path.
+func isNamedNS(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.NSFS_MAGIC
+}
+
 // ensureNamedNS opens the namespace bound at path, creating it if needed;
 // created says whether it did.
 func ensureNamedNS(path string) (ns netns.NsHandle, created bool, err error) {

@@ -28,11 +28,18 @@ type NetworkConfig struct {
 	// a distributed gateway, the same address on every host, whose ARP/ND is
 	// answered by the local bridge only. Empty means none.
 	Gateways []netip.Prefix
+	// Encrypted: the network's VXLAN packets between hosts are encrypted
+	// (see encrypt.go; VXLAN over an IPv4 underlay only, and the Host needs
+	// Encryption). The default MTU is then EncryptionOverhead smaller.
+	Encrypted bool
 }
 
 func (c *NetworkConfig) validate() error {
 	if err := validName("network id", c.ID); err != nil {
 		return err
+	}
+	if c.ID == cryptID {
+		return fmt.Errorf("network id %q is reserved", c.ID)
 	}
 	if c.VNI < 1 || c.VNI > 1<<24-1 {
 		return fmt.Errorf("network %s: VNI %d out of range 1..16777215", c.ID, c.VNI)
@@ -68,6 +75,8 @@ type Network struct {
 	MTU     int
 	NetNS   string // path of the network's namespace
 	Encap   string // "vxlan" or "gre"
+	// Encrypted: VXLAN packets between hosts are encrypted.
+	Encrypted bool
 
 	host *Host
 }
@@ -94,6 +103,16 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 	default:
 		return nil, fmt.Errorf("network %s: unknown encap %q (want vxlan or gre)", cfg.ID, cfg.Encap)
 	}
+	if cfg.Encrypted {
+		switch {
+		case cfg.encap() != EncapVXLAN:
+			return nil, fmt.Errorf("network %s: encryption works with encap vxlan only", cfg.ID)
+		case !cfg.LocalIP.Is4():
+			return nil, fmt.Errorf("network %s: encryption needs an IPv4 underlay (local address %s)", cfg.ID, cfg.LocalIP)
+		case h.Encryption == nil:
+			return nil, fmt.Errorf("network %s: %w", cfg.ID, ErrNoEncryption)
+		}
+	}
 
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -105,7 +124,7 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 
 	mtu := cfg.MTU
 	if mtu == 0 {
-		if mtu, err = maxMTU(s.host, cfg.LocalIP, cfg.encap()); err != nil {
+		if mtu, err = maxMTU(s.host, cfg.LocalIP, cfg.encap(), cfg.Encrypted); err != nil {
 			return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
 		}
 	}
@@ -118,7 +137,11 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 	if err := s.openOverlay(ns); err != nil {
 		return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
 	}
-	if err := ensureDevices(s, cfg, mtu); err != nil {
+	err = h.ensureVXLANSocket(s, cfg)
+	if err == nil {
+		err = ensureDevices(s, cfg, mtu)
+	}
+	if err != nil {
 		if created { // leave nothing half-made behind
 			if derr := deleteNetwork(s, path); derr != nil {
 				slog.Warn("cleaning up after failed network create", "network", cfg.ID, "err", derr)
@@ -126,7 +149,34 @@ func (h *Host) EnsureNetwork(cfg NetworkConfig) (*Network, error) {
 		}
 		return nil, fmt.Errorf("network %s: %w", cfg.ID, err)
 	}
-	return &Network{ID: cfg.ID, VNI: cfg.VNI, LocalIP: cfg.LocalIP, MTU: mtu, NetNS: path, Encap: cfg.encap(), host: h}, nil
+	return &Network{ID: cfg.ID, VNI: cfg.VNI, LocalIP: cfg.LocalIP, MTU: mtu, NetNS: path, Encap: cfg.encap(), Encrypted: cfg.Encrypted, host: h}, nil
+}
+
+// ensureVXLANSocket prepares where a VXLAN network's socket goes: for an
+// encrypted network the crypt namespace with its data path, else the host
+// namespace; either way the source filter covers the VNI before a socket
+// for it exists.
+func (h *Host) ensureVXLANSocket(s *handles, cfg NetworkConfig) error {
+	if cfg.encap() != EncapVXLAN {
+		return nil
+	}
+	if err := h.filterAddVNI(s, cfg.VNI); err != nil {
+		return err
+	}
+	if !cfg.Encrypted {
+		s.sockNS, s.sock = s.hostNS, s.host
+		return nil
+	}
+	ns, err := h.ensureCrypt(cfg.LocalIP, cfg.VNI)
+	if err != nil {
+		return err
+	}
+	s.cryptNS = ns
+	if s.crypt, err = newHandle(ns); err != nil {
+		return fmt.Errorf("crypt namespace: %w", err)
+	}
+	s.sockNS, s.sock = s.cryptNS, s.crypt
+	return nil
 }
 
 // ensureDevices makes the overlay namespace's devices match cfg.
@@ -137,6 +187,8 @@ func ensureDevices(s *handles, cfg NetworkConfig, mtu int) error {
 	alias := ""
 	if cfg.encap() == EncapGRE {
 		alias = greAlias(cfg.VNI, cfg.LocalIP)
+	} else if cfg.Encrypted {
+		alias = encryptedAlias
 	}
 	br, err := ensureBridge(s.ov, mtu, alias)
 	if err != nil {
@@ -173,7 +225,7 @@ func (h *Host) Network(id string) (*Network, error) {
 	}
 	return &Network{
 		ID: id, VNI: info.vni, LocalIP: info.local, MTU: info.br.Attrs().MTU,
-		NetNS: h.nsPath(id), Encap: info.encap, host: h,
+		NetNS: h.nsPath(id), Encap: info.encap, Encrypted: info.encrypted, host: h,
 	}, nil
 }
 
@@ -182,7 +234,8 @@ func (h *Host) ListNetworks() ([]string, error) {
 	if err := validName("prefix", h.prefix()); err != nil {
 		return nil, err
 	}
-	return namedNSes(h.dir(), h.prefix())
+	ids, err := namedNSes(h.dir(), h.prefix())
+	return slices.DeleteFunc(ids, func(id string) bool { return id == cryptID }), err
 }
 
 // DeleteNetwork removes the network's namespace and every device in it,
@@ -199,7 +252,20 @@ func (h *Host) DeleteNetwork(id string) error {
 		return err
 	}
 	defer s.close()
+	info, infoErr := readInfo(s.ov)
 	if err := deleteNetwork(s, h.nsPath(id)); err != nil {
+		return fmt.Errorf("network %s: %w", id, err)
+	}
+	if infoErr != nil || info.encap != EncapVXLAN {
+		return nil
+	}
+	// After the device: the VNI stays filtered while a socket has it.
+	if info.encrypted {
+		err = h.cryptRemove(info.vni)
+	} else {
+		err = h.filterRemoveVNI(s, info.vni)
+	}
+	if err != nil {
 		return fmt.Errorf("network %s: %w", id, err)
 	}
 	return nil
@@ -261,11 +327,11 @@ func Available(encap string) error {
 	}
 }
 
-// MaxMTU is the largest MTU an overlay with encap ("" for VXLAN) can have
-// on this host: the MTU of the device holding local minus the
-// encapsulation's overhead. It is also the MTU EnsureNetwork gives a
-// network without one.
-func (h *Host) MaxMTU(local netip.Addr, encap string) (int, error) {
+// MaxMTU is the largest MTU an overlay with encap ("" for VXLAN), encrypted
+// or not, can have on this host: the MTU of the device holding local minus
+// the encapsulation's (and encryption's) overhead. It is also the MTU
+// EnsureNetwork gives a network without one.
+func (h *Host) MaxMTU(local netip.Addr, encap string, encrypted bool) (int, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s, err := h.openHost()
@@ -273,10 +339,10 @@ func (h *Host) MaxMTU(local netip.Addr, encap string) (int, error) {
 		return 0, err
 	}
 	defer s.close()
-	return maxMTU(s.host, local, encap)
+	return maxMTU(s.host, local, encap, encrypted)
 }
 
-func maxMTU(h *netlink.Handle, local netip.Addr, encap string) (int, error) {
+func maxMTU(h *netlink.Handle, local netip.Addr, encap string, encrypted bool) (int, error) {
 	under, err := underlayMTU(h, local)
 	if err != nil {
 		return 0, err
@@ -284,6 +350,9 @@ func maxMTU(h *netlink.Handle, local netip.Addr, encap string) (int, error) {
 	over := vxlanOverhead(local)
 	if encap == EncapGRE {
 		over = greOverhead
+	}
+	if encrypted {
+		over += EncryptionOverhead
 	}
 	if encap == "" {
 		encap = EncapVXLAN
@@ -316,13 +385,17 @@ func underlayMTU(h *netlink.Handle, addr netip.Addr) (int, error) {
 	return 0, fmt.Errorf("local address %s is on no device of the host namespace (set the MTU, or fix the advertise address)", addr)
 }
 
+// encryptedAlias marks the bridge of an encrypted VXLAN network.
+const encryptedAlias = "dnp encrypted"
+
 // netInfo is what the kernel says about a network's configuration.
 type netInfo struct {
-	encap string
-	vni   uint32
-	local netip.Addr
-	br    netlink.Link
-	vx    *netlink.Vxlan // the VXLAN device; nil for GRE
+	encrypted bool
+	encap     string
+	vni       uint32
+	local     netip.Addr
+	br        netlink.Link
+	vx        *netlink.Vxlan // the VXLAN device; nil for GRE
 }
 
 // readInfo finds a network's bridge and encapsulation: a VXLAN network by
@@ -342,7 +415,10 @@ func readInfo(ov *netlink.Handle) (netInfo, error) {
 			return netInfo{}, fmt.Errorf("%s is a %s device, not vxlan (run EnsureNetwork)", vxlanName, l.Type())
 		}
 		local, _ := netip.AddrFromSlice(vx.SrcAddr)
-		return netInfo{encap: EncapVXLAN, vni: uint32(vx.VxlanId), local: local.Unmap(), br: br, vx: vx}, nil
+		return netInfo{
+			encap: EncapVXLAN, vni: uint32(vx.VxlanId), local: local.Unmap(), br: br, vx: vx,
+			encrypted: br.Attrs().Alias == encryptedAlias,
+		}, nil
 	}
 	if vni, local, ok := parseGREAlias(br.Attrs().Alias); ok {
 		return netInfo{encap: EncapGRE, vni: vni, local: local, br: br}, nil
@@ -433,16 +509,16 @@ func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error 
 	}
 	if l == nil {
 		vx := &netlink.Vxlan{
-			// Created by the host handle with a target namespace: the
-			// device appears in the overlay namespace while its UDP socket
-			// stays in the host namespace.
+			// Created by the host (or crypt) handle with a target
+			// namespace: the device appears in the overlay namespace while
+			// its UDP socket stays in the host (crypt) namespace.
 			LinkAttrs: netlink.LinkAttrs{Name: vxlanName, MTU: mtu, Namespace: netlink.NsFd(s.ovNS)},
 			VxlanId:   int(cfg.VNI),
 			SrcAddr:   net.IP(cfg.LocalIP.AsSlice()),
 			Port:      VXLANPort,
 			Learning:  false,
 		}
-		if err := s.host.LinkAdd(vx); err != nil {
+		if err := s.sock.LinkAdd(vx); err != nil {
 			if errors.Is(err, unix.EEXIST) {
 				return fmt.Errorf("create %s: VNI %d is already used by another VXLAN device of this host: %w", vxlanName, cfg.VNI, err)
 			}
@@ -496,10 +572,13 @@ func vxlanMismatch(s *handles, l netlink.Link, cfg NetworkConfig) string {
 	case vx.Group != nil && !vx.Group.IsUnspecified():
 		return "has a multicast group"
 	}
-	// The socket must be in the host namespace: the device's link
+	// The socket must be in the host (crypt) namespace: the device's link
 	// namespace, as seen from the overlay namespace.
-	id, err := s.ov.GetNetNsIdByFd(int(s.hostNS))
+	id, err := s.ov.GetNetNsIdByFd(int(s.sockNS))
 	if err != nil || id < 0 || vx.NetNsID != id {
+		if cfg.Encrypted {
+			return "its UDP socket is not in the crypt namespace"
+		}
 		return "its UDP socket is not in the host namespace"
 	}
 	return ""

@@ -98,8 +98,14 @@ type Host struct {
 	// Two Hosts on one machine (tests, several dockerds) need different
 	// prefixes, neither of which starts with the other.
 	Prefix string
+	// Encryption runs the data path of encrypted networks; nil: this
+	// Host cannot make encrypted networks.
+	Encryption *Encryption
 
 	mu sync.Mutex
+
+	kmu sync.Mutex // guards kp
+	kp  *keeper
 }
 
 func (h *Host) prefix() string {
@@ -124,9 +130,21 @@ type handles struct {
 	host   *netlink.Handle
 	ovNS   netns.NsHandle
 	ov     *netlink.Handle
+	// Where a VXLAN network's socket is: the host namespace, or for an
+	// encrypted network the crypt namespace (cryptNS, crypt).
+	sockNS  netns.NsHandle
+	sock    *netlink.Handle
+	cryptNS netns.NsHandle
+	crypt   *netlink.Handle
 }
 
 func (s *handles) close() {
+	if s.crypt != nil {
+		s.crypt.Close()
+	}
+	if s.cryptNS.IsOpen() {
+		s.cryptNS.Close()
+	}
 	if s.ov != nil {
 		s.ov.Close()
 	}
@@ -146,7 +164,7 @@ func (h *Host) openHost() (*handles, error) {
 	if err := validName("prefix", h.prefix()); err != nil {
 		return nil, err
 	}
-	s := &handles{hostNS: netns.None(), ovNS: netns.None()}
+	s := &handles{hostNS: netns.None(), ovNS: netns.None(), sockNS: netns.None(), cryptNS: netns.None()}
 	var err error
 	if h.NetNS == "" {
 		s.hostNS, err = netns.Get()

@@ -136,13 +136,16 @@ func TestMTU(t *testing.T) {
 	a := hs[0]
 	a.ns.IP("link", "set", "ul0", "mtu", "1400")
 
-	if max, err := a.host.MaxMTU(a.ip, ""); err != nil || max != 1350 {
+	if max, err := a.host.MaxMTU(a.ip, "", false); err != nil || max != 1350 {
 		t.Fatalf("MaxMTU = %d, %v; want underlay 1400 - 50", max, err)
 	}
-	if max, err := a.host.MaxMTU(a.ip, overlay.EncapGRE); err != nil || max != 1358 {
+	if max, err := a.host.MaxMTU(a.ip, overlay.EncapGRE, false); err != nil || max != 1358 {
 		t.Fatalf("MaxMTU for gre = %d, %v; want underlay 1400 - 42", max, err)
 	}
-	if _, err := a.host.MaxMTU(netip.MustParseAddr("192.0.2.99"), ""); err == nil {
+	if max, err := a.host.MaxMTU(a.ip, "", true); err != nil || max != 1350-overlay.EncryptionOverhead {
+		t.Fatalf("MaxMTU encrypted = %d, %v; want underlay 1400 - 50 - %d", max, err, overlay.EncryptionOverhead)
+	}
+	if _, err := a.host.MaxMTU(netip.MustParseAddr("192.0.2.99"), "", false); err == nil {
 		t.Fatal("MaxMTU of an address on no device: no error")
 	}
 	n, err := a.host.EnsureNetwork(overlay.NetworkConfig{ID: "auto", VNI: 10, LocalIP: a.ip})

@@ -43,6 +43,10 @@ type peerTables struct {
 // neighbour entry per IP on the bridge; for every remote host an all-zero
 // FDB entry.
 //
+// The remote hosts are the only ones whose VXLAN packets for the network
+// are let in (filter.go), or, for an encrypted network, whose encrypted
+// packets the data path opens and to which it sends.
+//
 // GRE: for every remote host a tunnel port (created, or replaced if it
 // does not fit, and deleted when the host is gone); for every peer a
 // static bridge FDB entry for its MAC on its host's tunnel port and a
@@ -71,7 +75,16 @@ func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 	if info.encap == EncapGRE {
 		changes, err = setPeersGRE(s, info, p)
 	} else {
-		changes, err = setPeersVXLAN(s, info, p)
+		// The member hosts first: the new ones may answer at once. (Not
+		// counted: changes are forwarding and neighbour entries.)
+		if info.encrypted {
+			_, err = h.cryptSetMembers(info.vni, p.hosts)
+		} else {
+			_, err = h.filterSetMembers(s, info.vni, p.hosts)
+		}
+		if err == nil {
+			changes, err = setPeersVXLAN(s, info, p)
+		}
 	}
 	if err != nil {
 		return changes, fmt.Errorf("network %s: %w", n.ID, err)

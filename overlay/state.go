@@ -29,6 +29,12 @@ type State struct {
 	// MDB is the multicast forwarding state: the bridge's entries (learned
 	// on endpoint ports, set on the VXLAN port) and the VXLAN device's.
 	MDB []MDBEntry
+	// Encrypted: the network's VXLAN packets between hosts are encrypted;
+	// SocketNS is where its VXLAN socket is: "host", "crypt" or "other".
+	Encrypted bool
+	SocketNS  string
+	// Filter is what the source filter lets in for the VNI (VXLAN only).
+	Filter FilterState
 }
 
 // TunnelState is one GRE tunnel port: the point-to-point tunnel to one
@@ -98,6 +104,12 @@ func (n *Network) State() (*State, error) {
 		return nil, fmt.Errorf("network %s: %w", n.ID, err)
 	}
 	st.ID, st.NetNS = n.ID, n.NetNS
+	if st.Encap == EncapVXLAN {
+		if st.Filter, err = h.filterState(s, st.VNI); err != nil {
+			return nil, fmt.Errorf("network %s: %w", n.ID, err)
+		}
+		st.SocketNS = h.socketNS(s)
+	}
 	return st, nil
 }
 
@@ -139,6 +151,9 @@ func readState(s *handles) (*State, error) {
 		case isTunnelName(a.Name):
 			tunnels = append(tunnels, l)
 		}
+	}
+	if br != nil {
+		st.Encrypted = br.Attrs().Alias == encryptedAlias
 	}
 	if vx != nil {
 		st.Encap = EncapVXLAN
@@ -300,4 +315,26 @@ func nudString(state int) string {
 		return "failed"
 	}
 	return fmt.Sprintf("state %#x", state)
+}
+
+// socketNS says where the network's VXLAN socket is.
+func (h *Host) socketNS(s *handles) string {
+	l, err := s.ov.LinkByName(vxlanName)
+	if err != nil {
+		return ""
+	}
+	vx, ok := l.(*netlink.Vxlan)
+	if !ok {
+		return ""
+	}
+	if id, err := s.ov.GetNetNsIdByFd(int(s.hostNS)); err == nil && id >= 0 && vx.NetNsID == id {
+		return "host"
+	}
+	if ns, err := openNamedNS(h.cryptPath()); err == nil {
+		defer ns.Close()
+		if id, err := s.ov.GetNetNsIdByFd(int(ns)); err == nil && id >= 0 && vx.NetNsID == id {
+			return "crypt"
+		}
+	}
+	return "other"
 }

@@ -61,7 +61,7 @@ func doctor(ctx context.Context, w io.Writer, args []string) error {
 	d := &doctorRun{
 		w: w, st: st, addr: addr,
 		host: &overlay.Host{Dir: hf.netnsDir, Prefix: hf.netnsPrefix},
-		dir:  hf.netnsDir, prefix: hf.netnsPrefix,
+		dir:  hf.netnsDir, prefix: hf.netnsPrefix, enc: hf.encryption,
 	}
 	fmt.Fprintf(w, "checking host %s against %s (overlay namespaces %s)\n", addr, st.Endpoint(),
 		filepath.Join(d.dir, d.prefix+"<vni>"))
@@ -105,6 +105,7 @@ type doctorRun struct {
 	addr        netip.Addr
 	host        *overlay.Host
 	dir, prefix string
+	enc         encryptionFlags
 
 	problems []problem
 }
@@ -142,6 +143,9 @@ func (d *doctorRun) repair(ctx context.Context) {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	plane := driver.NewKernelPlane(d.addr, d.dir, d.prefix)
+	if enc, _, err := d.enc.encryption("warn"); err == nil {
+		plane = driver.NewEncryptingKernelPlane(d.addr, d.dir, d.prefix, enc)
+	}
 	changes, err := driver.Reconcile(ctx, d.st, plane, d.addr, log)
 	if err != nil {
 		fmt.Fprintf(d.w, "failed   reconciliation (%d kernel changes made): %v\n", changes, err)
@@ -222,6 +226,9 @@ func (d *doctorRun) check(ctx context.Context) error {
 		mtu := po.MTU
 		if mtu == 0 && underMTU > 0 {
 			mtu = underMTU - overhead
+			if po.Encrypted {
+				mtu -= overlay.EncryptionOverhead
+			}
 		}
 		d.checkOverlay(po, mtu)
 	}

@@ -27,6 +27,7 @@ commands:
   serve    run the plugin (legacy socket or managed plugin)
   status   show the cluster as the store records it: hosts, overlays, endpoints
   doctor   compare this host's kernel with the store; --fix repairs it
+  crypt    the encryption data path (the plugin starts it; not for direct use)
   version  print the version
 
 Run "docker-net-plugin <command> -h" for a command's flags. Every flag can
@@ -50,6 +51,8 @@ func main() {
 		err = status(ctx, os.Stdout, os.Args[2:])
 	case "doctor":
 		err = doctor(ctx, os.Stdout, os.Args[2:])
+	case "crypt":
+		err = runCrypt(ctx, os.Args[2:])
 	case "version":
 		fmt.Println(version)
 	case "-h", "--help", "help":
@@ -86,12 +89,14 @@ func addStoreFlags(fs *flag.FlagSet, c *store.Config) {
 // (serve and doctor share them).
 type hostFlags struct {
 	advertise, netnsPrefix, netnsDir string
+	encryption                       encryptionFlags
 }
 
 func addHostFlags(fs *flag.FlagSet, h *hostFlags) {
 	fs.StringVar(&h.advertise, "advertise-addr", "", "this host's underlay address (default: the address of the interface with the default route)")
 	fs.StringVar(&h.netnsPrefix, "netns-prefix", "dnp-", "names of the per-overlay network namespaces (/run/netns/<prefix><vni>); set it per host when several hosts share one machine")
 	fs.StringVar(&h.netnsDir, "netns-dir", overlay.DefaultDir, "directory the per-overlay network namespaces are bound in")
+	addEncryptionFlags(fs, &h.encryption)
 }
 
 // openStore opens the store, bounded by a deadline.

@@ -82,6 +82,22 @@ func serve(ctx context.Context, args []string) error {
 		return fmt.Errorf("--default-pool %q with --default-pool-size %d: want a CIDR range and a prefix length inside it", f.defaultPool, f.defaultPoolSize)
 	}
 
+	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
+	enc, pub, err := f.host.encryption.encryption(f.logLevel)
+	if err != nil {
+		// Plain overlays work without it; -o encrypted then says why not.
+		log.Warn("encrypted overlays unavailable", "err", err)
+	} else {
+		plane = driver.NewEncryptingKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix, enc)
+	}
+	if ep, ok := plane.(driver.EncryptingPlane); ok {
+		// First thing: encrypted overlays' traffic must not wait for the
+		// store if the data path died with a previous run.
+		if err := ep.ResumeEncryption(); err != nil {
+			log.Warn("resuming the encryption data path failed; retried once the store is read", "err", err)
+		}
+	}
+
 	var m *metrics.Metrics
 	if f.metricsAddr != "" {
 		m = metrics.New()
@@ -99,15 +115,11 @@ func serve(ctx context.Context, args []string) error {
 	}
 	st := m.Store(raw) // records latency and errors when metrics are on
 
-	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
 	ns, err := nameService(ctx, f, st, addr, log)
 	if err != nil {
 		return err
 	}
-	if ns != nil {
-		plane = ns.Plane(plane)
-	}
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log, PublicKey: pub}
 	if ns != nil {
 		cfg.Names = ns
 	}

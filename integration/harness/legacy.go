@@ -97,6 +97,8 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		"--docker-host", "unix://" + h.DockerSock,
 		"--names-cache", filepath.Join(h.Dir, "names-cache.json"),
 		"--log-level", "debug",
+		// The host's own key and encryption data path socket.
+		"--state-dir", filepath.Join(h.Dir, "state"),
 	}, extra...)
 	p.Start(t)
 	c.Cleanup(func() {
