@@ -74,10 +74,13 @@ type Config struct {
 	Store    store.Store
 	Plane    DataPlane
 	HostAddr netip.Addr // this host's underlay (advertise) address
-	Scope    string     // "local" (plain hosts) or "global" (swarm)
-	LiveTTL  time.Duration
-	Log      *slog.Logger
-	Metrics  Metrics // optional; nil means none
+	// MachineID identifies this machine (identity.go): stable across
+	// restarts, different on every machine.
+	MachineID string
+	Scope     string // "local" (plain hosts) or "global" (swarm)
+	LiveTTL   time.Duration
+	Log       *slog.Logger
+	Metrics   Metrics // optional; nil means none
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -107,6 +110,7 @@ type Driver struct {
 
 	peers *peerSync
 	done  chan struct{}
+	id    identity
 }
 
 type localNetwork struct {

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -99,7 +100,9 @@ func (p *peerSync) run(ctx context.Context) {
 			dirty()
 		case <-timer:
 			timer = nil
-			if p.haveEPs && p.haveHosts {
+			// Only once the live key is this machine's: until then the
+			// records under this host's address may be another machine's.
+			if p.haveEPs && p.haveHosts && p.d.id.ours() {
 				if p.restoreDue && p.hosts[p.d.host] {
 					p.restoreDue = false
 					if err := p.restoreOrphans(ctx); err != nil {
@@ -129,11 +132,19 @@ func (p *peerSync) run(ctx context.Context) {
 // register keeps this host's live key, retrying while the store is away,
 // and releases it when ctx ends.
 func (p *peerSync) register(ctx context.Context) {
-	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339)}
+	rec := hostRecord{Addr: p.d.host, ID: p.d.cfg.MachineID, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339)}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
-		reg, err := p.d.cfg.Store.Register(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
+		reg, err := p.d.cfg.Store.RegisterIf(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL, mayTakeOver(rec))
+		var conflict *IdentityConflict
+		if errors.As(err, &conflict) {
+			p.d.id.refuse(fmt.Errorf("the plugin refuses to work: %w", conflict))
+			p.d.log.Error("this plugin refuses to work: another machine holds this host's advertise address", "err", conflict)
+			return
+		}
 		if err == nil {
-			p.d.log.Info("host registered", "host", p.d.host, "ttl", p.d.cfg.LiveTTL.String())
+			p.d.id.setRegistered()
+			p.kick()
+			p.d.log.Info("host registered", "host", p.d.host, "machine_id", rec.ID, "ttl", p.d.cfg.LiveTTL.String())
 			p.heartbeat(ctx, rec)
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -193,6 +204,7 @@ func (p *peerSync) applyHost(ev store.Event) {
 		p.hosts[h] = true
 		if h == p.d.host {
 			p.restoreDue = true // registered (again)
+			p.checkOwnKey(ev.KV.Value)
 		}
 	case store.EventDelete:
 		delete(p.hosts, strings.TrimPrefix(ev.KV.Key, hostsDir+"/"))

@@ -57,7 +57,7 @@ func check(t *testing.T, cfg store.Config, good []string, bads ...[]string) {
 	dir := t.TempDir()
 	common := func(name string) []string {
 		return []string{"--advertise-addr", "127.0.0.1", "--socket", filepath.Join(dir, name+".sock"),
-			"--netns-dir", filepath.Join(dir, "netns"), "--log-level", "warn"}
+			"--netns-dir", filepath.Join(dir, "netns"), "--state-dir", filepath.Join(dir, "state"), "--log-level", "warn"}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

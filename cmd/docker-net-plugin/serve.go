@@ -31,6 +31,7 @@ type serveFlags struct {
 	defaultPool         string
 	defaultPoolSize     int
 	metricsAddr         string
+	stateDir            string
 }
 
 func serve(ctx context.Context, args []string) error {
@@ -47,6 +48,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
+	fs.StringVar(&f.stateDir, "state-dir", DefaultStateDir, "directory the plugin keeps this machine's identity in (file machine-id); it must survive restarts and differ between machines")
 	if err := envFlags(fs); err != nil {
 		return err
 	}
@@ -65,6 +67,10 @@ func serve(ctx context.Context, args []string) error {
 		f.socket = filepath.Join("/run/docker/plugins", f.name+".sock")
 	}
 	addr, err := advertiseAddr(f.host.advertise)
+	if err != nil {
+		return err
+	}
+	machine, err := machineID(f.stateDir)
 	if err != nil {
 		return err
 	}
@@ -91,7 +97,7 @@ func serve(ctx context.Context, args []string) error {
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
 	var observe pluginapi.Observer
 	if m != nil {
 		cfg.Metrics = m
@@ -111,8 +117,10 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	nd.Start(ctx)
-	log.Info("plugin serving", "socket", f.socket, "store", st.Endpoint(), "advertise", addr, "scope", f.scope, "version", version)
-	err = pluginapi.Serve(ctx, l, pluginapi.New(nd, id, log, observe), log)
+	log.Info("plugin serving", "socket", f.socket, "store", st.Endpoint(), "advertise", addr, "machine_id", machine, "scope", f.scope, "version", version)
+	rt := pluginapi.New(nd, id, log, observe)
+	rt.Refuse(nd.Refused) // another machine holds this host's advertise address
+	err = pluginapi.Serve(ctx, l, rt, log)
 	if ctx.Err() != nil {
 		// Let the driver release this host's live key before the store closes.
 		select {

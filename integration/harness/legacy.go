@@ -93,6 +93,7 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		"--socket", p.socket(),
 		"--advertise-addr", h.UnderlayIP,
 		"--netns-prefix", c.Prefix + "-" + h.Name + "-",
+		"--state-dir", filepath.Join(h.Dir, "plugin-state"), // the host's machine id
 		"--live-ttl", "10s",
 		"--log-level", "debug",
 	}, extra...)

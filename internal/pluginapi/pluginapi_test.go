@@ -223,3 +223,31 @@ func TestSocketIsPrivateFromCreation(t *testing.T) {
 		t.Errorf("private directories left next to the socket: %v", left)
 	}
 }
+
+// TestRefuseAnswersOnlyTheHandshake: while the plugin refuses to work,
+// every call but the handshake fails with the reason; the drivers are
+// not called.
+func TestRefuseAnswersOnlyTheHandshake(t *testing.T) {
+	n := &fakeNet{}
+	rt := newRouter(n)
+	var why error = errors.New("another machine holds this address")
+	rt.Refuse(func() error { return why })
+	for _, path := range []string{"/Plugin.Activate", "/NetworkDriver.GetCapabilities", "/IpamDriver.GetCapabilities", "/IpamDriver.GetDefaultAddressSpaces"} {
+		if code, out := post(t, rt, path, ""); code != 200 {
+			t.Errorf("%s while refusing: %d %v", path, code, out)
+		}
+	}
+	for _, path := range []string{"/IpamDriver.RequestPool", "/NetworkDriver.CreateEndpoint"} {
+		code, out := post(t, rt, path, `{"NetworkID":"n1","EndpointID":"e1","Interface":{"Address":"10.0.0.2/24"}}`)
+		if msg, _ := out["Err"].(string); code == 200 || msg != why.Error() {
+			t.Errorf("%s while refusing: %d %v, want Err %q", path, code, out, why)
+		}
+	}
+	if n.created != nil {
+		t.Errorf("CreateEndpoint reached the driver while refusing")
+	}
+	why = nil
+	if code, out := post(t, rt, "/IpamDriver.RequestPool", `{}`); code != 200 {
+		t.Errorf("RequestPool once no longer refusing: %d %v", code, out)
+	}
+}
