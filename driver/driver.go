@@ -81,6 +81,11 @@ type Config struct {
 	LiveTTL   time.Duration
 	Log       *slog.Logger
 	Metrics   Metrics // optional; nil means none
+	// HostLock, if set, is held (shared) while the driver builds or
+	// changes this host's overlays, so that another process repairing
+	// them (doctor --fix, which takes it exclusively) never removes what
+	// is being built or used.
+	HostLock func(ctx context.Context) (unlock func(), err error)
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -369,6 +374,11 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 	}
 	d.planeMu.Lock()
 	defer d.planeMu.Unlock()
+	unlock, err := d.lockHost(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("join %.12s: %w", ep.ID, err)
+	}
+	defer unlock()
 	if err := d.cfg.Plane.EnsureOverlay(overlayOf(n)); err != nil {
 		return nil, fmt.Errorf("join %.12s: build overlay %s: %w", ep.ID, n.Overlay.Name, err)
 	}
@@ -489,6 +499,14 @@ func (d *Driver) ProgramExternalConnectivity(ctx context.Context, r *network.Pro
 // RevokeExternalConnectivity: see ProgramExternalConnectivity.
 func (d *Driver) RevokeExternalConnectivity(ctx context.Context, r *network.RevokeExternalConnectivityRequest) error {
 	return nil
+}
+
+// lockHost takes Config.HostLock, if any.
+func (d *Driver) lockHost(ctx context.Context) (func(), error) {
+	if d.cfg.HostLock == nil {
+		return func() {}, nil
+	}
+	return d.cfg.HostLock(ctx)
 }
 
 func short(id string) string {

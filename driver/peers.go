@@ -311,6 +311,11 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 
 	planned, planErr := p.plan(ctx)
 	errs := []error{planErr}
+	unlock, err := d.lockHost(ctx)
+	if err != nil {
+		return 0, errors.Join(planErr, err)
+	}
+	defer unlock()
 	wanted := map[uint32]bool{}
 	changes := 0
 	for _, po := range planned {

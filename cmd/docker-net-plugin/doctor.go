@@ -73,7 +73,9 @@ func doctor(ctx context.Context, w io.Writer, args []string) error {
 			break
 		}
 		fmt.Fprintln(w, "\nfixing:")
-		d.repair(ctx)
+		if err := d.repair(ctx); err != nil {
+			return err
+		}
 		fmt.Fprintln(w, "\nchecking again:")
 		if err := d.check(ctx); err != nil {
 			return err
@@ -128,8 +130,25 @@ func (d *doctorRun) fixable() bool {
 
 const fixReconcile = `"docker-net-plugin doctor --fix" (or restarting the plugin) programs it again`
 
-// repair removes what is stray, then runs the plugin's reconciliation.
-func (d *doctorRun) repair(ctx context.Context) {
+// repair removes what is stray, then runs the plugin's reconciliation. It
+// holds the host's overlay lock exclusively meanwhile, and first checks
+// again under it: the running plugin builds overlays and endpoints only
+// while it holds that lock (shared), so nothing found stray now can be
+// something a Join is building or a container uses (its endpoint record
+// is written before its Join builds anything).
+func (d *doctorRun) repair(ctx context.Context) error {
+	unlock, err := d.host.LockExclusive(ctx)
+	if err != nil {
+		return fmt.Errorf("wait for the plugin's operations in flight: %w", err)
+	}
+	defer unlock()
+	w := d.w
+	d.w = io.Discard
+	err = d.check(ctx)
+	d.w = w
+	if err != nil {
+		return err
+	}
 	for _, p := range d.problems {
 		if p.remove == nil {
 			continue
@@ -145,9 +164,10 @@ func (d *doctorRun) repair(ctx context.Context) {
 	changes, err := driver.Reconcile(ctx, d.st, plane, d.addr, log)
 	if err != nil {
 		fmt.Fprintf(d.w, "failed   reconciliation (%d kernel changes made): %v\n", changes, err)
-		return
+		return nil
 	}
 	fmt.Fprintf(d.w, "done     reconciliation with the store: %d kernel change(s)\n", changes)
+	return nil
 }
 
 // check compares the kernel with the store and records the problems.

@@ -18,6 +18,7 @@ import (
 	"github.com/dnplabs/docker-net-plugin/internal/metrics"
 	"github.com/dnplabs/docker-net-plugin/internal/pluginapi"
 	"github.com/dnplabs/docker-net-plugin/ipam"
+	"github.com/dnplabs/docker-net-plugin/overlay"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -97,7 +98,8 @@ func serve(ctx context.Context, args []string) error {
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, Log: log,
+		HostLock: (&overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}).LockShared}
 	var observe pluginapi.Observer
 	if m != nil {
 		cfg.Metrics = m

@@ -100,6 +100,8 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 	p.Start(t)
 	c.Cleanup(func() {
 		p.Stop()
+		// The lock file the plugin and doctor --fix share (overlay.Host.LockPath).
+		os.Remove(filepath.Join("/run", "."+c.Prefix+"-"+h.Name+"-lock"))
 		if t.Failed() {
 			out, _ := os.ReadFile(p.Log)
 			if len(out) > 6000 {
