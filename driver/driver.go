@@ -63,6 +63,9 @@ type DataPlane interface {
 	RemoveEndpoint(vni uint32, epID string) error
 	// HasEndpoint reports whether the endpoint's bridge port exists.
 	HasEndpoint(vni uint32, epID string) (bool, error)
+	// DisableEndpoint takes the endpoint's bridge port down (the container
+	// keeps its interface, without carrier), if it exists.
+	DisableEndpoint(vni uint32, epID string) error
 	// SetPeers makes the overlay's static forwarding and neighbour entries
 	// exactly peers, leaving correct entries untouched; it returns how many
 	// entries it added or removed.
@@ -79,8 +82,11 @@ type Config struct {
 	MachineID string
 	Scope     string // "local" (plain hosts) or "global" (swarm)
 	LiveTTL   time.Duration
-	Log       *slog.Logger
-	Metrics   Metrics // optional; nil means none
+	// StaleAfter is how long a host may be gone before its records are
+	// purged (stale.go); 0 means DefaultStaleAfter.
+	StaleAfter time.Duration
+	Log        *slog.Logger
+	Metrics    Metrics // optional; nil means none
 	// HostLock, if set, is held (shared) while the driver builds or
 	// changes this host's overlays, so that another process repairing
 	// them (doctor --fix, which takes it exclusively) never removes what

@@ -32,6 +32,11 @@ type orphanRecord struct {
 	ID        string            `json:"id"`
 	Endpoint  endpointRecord    `json:"endpoint"`
 	Addresses []ipam.Allocation `json:"addresses,omitempty"`
+	// Conflict, set by the returning host: its address was allocated again
+	// while the host was lost, so the endpoint gave it up (its interface on
+	// the overlay is down) and is never restored.
+	Conflict      string `json:"conflict,omitempty"`
+	ConflictSince string `json:"conflict_since,omitempty"` // RFC 3339, UTC
 }
 
 // collectLost orphans the endpoints of hosts whose live key is gone, if
@@ -153,66 +158,131 @@ func (p *peerSync) restoreOrphans(ctx context.Context) error {
 		return fmt.Errorf("list orphaned endpoints: %w", err)
 	}
 	var errs []error
+	kept := map[uint32]bool{}
 	for _, kv := range kvs {
-		if err := d.restoreOrphan(ctx, kv); err != nil {
+		vni, err := d.restoreOrphan(ctx, kv)
+		if err != nil {
 			errs = append(errs, err)
 		}
+		if vni != 0 {
+			kept[vni] = true
+		}
 	}
+	p.kept = kept
 	return errors.Join(errs...)
 }
 
-func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
+// restoreOrphan restores one orphaned endpoint of this host, or drops its
+// record, or leaves it in place; for one left in place whose interface is
+// still there it returns its overlay's VNI, which must stay on this host.
+func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (uint32, error) {
 	s := d.cfg.Store
 	o, err := decodeKV[orphanRecord](kv)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	drop := func(why string) error {
+	drop := func(why string) (uint32, error) {
 		if err := s.Txn(ctx, store.Delete(kv.Key, kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
-			return fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
+			return 0, fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		d.log.Info("orphaned endpoint dropped: "+why, "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil
+		return 0, nil
 	}
 	n, err := d.network(ctx, o.Endpoint.Network)
 	if err != nil {
 		if _, gerr := s.Get(ctx, netmapKey(d.host, o.Endpoint.Network)); errors.Is(gerr, store.ErrNotFound) {
 			return drop("its network is gone")
 		}
-		return err
+		return 0, err
 	}
-	has, err := d.cfg.Plane.HasEndpoint(n.Overlay.VNI, o.ID)
+	vni := n.Overlay.VNI
+	has, err := d.cfg.Plane.HasEndpoint(vni, o.ID)
 	if err != nil {
-		return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+		return 0, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 	}
 	if !has {
 		return drop("its interface is gone")
+	}
+	if o.Conflict != "" {
+		// Given up before: it stays cut off until its container goes.
+		if err := d.cfg.Plane.DisableEndpoint(vni, o.ID); err != nil {
+			return vni, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+		}
+		return vni, nil
 	}
 	ops := []store.Op{store.Delete(kv.Key, kv.Version), store.Create(endpointKey(o.Overlay, o.ID), encode(o.Endpoint))}
 	for _, a := range o.Addresses {
 		op, err := ipam.ClaimOp(a)
 		if err != nil {
-			return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+			return 0, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		ops = append(ops, op)
 	}
 	err = s.Txn(ctx, ops...)
 	if err == nil {
 		d.log.Info("endpoint restored after this host was lost", "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil
+		return 0, nil
 	}
 	if !errors.Is(err, store.ErrConflict) {
-		return fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
+		return 0, fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
 	}
 	if _, gerr := s.Get(ctx, endpointKey(o.Overlay, o.ID)); gerr == nil {
 		return drop("its endpoint record exists again")
 	}
 	for _, a := range o.Addresses {
-		if holder, herr := ipam.Holder(ctx, s, a); herr == nil && holder != "" {
-			d.log.Error("cannot restore endpoint after this host was lost: its address was taken meanwhile; remove and re-create the container",
-				"endpoint", short(o.ID), "address", a.Address, "now_held_by", holder)
-			return nil // left in place: an operator's call
+		holder, herr := ipam.Holder(ctx, s, a)
+		if herr != nil || holder == "" {
+			continue
 		}
+		// Its address went to another container while this host was
+		// lost. Two live containers must never share an address: this
+		// one, the late one, gives it up, visibly.
+		if err := d.cfg.Plane.DisableEndpoint(vni, o.ID); err != nil {
+			return vni, fmt.Errorf("orphaned endpoint %.12s: take its interface down: %w", o.ID, err)
+		}
+		o.Conflict = fmt.Sprintf("address %s was allocated again while this host was lost, to %s", a.Address, holder)
+		o.ConflictSince = time.Now().UTC().Format(time.RFC3339)
+		if err := s.Txn(ctx, store.Update(kv.Key, encode(o), kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
+			return vni, fmt.Errorf("orphaned endpoint %.12s: record the conflict: %w", o.ID, err)
+		}
+		d.log.Error("address conflict after this host was lost: the container's interface on the overlay is taken down; remove and re-create the container (docker rm -f, docker run) to give it a new address",
+			"endpoint", short(o.ID), "network", short(o.Endpoint.Network), "overlay", o.Overlay, "address", a.Address,
+			"held_before_by", fmt.Sprintf("endpoint %s on host %s (this host)", o.ID, d.host), "held_now_by", holder)
+		return vni, nil
 	}
-	return nil // the orphan changed meanwhile: the next pass sees it
+	return 0, nil // the orphan changed meanwhile: the next pass sees it
+}
+
+// OrphanedEndpoint is an endpoint of a host whose record was orphaned
+// while the host was lost, and not restored (yet).
+type OrphanedEndpoint struct {
+	ID      string
+	Overlay string
+	VNI     uint32 // 0 when its network is unknown here
+	IPv4    string
+	// Conflict says why it was given up: its address went to another
+	// container meanwhile (see restoreOrphan); empty while it waits.
+	Conflict string
+}
+
+// orphaned lists this host's orphaned endpoints.
+func (p *peerSync) orphaned(ctx context.Context) ([]OrphanedEndpoint, error) {
+	d := p.d
+	kvs, err := d.cfg.Store.List(ctx, orphansDir+"/"+d.host)
+	if err != nil {
+		return nil, fmt.Errorf("list orphaned endpoints: %w", err)
+	}
+	var out []OrphanedEndpoint
+	for _, kv := range kvs {
+		o, err := decodeKV[orphanRecord](kv)
+		if err != nil {
+			continue
+		}
+		oe := OrphanedEndpoint{ID: o.ID, Overlay: o.Overlay, IPv4: o.Endpoint.IPv4, Conflict: o.Conflict}
+		if n, err := d.network(ctx, o.Endpoint.Network); err == nil {
+			oe.VNI = n.Overlay.VNI
+		}
+		out = append(out, oe)
+	}
+	return out, nil
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -99,6 +100,21 @@ func TestHostLossReleasesAndRestores(t *testing.T) {
 	if _, err := s.Get(ctx, endpointKey("blue", "epc1cccc")); err != nil {
 		t.Fatalf("restored endpoint record: %v", err)
 	}
+	// The endpoint whose address went to host a gave it up, visibly: its
+	// port is down, and its orphan record says why.
+	eventually(t, "the late holder of 10.20.0.5 gives it up", func() bool {
+		c.plane.mu.Lock()
+		defer c.plane.mu.Unlock()
+		return c.plane.disabled["epc3cccc"]
+	})
+	if kv, err := s.Get(ctx, orphanKey(lost, "epc3cccc")); err != nil || !strings.Contains(string(kv.Value), "10.20.0.5 was allocated again") {
+		t.Fatalf("orphan record of the endpoint that gave up its address: %s, %v", kv.Value, err)
+	}
+	c.plane.mu.Lock()
+	if c.plane.disabled["epc1cccc"] {
+		t.Error("the restored endpoint was taken down too")
+	}
+	c.plane.mu.Unlock()
 
 	// Docker's cleanup of the endpoints the store no longer knows succeeds.
 	for _, id := range []string{"epc2cccc", "epc3cccc"} {

@@ -26,7 +26,8 @@ import (
 // stops; it goes when a host stops with no Docker network left.
 const seenDir = "seen"
 
-// seenInterval is how often a registered host writes its last-seen time.
+// seenInterval is how often a registered host writes its last-seen time
+// (less with a short grace period before stale hosts are purged: seenEvery).
 const seenInterval = 30 * time.Second
 
 type seenRecord struct {
@@ -37,10 +38,10 @@ type seenRecord struct {
 
 func seenKey(host string) string { return seenDir + "/" + host }
 
-// heartbeat writes this host's last-seen time now and every seenInterval
+// heartbeat writes this host's last-seen time now and every seenEvery
 // until ctx ends.
 func (p *peerSync) heartbeat(ctx context.Context, rec hostRecord) {
-	t := time.NewTicker(seenInterval)
+	t := time.NewTicker(p.d.seenEvery())
 	defer t.Stop()
 	for {
 		wctx, cancel := context.WithTimeout(ctx, store.DefaultTimeout)
@@ -82,6 +83,37 @@ func (p *peerSync) lastSeen(ctx context.Context, rec hostRecord) {
 type ClusterState struct {
 	Hosts    []HostInfo    `json:"hosts"`
 	Overlays []OverlayInfo `json:"overlays"`
+	// Orphans are endpoints of lost hosts, set aside until their host
+	// comes back (or is purged), and endpoints that gave up an address
+	// allocated again meanwhile.
+	Orphans []OrphanInfo `json:"orphans"`
+}
+
+// OrphanInfo is one orphaned endpoint.
+type OrphanInfo struct {
+	Host    string `json:"host"`
+	Overlay string `json:"overlay"`
+	ID      string `json:"id"`
+	Network string `json:"network"`
+	IPv4    string `json:"ipv4,omitempty"`
+	MAC     string `json:"mac"`
+	// Conflict: its address went to another container while its host was
+	// lost; the endpoint is cut off until its container is re-created.
+	Conflict      string    `json:"conflict,omitempty"`
+	ConflictSince time.Time `json:"conflict_since,omitzero"`
+}
+
+// MarkStale sets, for every host without a live plugin, when its records
+// are due to be purged (its last sign of life plus the grace period).
+func (cs *ClusterState) MarkStale(after time.Duration, now time.Time) {
+	for i := range cs.Hosts {
+		h := &cs.Hosts[i]
+		if h.Alive || h.LastSeen.IsZero() {
+			continue
+		}
+		h.PurgeAt = h.LastSeen.Add(after)
+		h.Stale = !now.Before(h.PurgeAt)
+	}
 }
 
 // HostInfo is one host: live, or dead but still named by some record.
@@ -96,6 +128,11 @@ type HostInfo struct {
 	LastSeen  time.Time `json:"last_seen,omitzero"`
 	Networks  int       `json:"networks"`  // its Docker networks of this plugin
 	Endpoints int       `json:"endpoints"` // its endpoints
+	Orphans   int       `json:"orphans"`   // its orphaned endpoints
+	// PurgeAt, for a host without a live plugin, is when its records are
+	// due to be purged (MarkStale); Stale says that time has passed.
+	PurgeAt time.Time `json:"purge_at,omitzero"`
+	Stale   bool      `json:"stale,omitempty"`
 }
 
 // OverlayInfo is one overlay with its endpoints.
@@ -129,7 +166,7 @@ type EndpointInfo struct {
 // with whatever could be read.
 func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 	lists := map[string][]store.KV{}
-	for _, dir := range []string{hostsDir, seenDir, overlaysDir, netmapDir, endpointsDir} {
+	for _, dir := range []string{hostsDir, seenDir, overlaysDir, netmapDir, endpointsDir, orphansDir} {
 		kvs, err := st.List(ctx, dir)
 		if err != nil {
 			return nil, fmt.Errorf("read %s from the store: %w", dir, err)
@@ -195,6 +232,19 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		})
 		host(rec.Host).Endpoints++
 	}
+	orphans := []OrphanInfo{}
+	for _, kv := range lists[orphansDir] {
+		o, err := decodeKV[orphanRecord](kv)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		h, _, _ := strings.Cut(strings.TrimPrefix(kv.Key, orphansDir+"/"), "/")
+		since, _ := time.Parse(time.RFC3339, o.ConflictSince)
+		orphans = append(orphans, OrphanInfo{Host: h, Overlay: o.Overlay, ID: o.ID, Network: o.Endpoint.Network,
+			IPv4: o.Endpoint.IPv4, MAC: o.Endpoint.MAC, Conflict: o.Conflict, ConflictSince: since})
+		host(h).Orphans++
+	}
 	// Heartbeats last: they add no host that nothing else names.
 	for _, kv := range lists[seenDir] {
 		h := hosts[strings.TrimPrefix(kv.Key, seenDir+"/")]
@@ -212,7 +262,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		}
 	}
 
-	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}}
+	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}, Orphans: orphans}
 	for _, h := range hosts {
 		out.Hosts = append(out.Hosts, *h)
 	}
@@ -256,6 +306,10 @@ type HostPlan struct {
 	// LiveHosts are the hosts whose plugins hold their live key; endpoints
 	// of other hosts are not programmed.
 	LiveHosts []string
+	// Orphans are this host's endpoints orphaned while it was lost and not
+	// restored: their interfaces and overlays stay until their containers
+	// go.
+	Orphans []OrphanedEndpoint
 }
 
 // PlannedOverlay is one overlay this host needs: it has a local endpoint.
@@ -316,7 +370,9 @@ func DesiredState(ctx context.Context, st store.Store, addr netip.Addr) (*HostPl
 		out.Overlays = append(out.Overlays, pov)
 	}
 	sort.Slice(out.Overlays, func(i, j int) bool { return out.Overlays[i].VNI < out.Overlays[j].VNI })
-	return out, errors.Join(append(errs, err)...)
+	orphans, oerr := p.orphaned(ctx)
+	out.Orphans = orphans
+	return out, errors.Join(append(errs, err, oerr)...)
 }
 
 // Reconcile runs once the reconciliation the plugin runs after every store
@@ -327,6 +383,14 @@ func Reconcile(ctx context.Context, st store.Store, plane DataPlane, addr netip.
 	p, err := offline(ctx, Config{Store: st, Plane: plane, HostAddr: addr, Log: log})
 	if err != nil {
 		return 0, err
+	}
+	orphans, err := p.orphaned(ctx)
+	if err != nil {
+		return 0, err
+	}
+	p.kept = map[uint32]bool{}
+	for _, o := range orphans {
+		p.kept[o.VNI] = true
 	}
 	return p.reconcile(ctx)
 }

@@ -105,3 +105,14 @@ func (k *kernelPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	}
 	return n.SetPeers(ps, nil)
 }
+
+func (k *kernelPlane) DisableEndpoint(vni uint32, epID string) error {
+	n, err := k.host.Network(nsID(vni))
+	if errors.Is(err, overlay.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return n.DisableEndpoint(epID)
+}

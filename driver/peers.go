@@ -32,6 +32,9 @@ type peerSync struct {
 	// whether this host's orphaned endpoints should be looked at.
 	hostsLoaded time.Time
 	restoreDue  bool
+	// kept are the VNIs of this host's orphaned endpoints whose interface
+	// is still there (hostloss.go): their overlays stay.
+	kept map[uint32]bool
 }
 
 // debounce lets a burst of store events become one reconciliation.
@@ -74,6 +77,8 @@ func (p *peerSync) run(ctx context.Context) {
 		for range hosts {
 		}
 	}()
+	purge := time.NewTicker(p.d.purgeEvery())
+	defer purge.Stop()
 	var timer <-chan time.Time
 	dirty := func() {
 		if timer == nil {
@@ -98,6 +103,12 @@ func (p *peerSync) run(ctx context.Context) {
 			dirty()
 		case <-p.kickc:
 			dirty()
+		case <-purge.C:
+			if p.haveEPs && p.haveHosts && p.d.id.ours() {
+				if err := p.purgeStale(ctx); err != nil {
+					log.Warn("purging the records of hosts gone longer than the grace period failed; retrying later", "err", err)
+				}
+			}
 		case <-timer:
 			timer = nil
 			// Only once the live key is this machine's: until then the
@@ -342,7 +353,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 		}
 		inUse := d.localVNIs()
 		for _, vni := range present {
-			if wanted[vni] || inUse[vni] {
+			if wanted[vni] || inUse[vni] || p.kept[vni] {
 				continue
 			}
 			if err := d.cfg.Plane.RemoveOverlay(vni); err != nil {

@@ -109,6 +109,9 @@ type doctorRun struct {
 	dir, prefix string
 
 	problems []problem
+	// orphans are this host's orphaned endpoints, by id: their interfaces
+	// are not stray.
+	orphans map[string]driver.OrphanedEndpoint
 }
 
 func (d *doctorRun) ok(format string, args ...any) {
@@ -212,6 +215,7 @@ func (d *doctorRun) check(ctx context.Context) error {
 		vnis[po.VNI] = po.Name
 	}
 	d.checkHostVXLAN(vnis)
+	kept := d.checkOrphans(plan.Orphans)
 
 	ids, err := d.host.ListNetworks()
 	if err != nil {
@@ -219,6 +223,10 @@ func (d *doctorRun) check(ctx context.Context) error {
 	}
 	for _, id := range ids {
 		if wanted[id] {
+			continue
+		}
+		if kept[id] {
+			d.note("overlay namespace %s stays for this host's orphaned endpoint(s)", filepath.Join(d.dir, d.prefix+id))
 			continue
 		}
 		d.problem(problem{
@@ -241,6 +249,29 @@ func (d *doctorRun) check(ctx context.Context) error {
 	}
 	d.note("iptables: nothing to compare: the plugin installs no rules (egress and published ports go through docker_gwbridge, which Docker programs; overlays are isolated by living in separate namespaces)")
 	return nil
+}
+
+// checkOrphans reports this host's orphaned endpoints (their records were
+// set aside while the host was lost) and returns the ids of the overlay
+// namespaces they keep.
+func (d *doctorRun) checkOrphans(orphans []driver.OrphanedEndpoint) map[string]bool {
+	d.orphans = map[string]driver.OrphanedEndpoint{}
+	kept := map[string]bool{}
+	for _, o := range orphans {
+		d.orphans[o.ID] = o
+		if o.VNI != 0 {
+			kept[strconv.FormatUint(uint64(o.VNI), 10)] = true
+		}
+		if o.Conflict != "" {
+			d.problem(problem{
+				what: fmt.Sprintf("endpoint %s (%s) on overlay %s gave up its address and is cut off: %s", short(o.ID), o.IPv4, o.Overlay, o.Conflict),
+				fix:  "remove and re-create its container (docker rm -f, docker run): it gets a new address",
+			})
+			continue
+		}
+		d.note("endpoint %s (%s) on overlay %s is orphaned (set aside while this host was lost); the plugin restores it once this host is registered again", short(o.ID), o.IPv4, o.Overlay)
+	}
+	return kept
 }
 
 // checkHostVXLAN finds VXLAN devices of this namespace that hold the UDP
@@ -360,6 +391,9 @@ func (d *doctorRun) checkDevices(po driver.PlannedOverlay, label, path string, m
 		a := l.Attrs()
 		if a.Name == "lo" || l == br || l == vx {
 			continue
+		}
+		if _, ok := d.orphans[a.Alias]; ok && l.Type() == "veth" {
+			continue // an orphaned endpoint's: checkOrphans reported it
 		}
 		if l.Type() == "veth" && local[a.Alias] {
 			ports[a.Alias] = true

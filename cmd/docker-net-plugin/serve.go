@@ -28,6 +28,7 @@ type serveFlags struct {
 	name, socket        string
 	scope               string
 	liveTTL             time.Duration
+	staleAfter          time.Duration
 	logLevel, logFormat string
 	defaultPool         string
 	defaultPoolSize     int
@@ -44,6 +45,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.StringVar(&f.socket, "socket", "", "unix socket path (default /run/docker/plugins/<name>.sock)")
 	fs.StringVar(&f.scope, "scope", "local", "driver scope: local (plain hosts) or global (swarm)")
 	fs.DurationVar(&f.liveTTL, "live-ttl", 15*time.Second, "how long after this host dies the others forget it")
+	fs.DurationVar(&f.staleAfter, "stale-after", driver.DefaultStaleAfter, "how long a host may be gone before its networks, overlays, orphaned endpoints and addresses are purged; use one value on every host")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
@@ -61,6 +63,9 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	slog.SetDefault(log)
+	if f.staleAfter < 2*f.liveTTL {
+		return fmt.Errorf("--stale-after %s: want at least twice --live-ttl (%s)", f.staleAfter, f.liveTTL)
+	}
 	if f.scope != "local" && f.scope != "global" {
 		return fmt.Errorf("--scope %q: want local or global", f.scope)
 	}
@@ -98,7 +103,7 @@ func serve(ctx context.Context, args []string) error {
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, Log: log,
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, StaleAfter: f.staleAfter, Log: log,
 		HostLock: (&overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}).LockShared}
 	var observe pluginapi.Observer
 	if m != nil {
