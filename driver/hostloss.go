@@ -205,6 +205,7 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (uint32, error)
 	}
 	if o.Conflict != "" {
 		// Given up before: it stays cut off until its container goes.
+		d.forgetLocal(o.ID)
 		if err := d.cfg.Plane.DisableEndpoint(vni, o.ID); err != nil {
 			return vni, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 		}
@@ -237,6 +238,7 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (uint32, error)
 		// Its address went to another container while this host was
 		// lost. Two live containers must never share an address: this
 		// one, the late one, gives it up, visibly.
+		d.forgetLocal(o.ID)
 		if err := d.cfg.Plane.DisableEndpoint(vni, o.ID); err != nil {
 			return vni, fmt.Errorf("orphaned endpoint %.12s: take its interface down: %w", o.ID, err)
 		}
@@ -285,4 +287,14 @@ func (p *peerSync) orphaned(ctx context.Context) ([]OrphanedEndpoint, error) {
 		out = append(out, oe)
 	}
 	return out, nil
+}
+
+// forgetLocal drops an endpoint this process still knows from before its
+// host was lost: the store has no record of it any more, so Docker's Leave
+// and DeleteEndpoint for it then end it as forgetEndpoint does (removing
+// its orphan record too).
+func (d *Driver) forgetLocal(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.endpoints, id)
 }
