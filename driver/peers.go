@@ -297,6 +297,9 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			continue
 		}
 		peer, err := peerOf(rec)
+		if err == nil {
+			err = checkPeer(rec, peer, overlayOf(po.net), d.cfg.HostAddr)
+		}
 		if err != nil {
 			d.log.Warn("skipping endpoint", "key", key, "err", err)
 			continue
