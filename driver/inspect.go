@@ -121,6 +121,9 @@ type HostInfo struct {
 	Address string `json:"address"` // underlay (advertise) address
 	Name    string `json:"name,omitempty"`
 	Alive   bool   `json:"alive"` // its plugin holds its live key
+	// MachineID is the identity of the machine whose plugin holds the
+	// live key (identity.go).
+	MachineID string `json:"machine_id,omitempty"`
 	// Started is when its plugin registered (live hosts only).
 	Started time.Time `json:"started,omitzero"`
 	// LastSeen is when its plugin last wrote its heartbeat (every 30s
@@ -190,6 +193,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 			errs = append(errs, err)
 		} else {
 			h.Name = rec.Name
+			h.MachineID = rec.ID
 			h.Started, _ = time.Parse(time.RFC3339, rec.Started)
 		}
 	}
