@@ -8,7 +8,7 @@ PKGS    := ./...
 DOCKER  ?=
 export DNP_DOCKER := $(DOCKER)
 
-.PHONY: all build plugin deps test unit vet demo bench clean
+.PHONY: all build plugin deps test unit vet fuzz demo bench clean
 
 all: build
 
@@ -31,6 +31,17 @@ test: deps vet
 # Only what needs no root and no servers.
 unit:
 	$(GO) test -count=1 -short $(PKGS)
+
+# Fuzz each target for FUZZTIME (the plugin API against the real drivers and
+# embedded store; the peer sync against untrusted store records). `make
+# test` runs only their seed inputs. Findings land in driver/testdata/fuzz.
+FUZZTIME ?= 30s
+FUZZ_TARGETS := FuzzPluginAPI FuzzPeerRecords
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./driver/ || exit 1; \
+	done
 
 # The managed plugin directory bin/plugin (config.json + rootfs/). Set
 # CREATE=1 to also run docker plugin create $(PLUGIN_NAME) (DOCKER_HOST is

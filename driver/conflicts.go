@@ -38,12 +38,14 @@ func (k keyedRecord) id() string { return k.key[strings.LastIndex(k.key, "/")+1:
 // holding is who holds a MAC or address while peers are picked.
 type holding struct{ id, host string }
 
-// pickPeers chooses the peers of one overlay from its records of live
+// pickPeers chooses the peers of overlay ov from its records of live
 // hosts, sorted by key: the records of hosts other than self that are
 // well-formed and claim no MAC or address a record before them claims.
-// under is this host's underlay address (invalid: no host's view). It
-// returns the peers, by MAC, and the skipped records, self's included.
-func pickPeers(overlay string, recs []keyedRecord, self string, under netip.Addr) ([]Peer, []RecordProblem) {
+// ov.Subnets, when known, bound the addresses. under is this host's
+// underlay address (invalid: no host's view). It returns the peers, by
+// MAC, and the skipped records, self's included.
+func pickPeers(ov Overlay, recs []keyedRecord, self string, under netip.Addr) ([]Peer, []RecordProblem) {
+	overlay := ov.Name
 	held := map[string]holding{}
 	var peers []Peer
 	var skipped []RecordProblem
@@ -54,7 +56,7 @@ func pickPeers(overlay string, recs []keyedRecord, self string, under netip.Addr
 				Kind: kind, Reason: reason, ConflictsWith: with.id, ConflictHost: with.host,
 			})
 		}
-		peer, err := validPeer(k.rec, under)
+		peer, err := validPeer(k.rec, ov, under)
 		if err != nil {
 			skip(SkipInvalid, err.Error(), holding{})
 			continue
@@ -83,18 +85,23 @@ func pickPeers(overlay string, recs []keyedRecord, self string, under netip.Addr
 }
 
 // validPeer turns an endpoint record of another host into a Peer, or says
-// what is wrong with it: what the kernel would refuse, or what would
-// break the overlay.
-func validPeer(rec endpointRecord, under netip.Addr) (Peer, error) {
+// what is wrong with it. Records in the store are untrusted input: a
+// hostile or broken one must not hijack traffic (a broadcast or multicast
+// MAC, the gateway's address), point tunnels at nowhere (an unspecified,
+// multicast, loopback or link-local underlay address), or make the kernel refuse the whole peer set (an address family
+// the tunnels cannot reach).
+func validPeer(rec endpointRecord, ov Overlay, under netip.Addr) (Peer, error) {
 	peer, err := peerOf(rec)
 	if err != nil {
 		return Peer{}, fmt.Errorf("malformed record: %v", err)
 	}
 	h := peer.Host
 	switch {
-	case h.IsUnspecified() || h.IsMulticast() || h.Zone() != "":
+	case h.String() != rec.Host:
+		return Peer{}, fmt.Errorf("host address %q is not written canonically (%s)", rec.Host, h)
+	case h.IsUnspecified() || h.IsMulticast() || h.IsLoopback() || h.IsLinkLocalUnicast() || h.Zone() != "":
 		return Peer{}, fmt.Errorf("host address %s is not a host's", h)
-	case under.IsValid() && h.Unmap().Is4() != under.Is4():
+	case under.IsValid() && h.Is4() != under.Is4():
 		return Peer{}, fmt.Errorf("host address %s is not of the underlay's family (%s)", h, under)
 	case len(peer.MAC) != 6 || peer.MAC[0]&1 != 0 || bytes.Equal(peer.MAC, make(net.HardwareAddr, 6)):
 		return Peer{}, fmt.Errorf("MAC %q is not a unicast MAC", rec.MAC)
@@ -112,14 +119,48 @@ func validPeer(rec endpointRecord, under netip.Addr) (Peer, error) {
 		if i == 1 && (!ip.Is6() || ip.Is4In6()) {
 			return Peer{}, fmt.Errorf("IPv6 address %s is not IPv6", ip)
 		}
+		if err := checkPeerIP(ip, ov); err != nil {
+			return Peer{}, err
+		}
 	}
 	return peer, nil
 }
 
+// checkPeerIP: an endpoint address is inside one of the overlay's subnets
+// (when they are known), and is neither its network, broadcast nor
+// gateway address.
+func checkPeerIP(ip netip.Addr, ov Overlay) error {
+	if len(ov.Subnets) == 0 {
+		return nil
+	}
+	for i, s := range ov.Subnets {
+		if !s.Contains(ip) {
+			continue
+		}
+		if ip == s.Masked().Addr() || ip.Is4() && ip == lastAddr(s) {
+			return fmt.Errorf("address %s is the network or broadcast address of %s", ip, s)
+		}
+		if i < len(ov.Gateways) && ov.Gateways[i] == ip {
+			return fmt.Errorf("address %s is the gateway of %s", ip, s)
+		}
+		return nil
+	}
+	return fmt.Errorf("address %s is in none of the overlay's subnets %v", ip, ov.Subnets)
+}
+
+// lastAddr is the last address of an IPv4 prefix (its broadcast address).
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
 // recordProblems finds, over every overlay, the records of live hosts that
 // the rules above skip (live nil: of every host): what status and doctor
-// show.
-func recordProblems(endpoints map[string]endpointRecord, live func(host string) bool) []RecordProblem {
+// show. overlays gives what is known of each overlay (its subnets bound
+// the addresses); an overlay it lacks is checked without them.
+func recordProblems(endpoints map[string]endpointRecord, overlays map[string]Overlay, live func(host string) bool) []RecordProblem {
 	byOverlay := map[string][]keyedRecord{}
 	for key, rec := range endpoints {
 		if live != nil && !live(rec.Host) {
@@ -129,8 +170,12 @@ func recordProblems(endpoints map[string]endpointRecord, live func(host string) 
 		byOverlay[ov] = append(byOverlay[ov], keyedRecord{key, rec})
 	}
 	var out []RecordProblem
-	for ov, recs := range byOverlay {
+	for name, recs := range byOverlay {
 		sortKeyed(recs)
+		ov, ok := overlays[name]
+		if !ok {
+			ov = Overlay{Name: name}
+		}
 		_, skipped := pickPeers(ov, recs, "", netip.Addr{})
 		out = append(out, skipped...)
 	}

@@ -72,6 +72,9 @@ type DataPlane interface {
 	RemoveEndpoint(vni uint32, epID string) error
 	// HasEndpoint reports whether the endpoint's bridge port exists.
 	HasEndpoint(vni uint32, epID string) (bool, error)
+	// DisableEndpoint takes the endpoint's bridge port down (the container
+	// keeps its interface, without carrier), if it exists.
+	DisableEndpoint(vni uint32, epID string) error
 	// SetPeers makes the overlay's static forwarding and neighbour entries
 	// exactly peers, leaving correct entries untouched; it returns how many
 	// entries it added or removed.
@@ -83,14 +86,25 @@ type Config struct {
 	Store    store.Store
 	Plane    DataPlane
 	HostAddr netip.Addr // this host's underlay (advertise) address
-	Scope    string     // "local" (plain hosts) or "global" (swarm)
-	LiveTTL  time.Duration
-	Log      *slog.Logger
-	Metrics  Metrics     // optional; nil means none
-	Names    NameService // optional; nil means no names across hosts
+	// MachineID identifies this machine (identity.go): stable across
+	// restarts, different on every machine.
+	MachineID string
+	Scope     string // "local" (plain hosts) or "global" (swarm)
+	LiveTTL   time.Duration
+	// StaleAfter is how long a host may be gone before its records are
+	// purged (stale.go); 0 means DefaultStaleAfter.
+	StaleAfter time.Duration
+	Log        *slog.Logger
+	Metrics    Metrics     // optional; nil means none
+	Names      NameService // optional; nil means no names across hosts
 	// PublicKey is this host's public key for encrypted overlays, as
 	// published in its host record; empty if it cannot encrypt.
 	PublicKey string
+	// HostLock, if set, is held (shared) while the driver builds or
+	// changes this host's overlays, so that another process repairing
+	// them (doctor --fix, which takes it exclusively) never removes what
+	// is being built or used.
+	HostLock func(ctx context.Context) (unlock func(), err error)
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -130,6 +144,7 @@ type Driver struct {
 	// mroutes: which endpoint holds the multicast route of a sandbox
 	// (mcast.go), by sandbox key.
 	mroutes map[string]string
+	id      identity
 }
 
 type localNetwork struct {
@@ -424,18 +439,24 @@ func (d *Driver) endpoint(ctx context.Context, netID, epID string) (*localNetwor
 
 // overlayOf builds the data plane's view of a network.
 func overlayOf(n *localNetwork) Overlay {
-	ov := Overlay{Name: n.Overlay.Name, VNI: n.Overlay.VNI, Encap: n.Overlay.Encap, MTU: n.Overlay.MTU, Encrypted: n.Overlay.Encrypted}
+	ov := overlayOfRecord(n.Overlay)
 	if n.Rec.MTU != 0 {
 		ov.MTU = n.Rec.MTU
 	}
-	for i, s := range n.Overlay.Subnets {
+	return ov
+}
+
+// overlayOfRecord is the data plane's view of an overlay's record.
+func overlayOfRecord(rec overlayRecord) Overlay {
+	ov := Overlay{Name: rec.Name, VNI: rec.VNI, Encap: rec.Encap, MTU: rec.MTU, Encrypted: rec.Encrypted}
+	for i, s := range rec.Subnets {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
 			continue
 		}
 		var gw netip.Addr
-		if i < len(n.Overlay.Gateways) {
-			gw, _ = netip.ParseAddr(n.Overlay.Gateways[i])
+		if i < len(rec.Gateways) {
+			gw, _ = netip.ParseAddr(rec.Gateways[i])
 		}
 		ov.Subnets = append(ov.Subnets, p)
 		ov.Gateways = append(ov.Gateways, gw)
@@ -458,6 +479,11 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 	}
 	d.planeMu.Lock()
 	defer d.planeMu.Unlock()
+	unlock, err := d.lockHost(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("join %.12s: %w", ep.ID, err)
+	}
+	defer unlock()
 	if err := d.ensureOverlay(overlayOf(n)); err != nil {
 		return nil, fmt.Errorf("join %.12s: build overlay %s: %w", ep.ID, n.Overlay.Name, err)
 	}
@@ -597,6 +623,14 @@ func (d *Driver) ProgramExternalConnectivity(ctx context.Context, r *network.Pro
 // RevokeExternalConnectivity: see ProgramExternalConnectivity.
 func (d *Driver) RevokeExternalConnectivity(ctx context.Context, r *network.RevokeExternalConnectivityRequest) error {
 	return nil
+}
+
+// lockHost takes Config.HostLock, if any.
+func (d *Driver) lockHost(ctx context.Context) (func(), error) {
+	if d.cfg.HostLock == nil {
+		return func() {}, nil
+	}
+	return d.cfg.HostLock(ctx)
 }
 
 func short(id string) string {

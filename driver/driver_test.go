@@ -27,6 +27,7 @@ type fakePlane struct {
 	eps      map[string]uint32
 	peers    map[uint32][]Peer
 	noGRE    bool
+	disabled map[string]bool
 }
 
 func newFakePlane() *fakePlane {
@@ -94,6 +95,17 @@ func (f *fakePlane) HasEndpoint(vni uint32, id string) (bool, error) {
 	defer f.mu.Unlock()
 	_, ok := f.eps[id]
 	return ok, nil
+}
+func (f *fakePlane) DisableEndpoint(vni uint32, id string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.disabled == nil {
+		f.disabled = map[string]bool{}
+	}
+	if _, ok := f.eps[id]; ok {
+		f.disabled[id] = true
+	}
+	return nil
 }
 func (f *fakePlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	f.mu.Lock()

@@ -33,6 +33,11 @@ type orphanRecord struct {
 	ID        string            `json:"id"`
 	Endpoint  endpointRecord    `json:"endpoint"`
 	Addresses []ipam.Allocation `json:"addresses,omitempty"`
+	// Conflict, set by the returning host: its address was allocated again
+	// while the host was lost, so the endpoint gave it up (its interface on
+	// the overlay is down) and is never restored.
+	Conflict      string `json:"conflict,omitempty"`
+	ConflictSince string `json:"conflict_since,omitempty"` // RFC 3339, UTC
 }
 
 // collectLost orphans the endpoints of hosts whose live key is gone, if
@@ -160,47 +165,65 @@ func (p *peerSync) restoreOrphans(ctx context.Context) error {
 		return fmt.Errorf("list orphaned endpoints: %w", err)
 	}
 	var errs []error
+	kept := map[uint32]bool{}
 	for _, kv := range kvs {
-		if err := d.restoreOrphan(ctx, kv); err != nil {
+		vni, err := d.restoreOrphan(ctx, kv)
+		if err != nil {
 			errs = append(errs, err)
 		}
+		if vni != 0 {
+			kept[vni] = true
+		}
 	}
+	p.kept = kept
 	return errors.Join(errs...)
 }
 
-func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
+// restoreOrphan restores one orphaned endpoint of this host, or drops its
+// record, or leaves it in place; for one left in place whose interface is
+// still there it returns its overlay's VNI, which must stay on this host.
+func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (uint32, error) {
 	s := d.cfg.Store
 	o, err := decodeKV[orphanRecord](kv)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	drop := func(why string) error {
+	drop := func(why string) (uint32, error) {
 		if err := s.Txn(ctx, store.Delete(kv.Key, kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
-			return fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
+			return 0, fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		d.log.Info("orphaned endpoint dropped: "+why, "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil
+		return 0, nil
 	}
 	n, err := d.network(ctx, o.Endpoint.Network)
 	if err != nil {
 		if _, gerr := s.Get(ctx, netmapKey(d.host, o.Endpoint.Network)); errors.Is(gerr, store.ErrNotFound) {
 			return drop("its network is gone")
 		}
-		return err
+		return 0, err
 	}
-	has, err := d.cfg.Plane.HasEndpoint(n.Overlay.VNI, o.ID)
+	vni := n.Overlay.VNI
+	has, err := d.cfg.Plane.HasEndpoint(vni, o.ID)
 	if err != nil {
-		return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+		return 0, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 	}
 	if !has {
 		return drop("its interface is gone")
+	}
+	if o.Conflict != "" {
+		// Given up before: it stays cut off until its container goes.
+		d.forgetLocal(o.ID)
+		if err := d.cfg.Plane.DisableEndpoint(vni, o.ID); err != nil {
+			return vni, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+		}
+		return vni, nil
 	}
 	ops := []store.Op{store.Delete(kv.Key, kv.Version), store.Create(endpointKey(o.Overlay, o.ID), encode(o.Endpoint))}
 	ops = append(ops, claimOps(o.Overlay, o.ID, o.Endpoint)...)
 	for _, a := range o.Addresses {
 		op, err := ipam.ClaimOp(a)
 		if err != nil {
-			return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+			return 0, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		ops = append(ops, op)
 	}
@@ -213,42 +236,106 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 		d.endpoints[o.ID] = &localEndpoint{ID: o.ID, Network: o.Endpoint.Network, Rec: o.Endpoint}
 		d.mu.Unlock()
 		d.log.Info("endpoint restored after this host was lost", "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil
+		return 0, nil
 	}
 	if !errors.Is(err, store.ErrConflict) {
-		return fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
+		return 0, fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
 	}
 	if _, gerr := s.Get(ctx, endpointKey(o.Overlay, o.ID)); gerr == nil {
 		return drop("its endpoint record exists again")
 	}
 	for _, a := range o.Addresses {
-		if holder, herr := ipam.Holder(ctx, s, a); herr == nil && holder != "" {
-			d.log.Error("cannot restore endpoint after this host was lost: its address was taken meanwhile; remove and re-create the container",
-				"endpoint", short(o.ID), "address", a.Address, "now_held_by", holder)
-			return nil // left in place: an operator's call
+		holder, herr := ipam.Holder(ctx, s, a)
+		if herr != nil || holder == "" {
+			continue
 		}
+		return d.giveUp(ctx, kv, o, vni, "address "+a.Address, holder)
 	}
 	for _, c := range claimsOf(o.Overlay, o.Endpoint) {
-		kv, err := s.Get(ctx, c.Key)
+		ckv, err := s.Get(ctx, c.Key)
 		if err != nil {
 			continue
 		}
-		holder, err := decodeKV[claimRecord](kv)
+		holder, err := decodeKV[claimRecord](ckv)
 		if err != nil {
 			continue
 		}
 		if holder.Endpoint == o.ID {
 			// Left by an earlier version's host-loss handling: drop it
 			// and restore on the next pass.
-			if err := s.Txn(ctx, store.Delete(kv.Key, kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
-				return fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
+			if err := s.Txn(ctx, store.Delete(ckv.Key, ckv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
+				return vni, fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
 			}
 			d.peers.restoreLater()
-			return nil
+			return vni, nil
 		}
-		d.log.Error("cannot restore endpoint after this host was lost: its "+c.What+" was taken meanwhile; remove and re-create the container",
-			"endpoint", short(o.ID), "now_held_by", short(holder.Endpoint), "holder_host", holder.Host)
-		return nil // left in place: an operator's call
+		return d.giveUp(ctx, kv, o, vni, c.What, fmt.Sprintf("endpoint %.12s on host %s", holder.Endpoint, holder.Host))
 	}
-	return nil // the orphan changed meanwhile: the next pass sees it
+	return 0, nil // the orphan changed meanwhile: the next pass sees it
+}
+
+// giveUp cuts off an orphaned endpoint of this host whose address (or
+// MAC), what, went to another container, holder, while this host was
+// lost. Two live containers must never share an address: this one, the
+// late one, gives it up, visibly: its interface goes down, its orphan
+// record says why, and the log names both holders. It returns the
+// overlay's VNI, which stays on this host until the container goes.
+func (d *Driver) giveUp(ctx context.Context, kv store.KV, o orphanRecord, vni uint32, what, holder string) (uint32, error) {
+	d.forgetLocal(o.ID)
+	if err := d.cfg.Plane.DisableEndpoint(vni, o.ID); err != nil {
+		return vni, fmt.Errorf("orphaned endpoint %.12s: take its interface down: %w", o.ID, err)
+	}
+	o.Conflict = fmt.Sprintf("%s was allocated again while this host was lost, to %s", what, holder)
+	o.ConflictSince = time.Now().UTC().Format(time.RFC3339)
+	if err := d.cfg.Store.Txn(ctx, store.Update(kv.Key, encode(o), kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
+		return vni, fmt.Errorf("orphaned endpoint %.12s: record the conflict: %w", o.ID, err)
+	}
+	d.log.Error("address conflict after this host was lost: the container's interface on the overlay is taken down; remove and re-create the container (docker rm -f, docker run) to give it a new address",
+		"endpoint", short(o.ID), "network", short(o.Endpoint.Network), "overlay", o.Overlay, "taken", what,
+		"held_before_by", fmt.Sprintf("endpoint %s on host %s (this host)", o.ID, d.host), "held_now_by", holder)
+	return vni, nil
+}
+
+// OrphanedEndpoint is an endpoint of a host whose record was orphaned
+// while the host was lost, and not restored (yet).
+type OrphanedEndpoint struct {
+	ID      string
+	Overlay string
+	VNI     uint32 // 0 when its network is unknown here
+	IPv4    string
+	// Conflict says why it was given up: its address went to another
+	// container meanwhile (see restoreOrphan); empty while it waits.
+	Conflict string
+}
+
+// orphaned lists this host's orphaned endpoints.
+func (p *peerSync) orphaned(ctx context.Context) ([]OrphanedEndpoint, error) {
+	d := p.d
+	kvs, err := d.cfg.Store.List(ctx, orphansDir+"/"+d.host)
+	if err != nil {
+		return nil, fmt.Errorf("list orphaned endpoints: %w", err)
+	}
+	var out []OrphanedEndpoint
+	for _, kv := range kvs {
+		o, err := decodeKV[orphanRecord](kv)
+		if err != nil {
+			continue
+		}
+		oe := OrphanedEndpoint{ID: o.ID, Overlay: o.Overlay, IPv4: o.Endpoint.IPv4, Conflict: o.Conflict}
+		if n, err := d.network(ctx, o.Endpoint.Network); err == nil {
+			oe.VNI = n.Overlay.VNI
+		}
+		out = append(out, oe)
+	}
+	return out, nil
+}
+
+// forgetLocal drops an endpoint this process still knows from before its
+// host was lost: the store has no record of it any more, so Docker's Leave
+// and DeleteEndpoint for it then end it as forgetEndpoint does (removing
+// its orphan record too).
+func (d *Driver) forgetLocal(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.endpoints, id)
 }

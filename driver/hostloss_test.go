@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,6 +105,21 @@ func TestHostLossReleasesAndRestores(t *testing.T) {
 	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{"addrs/blue/10.20.0.2", "addrs/blue/10.20.0.3"}) || len(keys(t, s, macsDir)) != 2 {
 		t.Fatalf("claims after c restored its endpoint: %v %v; want a's and c's restored one", got, keys(t, s, macsDir))
 	}
+	// The endpoint whose address went to host a gave it up, visibly: its
+	// port is down, and its orphan record says why.
+	eventually(t, "the late holder of 10.20.0.5 gives it up", func() bool {
+		c.plane.mu.Lock()
+		defer c.plane.mu.Unlock()
+		return c.plane.disabled["epc3cccc"]
+	})
+	if kv, err := s.Get(ctx, orphanKey(lost, "epc3cccc")); err != nil || !strings.Contains(string(kv.Value), "10.20.0.5 was allocated again") {
+		t.Fatalf("orphan record of the endpoint that gave up its address: %s, %v", kv.Value, err)
+	}
+	c.plane.mu.Lock()
+	if c.plane.disabled["epc1cccc"] {
+		t.Error("the restored endpoint was taken down too")
+	}
+	c.plane.mu.Unlock()
 
 	// Docker's cleanup of the endpoints the store no longer knows succeeds.
 	for _, id := range []string{"epc2cccc", "epc3cccc"} {

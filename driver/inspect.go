@@ -26,7 +26,8 @@ import (
 // stops; it goes when a host stops with no Docker network left.
 const seenDir = "seen"
 
-// seenInterval is how often a registered host writes its last-seen time.
+// seenInterval is how often a registered host writes its last-seen time
+// (less with a short grace period before stale hosts are purged: seenEvery).
 const seenInterval = 30 * time.Second
 
 type seenRecord struct {
@@ -37,10 +38,10 @@ type seenRecord struct {
 
 func seenKey(host string) string { return seenDir + "/" + host }
 
-// heartbeat writes this host's last-seen time now and every seenInterval
+// heartbeat writes this host's last-seen time now and every seenEvery
 // until ctx ends.
 func (p *peerSync) heartbeat(ctx context.Context, rec hostRecord) {
-	t := time.NewTicker(seenInterval)
+	t := time.NewTicker(p.d.seenEvery())
 	defer t.Stop()
 	for {
 		wctx, cancel := context.WithTimeout(ctx, store.DefaultTimeout)
@@ -85,6 +86,10 @@ type ClusterState struct {
 	// Problems are endpoint records the hosts skip: malformed, or
 	// claiming a MAC or address another endpoint of the overlay holds.
 	Problems []RecordProblem `json:"problems"`
+	// Orphans are endpoints of lost hosts, set aside until their host
+	// comes back (or is purged), and endpoints that gave up an address
+	// allocated again meanwhile.
+	Orphans []OrphanInfo `json:"orphans"`
 }
 
 // RecordProblem is one endpoint record the peer sync skips.
@@ -103,11 +108,41 @@ type RecordProblem struct {
 	ConflictHost  string `json:"conflict_host,omitempty"`
 }
 
+// OrphanInfo is one orphaned endpoint.
+type OrphanInfo struct {
+	Host    string `json:"host"`
+	Overlay string `json:"overlay"`
+	ID      string `json:"id"`
+	Network string `json:"network"`
+	IPv4    string `json:"ipv4,omitempty"`
+	MAC     string `json:"mac"`
+	// Conflict: its address went to another container while its host was
+	// lost; the endpoint is cut off until its container is re-created.
+	Conflict      string    `json:"conflict,omitempty"`
+	ConflictSince time.Time `json:"conflict_since,omitzero"`
+}
+
+// MarkStale sets, for every host without a live plugin, when its records
+// are due to be purged (its last sign of life plus the grace period).
+func (cs *ClusterState) MarkStale(after time.Duration, now time.Time) {
+	for i := range cs.Hosts {
+		h := &cs.Hosts[i]
+		if h.Alive || h.LastSeen.IsZero() {
+			continue
+		}
+		h.PurgeAt = h.LastSeen.Add(after)
+		h.Stale = !now.Before(h.PurgeAt)
+	}
+}
+
 // HostInfo is one host: live, or dead but still named by some record.
 type HostInfo struct {
 	Address string `json:"address"` // underlay (advertise) address
 	Name    string `json:"name,omitempty"`
 	Alive   bool   `json:"alive"` // its plugin holds its live key
+	// MachineID is the identity of the machine whose plugin holds the
+	// live key (identity.go).
+	MachineID string `json:"machine_id,omitempty"`
 	// Started is when its plugin registered (live hosts only).
 	Started time.Time `json:"started,omitzero"`
 	// LastSeen is when its plugin last wrote its heartbeat (every 30s
@@ -115,6 +150,11 @@ type HostInfo struct {
 	LastSeen  time.Time `json:"last_seen,omitzero"`
 	Networks  int       `json:"networks"`  // its Docker networks of this plugin
 	Endpoints int       `json:"endpoints"` // its endpoints
+	Orphans   int       `json:"orphans"`   // its orphaned endpoints
+	// PurgeAt, for a host without a live plugin, is when its records are
+	// due to be purged (MarkStale); Stale says that time has passed.
+	PurgeAt time.Time `json:"purge_at,omitzero"`
+	Stale   bool      `json:"stale,omitempty"`
 }
 
 // OverlayInfo is one overlay with its endpoints.
@@ -148,7 +188,7 @@ type EndpointInfo struct {
 // with whatever could be read.
 func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 	lists := map[string][]store.KV{}
-	for _, dir := range []string{hostsDir, seenDir, overlaysDir, netmapDir, endpointsDir} {
+	for _, dir := range []string{hostsDir, seenDir, overlaysDir, netmapDir, endpointsDir, orphansDir} {
 		kvs, err := st.List(ctx, dir)
 		if err != nil {
 			return nil, fmt.Errorf("read %s from the store: %w", dir, err)
@@ -172,6 +212,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 			errs = append(errs, err)
 		} else {
 			h.Name = rec.Name
+			h.MachineID = rec.ID
 			h.Started, _ = time.Parse(time.RFC3339, rec.Started)
 		}
 	}
@@ -181,12 +222,14 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 	}
 
 	overlays := map[string]*OverlayInfo{}
+	knownOverlays := map[string]Overlay{}
 	for _, kv := range lists[overlaysDir] {
 		rec, err := decodeKV[overlayRecord](kv)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
+		knownOverlays[rec.Name] = overlayOfRecord(rec)
 		overlays[rec.Name] = &OverlayInfo{
 			Name: rec.Name, VNI: rec.VNI, Encap: rec.Encap, Subnets: rec.Subnets,
 			Gateways: slices.DeleteFunc(slices.Clone(rec.Gateways), func(g string) bool { return g == "" }),
@@ -216,6 +259,19 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		})
 		host(rec.Host).Endpoints++
 	}
+	orphans := []OrphanInfo{}
+	for _, kv := range lists[orphansDir] {
+		o, err := decodeKV[orphanRecord](kv)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		h, _, _ := strings.Cut(strings.TrimPrefix(kv.Key, orphansDir+"/"), "/")
+		since, _ := time.Parse(time.RFC3339, o.ConflictSince)
+		orphans = append(orphans, OrphanInfo{Host: h, Overlay: o.Overlay, ID: o.ID, Network: o.Endpoint.Network,
+			IPv4: o.Endpoint.IPv4, MAC: o.Endpoint.MAC, Conflict: o.Conflict, ConflictSince: since})
+		host(h).Orphans++
+	}
 	// Heartbeats last: they add no host that nothing else names.
 	for _, kv := range lists[seenDir] {
 		h := hosts[strings.TrimPrefix(kv.Key, seenDir+"/")]
@@ -233,7 +289,8 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		}
 	}
 
-	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}, Problems: recordProblems(records, func(h string) bool { return hosts[h] != nil && hosts[h].Alive })}
+	out := &ClusterState{Hosts: []HostInfo{}, Overlays: []OverlayInfo{}, Orphans: orphans,
+		Problems: recordProblems(records, knownOverlays, func(h string) bool { return hosts[h] != nil && hosts[h].Alive })}
 	if out.Problems == nil {
 		out.Problems = []RecordProblem{}
 	}
@@ -284,6 +341,10 @@ type HostPlan struct {
 	// (malformed, or claiming a MAC or address another endpoint of the
 	// overlay holds), on every overlay.
 	Skipped []RecordProblem
+	// Orphans are this host's endpoints orphaned while it was lost and not
+	// restored: their interfaces and overlays stay until their containers
+	// go.
+	Orphans []OrphanedEndpoint
 }
 
 // PlannedOverlay is one overlay this host needs: it has a local endpoint.
@@ -331,7 +392,11 @@ func DesiredState(ctx context.Context, st store.Store, addr netip.Addr) (*HostPl
 	}
 	sort.Slice(out.LiveHosts, func(i, j int) bool { return addrLess(out.LiveHosts[i], out.LiveHosts[j]) })
 	var errs []error
-	out.Skipped = recordProblems(p.endpoints, func(h string) bool { return p.hosts[h] || h == p.d.host })
+	known := map[string]Overlay{}
+	for name, po := range planned {
+		known[name] = overlayOf(po.net)
+	}
+	out.Skipped = recordProblems(p.endpoints, known, func(h string) bool { return p.hosts[h] || h == p.d.host })
 	for _, po := range planned {
 		pov := PlannedOverlay{Overlay: overlayOf(po.net), Networks: po.networks, Peers: po.peers}
 		for _, ep := range po.endpoints {
@@ -345,7 +410,9 @@ func DesiredState(ctx context.Context, st store.Store, addr netip.Addr) (*HostPl
 		out.Overlays = append(out.Overlays, pov)
 	}
 	sort.Slice(out.Overlays, func(i, j int) bool { return out.Overlays[i].VNI < out.Overlays[j].VNI })
-	return out, errors.Join(append(errs, err)...)
+	orphans, oerr := p.orphaned(ctx)
+	out.Orphans = orphans
+	return out, errors.Join(append(errs, err, oerr)...)
 }
 
 // Reconcile runs once the reconciliation the plugin runs after every store
@@ -356,6 +423,14 @@ func Reconcile(ctx context.Context, st store.Store, plane DataPlane, addr netip.
 	p, err := offline(ctx, Config{Store: st, Plane: plane, HostAddr: addr, Log: log})
 	if err != nil {
 		return 0, err
+	}
+	orphans, err := p.orphaned(ctx)
+	if err != nil {
+		return 0, err
+	}
+	p.kept = map[uint32]bool{}
+	for _, o := range orphans {
+		p.kept[o.VNI] = true
 	}
 	return p.reconcile(ctx)
 }

@@ -161,3 +161,14 @@ func (k *kernelPlane) SetGroups(vni uint32, remote map[netip.Addr][]netip.Addr) 
 	}
 	return n.SetGroups(remote)
 }
+
+func (k *kernelPlane) DisableEndpoint(vni uint32, epID string) error {
+	n, err := k.host.Network(nsID(vni))
+	if errors.Is(err, overlay.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return n.DisableEndpoint(epID)
+}

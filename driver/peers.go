@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -38,6 +39,9 @@ type peerSync struct {
 	// skipped are the records the last reconciliation skipped, by key,
 	// with why: each is logged when it starts and stops being skipped.
 	skipped map[string]RecordProblem
+	// kept are the VNIs of this host's orphaned endpoints whose interface
+	// is still there (hostloss.go): their overlays stay.
+	kept map[uint32]bool
 }
 
 // debounce lets a burst of store events become one reconciliation.
@@ -88,6 +92,8 @@ func (p *peerSync) run(ctx context.Context) {
 		for range hosts {
 		}
 	}()
+	purge := time.NewTicker(p.d.purgeEvery())
+	defer purge.Stop()
 	var timer <-chan time.Time
 	dirty := func() {
 		if timer == nil {
@@ -112,9 +118,17 @@ func (p *peerSync) run(ctx context.Context) {
 			dirty()
 		case <-p.kickc:
 			dirty()
+		case <-purge.C:
+			if p.haveEPs && p.haveHosts && p.d.id.ours() {
+				if err := p.purgeStale(ctx); err != nil {
+					log.Warn("purging the records of hosts gone longer than the grace period failed; retrying later", "err", err)
+				}
+			}
 		case <-timer:
 			timer = nil
-			if p.haveEPs && p.haveHosts {
+			// Only once the live key is this machine's: until then the
+			// records under this host's address may be another machine's.
+			if p.haveEPs && p.haveHosts && p.d.id.ours() {
 				if p.restoreDue && p.hosts[p.d.host] {
 					p.restoreDue = false
 					if err := p.restoreOrphans(ctx); err != nil {
@@ -153,11 +167,19 @@ func (p *peerSync) run(ctx context.Context) {
 // register keeps this host's live key, retrying while the store is away,
 // and releases it when ctx ends.
 func (p *peerSync) register(ctx context.Context) {
-	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.d.cfg.PublicKey}
+	rec := hostRecord{Addr: p.d.host, ID: p.d.cfg.MachineID, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.d.cfg.PublicKey}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
-		reg, err := p.d.cfg.Store.Register(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
+		reg, err := p.d.cfg.Store.RegisterIf(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL, mayTakeOver(rec))
+		var conflict *IdentityConflict
+		if errors.As(err, &conflict) {
+			p.d.id.refuse(fmt.Errorf("the plugin refuses to work: %w", conflict))
+			p.d.log.Error("this plugin refuses to work: another machine holds this host's advertise address", "err", conflict)
+			return
+		}
 		if err == nil {
-			p.d.log.Info("host registered", "host", p.d.host, "ttl", p.d.cfg.LiveTTL.String())
+			p.d.id.setRegistered()
+			p.kick()
+			p.d.log.Info("host registered", "host", p.d.host, "machine_id", rec.ID, "ttl", p.d.cfg.LiveTTL.String())
 			p.heartbeat(ctx, rec)
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -217,6 +239,7 @@ func (p *peerSync) applyHost(ev store.Event) {
 		p.hosts[h] = true
 		if h == p.d.host {
 			p.restoreDue = true // registered (again)
+			p.checkOwnKey(ev.KV.Value)
 		}
 	case store.EventDelete:
 		delete(p.hosts, strings.TrimPrefix(ev.KV.Key, hostsDir+"/"))
@@ -309,7 +332,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			recs = append(recs, keyedRecord{endpointKey(name, ep.ID), ep.Rec})
 		}
 		sortKeyed(recs)
-		po.peers, po.skipped = pickPeers(name, recs, d.host, d.cfg.HostAddr)
+		po.peers, po.skipped = pickPeers(overlayOf(po.net), recs, d.host, d.cfg.HostAddr)
 	}
 	return planned, errors.Join(errs...)
 }
@@ -353,6 +376,11 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	planned, planErr := p.plan(ctx)
 	p.noteSkipped(planned)
 	errs := []error{planErr}
+	unlock, err := d.lockHost(ctx)
+	if err != nil {
+		return 0, errors.Join(planErr, err)
+	}
+	defer unlock()
 	wanted := map[uint32]bool{}
 	changes := 0
 	for _, po := range planned {
@@ -379,7 +407,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 		}
 		inUse := d.localVNIs()
 		for _, vni := range present {
-			if wanted[vni] || inUse[vni] {
+			if wanted[vni] || inUse[vni] || p.kept[vni] {
 				continue
 			}
 			if err := d.removeOverlay(vni); err != nil {

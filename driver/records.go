@@ -95,6 +95,7 @@ type endpointRecord struct {
 
 type hostRecord struct {
 	Addr    string `json:"addr"`
+	ID      string `json:"id,omitempty"` // the machine's identity (identity.go)
 	Name    string `json:"name"`
 	Started string `json:"started"`
 	// Key is the host's public key for encrypted overlays (X25519,

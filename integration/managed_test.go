@@ -162,7 +162,11 @@ func TestManagedPluginEtcd(t *testing.T) {
 	h1, h2 := c.Hosts[0], c.Hosts[1]
 	plugins := map[string]*harness.ManagedPlugin{}
 	for _, h := range c.Hosts {
-		plugins[h.Name] = installManaged(t, c, h, "DNP_STORE="+url, "DNP_ADVERTISE_ADDR="+h.UnderlayIP, "DNP_LIVE_TTL=10s")
+		settings := []string{"DNP_STORE=" + url, "DNP_ADVERTISE_ADDR=" + h.UnderlayIP, "DNP_LIVE_TTL=10s"}
+		if h == h1 {
+			settings = append(settings, "DNP_METRICS_ADDR="+h.UnderlayIP+":"+metricsPort)
+		}
+		plugins[h.Name] = installManaged(t, c, h, settings...)
 	}
 	for _, h := range c.Hosts {
 		if legacy, _ := filepath.Glob(filepath.Join(h.PluginDir, "*.sock")); len(legacy) > 0 {
@@ -178,6 +182,7 @@ func TestManagedPluginEtcd(t *testing.T) {
 	pingEventually(t, h1, "blue-h1", ips["h2"])
 	pingEventually(t, h2, "blue-h2", ips["h1"])
 	t.Logf("blue: h1 %s <-> h2 %s ping both ways", ips["h1"], ips["h2"])
+	managedMetrics(t, h1, 1)
 
 	before := overlayNS(t, plugins["h1"])
 	if len(before) != 1 {
@@ -218,6 +223,7 @@ func TestManagedPluginEtcd(t *testing.T) {
 	ips["h2b"] = runContainer(t, h2, "blue-h2b", "blue")
 	pingEventually(t, h1, "blue-h1b", ips["h2b"])
 	t.Logf("after the restart: new h1 container %s and new h2 container %s reach the other host", ips["h1b"], ips["h2b"])
+	managedMetrics(t, h1, 1) // the restarted process serves them again, counting from 0
 
 	// Everything goes; nothing stays.
 	for _, h := range c.Hosts {
@@ -291,4 +297,20 @@ func TestManagedPluginEmbedded(t *testing.T) {
 	h.MustDocker(t, "rm", "-f", "green-a", "green-b", "green-c")
 	h.MustDocker(t, "network", "rm", "green")
 	waitFor(t, 15*time.Second, "overlay namespace removed", func() bool { return len(overlayNS(t, p)) == 0 })
+}
+
+// managedMetrics scrapes the metrics the managed plugin on h serves
+// (DNP_METRICS_ADDR from config.json) and checks they count its Joins and
+// see both hosts.
+func managedMetrics(t *testing.T, h *harness.Host, joins float64) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "the managed plugin's metrics see 2 hosts", func() bool {
+		return scrapeMetrics(t, h)["dnp_hosts_known"] == 2
+	})
+	m := scrapeMetrics(t, h)
+	if got := m[`dnp_plugin_calls_total{method="NetworkDriver.Join",result="ok"}`]; got < joins {
+		t.Errorf("managed plugin on %s: metrics count %v Joins, want at least %v", h.Name, got, joins)
+	}
+	t.Logf("managed plugin on %s: metrics at %s:%s: %v Joins, %v hosts known", h.Name, h.UnderlayIP, metricsPort,
+		m[`dnp_plugin_calls_total{method="NetworkDriver.Join",result="ok"}`], m["dnp_hosts_known"])
 }

@@ -233,6 +233,15 @@ func (s *fakeStore) Register(ctx context.Context, key string, value []byte, ttl 
 	return &fakeRegistration{s: s, key: key}, nil
 }
 
+func (s *fakeStore) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
+	if kv, err := s.Get(ctx, key); err == nil && mayTakeOver != nil {
+		if why := mayTakeOver(kv.Value); why != nil {
+			return nil, why
+		}
+	}
+	return s.Register(ctx, key, value, ttl)
+}
+
 func (r *fakeRegistration) Release(ctx context.Context) error { return r.s.Delete(ctx, r.key) }
 
 func (s *fakeStore) Endpoint() string { return fakeEndpoint }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/dnplabs/docker-net-plugin/store"
 )
@@ -75,4 +76,53 @@ func Holder(ctx context.Context, s store.Store, rec Allocation) (string, error) 
 		return "", err
 	}
 	return cur.describe(), nil
+}
+
+// PurgeHost releases everything host still holds in the local address
+// space, for a host gone for good (the driver purges hosts gone longer
+// than a grace period): its endpoint addresses, and its references on
+// pools, gateways and auxiliary addresses, which go when no host holds
+// them any more, as if the host had released them itself. It returns how
+// many allocations and pool references it released.
+func PurgeHost(ctx context.Context, s store.Store, host string, log *slog.Logger) (int, error) {
+	d := New(s, Options{HostID: host, Logger: log})
+	kvs, err := s.List(ctx, "ipam/addrs/"+LocalSpace)
+	if err != nil {
+		return 0, fmt.Errorf("purge host %s: %w", host, err)
+	}
+	released := 0
+	var errs []error
+	for _, kv := range kvs {
+		var rec Allocation
+		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+			continue // not this host's to judge; Allocations reports it
+		}
+		n := rec.Refs[host]
+		if rec.Kind == KindAddress && rec.Host == host {
+			n = 1
+		}
+		for range n {
+			if _, err := d.Release(ctx, rec.Pool, rec.Address); err != nil && !errors.Is(err, ErrNotAllocated) && !errors.Is(err, ErrNotHeld) {
+				errs = append(errs, fmt.Errorf("purge host %s: %w", host, err))
+				break
+			}
+			released++
+		}
+	}
+	rec, _, err := d.readSpace(ctx, LocalSpace)
+	if err != nil {
+		return released, errors.Join(append(errs, fmt.Errorf("purge host %s: %w", host, err))...)
+	}
+	for _, e := range rec.Subnets {
+		for id, pe := range e.Pools {
+			for range pe.Refs[host] {
+				if err := d.releasePool(ctx, id); err != nil && !errors.Is(err, ErrNotHeld) && !errors.Is(err, ErrUnknownPool) {
+					errs = append(errs, fmt.Errorf("purge host %s: %w", host, err))
+					break
+				}
+				released++
+			}
+		}
+	}
+	return released, errors.Join(errs...)
 }

@@ -170,3 +170,41 @@ func (n *Network) RemoveEndpoint(id string) error {
 	}
 	return nil
 }
+
+// DisableEndpoint takes the endpoint's bridge port down: the bridge no
+// longer forwards to or from it, and the container's interface loses its
+// carrier. A missing endpoint is not an error.
+func (n *Network) DisableEndpoint(id string) error {
+	if err := validName("endpoint id", id); err != nil {
+		return err
+	}
+	h := n.host
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s, err := h.open(n.ID)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer s.close()
+	pName := portName(id)
+	port, err := s.ov.LinkByName(pName)
+	if isNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("network %s: endpoint %s: find %s: %w", n.ID, id, pName, err)
+	}
+	if alias := port.Attrs().Alias; alias != "" && alias != id {
+		return fmt.Errorf("network %s: endpoint %s: interface %s belongs to endpoint %s", n.ID, id, pName, alias)
+	}
+	if port.Attrs().Flags&net.FlagUp == 0 {
+		return nil
+	}
+	if err := s.ov.LinkSetDown(port); err != nil {
+		return fmt.Errorf("network %s: endpoint %s: take %s down: %w", n.ID, id, pName, err)
+	}
+	return nil
+}

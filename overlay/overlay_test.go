@@ -224,6 +224,23 @@ func TestEndpoints(t *testing.T) {
 		t.Fatal("RemoveEndpoint of a colliding id removed another endpoint's veth")
 	}
 
+	// Disable takes the bridge port down (twice is fine); the container
+	// keeps its interface, without carrier.
+	for range 2 {
+		if err := n.DisableEndpoint(ep.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if port, ok := link(t, a.ovName("net1"), "dnpabcdef01-p"); !ok || port.up() {
+		t.Fatalf("bridge port after DisableEndpoint: exists %v, up %v; want it there and down", ok, port.up())
+	}
+	if eth, ok := link(t, c.Name, "eth0"); !ok || !strings.Contains(strings.Join(eth.Flags, ","), "NO-CARRIER") {
+		t.Fatalf("container interface after DisableEndpoint: exists %v, flags %v; want NO-CARRIER", ok, eth.Flags)
+	}
+	if err := n.DisableEndpoint("0123456789ab"); err != nil {
+		t.Fatalf("DisableEndpoint of a missing endpoint: %v", err)
+	}
+
 	// Remove deletes both ends, wherever they are; twice is fine.
 	if err := n.RemoveEndpoint(ep.ID); err != nil {
 		t.Fatal(err)

@@ -153,15 +153,33 @@ type Store interface {
 	// again when the store comes back. The embedded store just keeps it.
 	// Release (or ctx ending) removes the key.
 	Register(ctx context.Context, key string, value []byte, ttl time.Duration) (Registration, error)
+	// RegisterIf is Register that takes over a key that exists (another
+	// client's live registration, or this host's previous run whose
+	// liveness has not run out yet) only when mayTakeOver(current value)
+	// returns nil. Otherwise it fails with an error that matches
+	// ErrConflict and wraps mayTakeOver's error, and leaves the key alone.
+	// The check and the write are one atomic step. Whenever the
+	// registration writes the key again later (after its lease or session
+	// was lost), the same check applies; while it refuses, the key is left
+	// to its holder and the write is retried. A nil mayTakeOver takes any
+	// key over, as Register does. Release (and the end of the
+	// registration) only ever deletes the key while this registration
+	// still holds it.
+	RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver TakeOver) (Registration, error)
 	// Endpoint names the server(s) this store talks to, for messages.
 	Endpoint() string
 	// Close releases the client; registrations end with it.
 	Close() error
 }
 
+// TakeOver decides whether RegisterIf may replace a key that exists, from
+// its current value: nil lets it, an error refuses (and says why).
+type TakeOver func(current []byte) error
+
 // Registration is a live key written by Store.Register.
 type Registration interface {
-	// Release deletes the key and stops keeping it alive.
+	// Release deletes the key, if this registration still holds it (never
+	// a value another registration wrote since), and stops keeping it alive.
 	Release(ctx context.Context) error
 }
 

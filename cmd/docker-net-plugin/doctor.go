@@ -73,7 +73,9 @@ func doctor(ctx context.Context, w io.Writer, args []string) error {
 			break
 		}
 		fmt.Fprintln(w, "\nfixing:")
-		d.repair(ctx)
+		if err := d.repair(ctx); err != nil {
+			return err
+		}
 		fmt.Fprintln(w, "\nchecking again:")
 		if err := d.check(ctx); err != nil {
 			return err
@@ -108,6 +110,9 @@ type doctorRun struct {
 	enc         encryptionFlags
 
 	problems []problem
+	// orphans are this host's orphaned endpoints, by id: their interfaces
+	// are not stray.
+	orphans map[string]driver.OrphanedEndpoint
 }
 
 func (d *doctorRun) ok(format string, args ...any) {
@@ -129,8 +134,25 @@ func (d *doctorRun) fixable() bool {
 
 const fixReconcile = `"docker-net-plugin doctor --fix" (or restarting the plugin) programs it again`
 
-// repair removes what is stray, then runs the plugin's reconciliation.
-func (d *doctorRun) repair(ctx context.Context) {
+// repair removes what is stray, then runs the plugin's reconciliation. It
+// holds the host's overlay lock exclusively meanwhile, and first checks
+// again under it: the running plugin builds overlays and endpoints only
+// while it holds that lock (shared), so nothing found stray now can be
+// something a Join is building or a container uses (its endpoint record
+// is written before its Join builds anything).
+func (d *doctorRun) repair(ctx context.Context) error {
+	unlock, err := d.host.LockExclusive(ctx)
+	if err != nil {
+		return fmt.Errorf("wait for the plugin's operations in flight: %w", err)
+	}
+	defer unlock()
+	w := d.w
+	d.w = io.Discard
+	err = d.check(ctx)
+	d.w = w
+	if err != nil {
+		return err
+	}
 	for _, p := range d.problems {
 		if p.remove == nil {
 			continue
@@ -149,9 +171,10 @@ func (d *doctorRun) repair(ctx context.Context) {
 	changes, err := driver.Reconcile(ctx, d.st, plane, d.addr, log)
 	if err != nil {
 		fmt.Fprintf(d.w, "failed   reconciliation (%d kernel changes made): %v\n", changes, err)
-		return
+		return nil
 	}
 	fmt.Fprintf(d.w, "done     reconciliation with the store: %d kernel change(s)\n", changes)
+	return nil
 }
 
 // check compares the kernel with the store and records the problems.
@@ -205,6 +228,7 @@ func (d *doctorRun) check(ctx context.Context) error {
 		vnis[po.VNI] = po.Name
 	}
 	d.checkHostVXLAN(vnis)
+	kept := d.checkOrphans(plan.Orphans)
 
 	ids, err := d.host.ListNetworks()
 	if err != nil {
@@ -212,6 +236,10 @@ func (d *doctorRun) check(ctx context.Context) error {
 	}
 	for _, id := range ids {
 		if wanted[id] {
+			continue
+		}
+		if kept[id] {
+			d.note("overlay namespace %s stays for this host's orphaned endpoint(s)", filepath.Join(d.dir, d.prefix+id))
 			continue
 		}
 		d.problem(problem{
@@ -237,6 +265,29 @@ func (d *doctorRun) check(ctx context.Context) error {
 	}
 	d.note("iptables: nothing to compare: the plugin installs no rules (egress and published ports go through docker_gwbridge, which Docker programs; overlays are isolated by living in separate namespaces)")
 	return nil
+}
+
+// checkOrphans reports this host's orphaned endpoints (their records were
+// set aside while the host was lost) and returns the ids of the overlay
+// namespaces they keep.
+func (d *doctorRun) checkOrphans(orphans []driver.OrphanedEndpoint) map[string]bool {
+	d.orphans = map[string]driver.OrphanedEndpoint{}
+	kept := map[string]bool{}
+	for _, o := range orphans {
+		d.orphans[o.ID] = o
+		if o.VNI != 0 {
+			kept[strconv.FormatUint(uint64(o.VNI), 10)] = true
+		}
+		if o.Conflict != "" {
+			d.problem(problem{
+				what: fmt.Sprintf("endpoint %s (%s) on overlay %s gave up its address and is cut off: %s", short(o.ID), o.IPv4, o.Overlay, o.Conflict),
+				fix:  "remove and re-create its container (docker rm -f, docker run): it gets a new address",
+			})
+			continue
+		}
+		d.note("endpoint %s (%s) on overlay %s is orphaned (set aside while this host was lost); the plugin restores it once this host is registered again", short(o.ID), o.IPv4, o.Overlay)
+	}
+	return kept
 }
 
 // checkHostVXLAN finds VXLAN devices of this namespace that hold the UDP
@@ -356,6 +407,9 @@ func (d *doctorRun) checkDevices(po driver.PlannedOverlay, label, path string, m
 		a := l.Attrs()
 		if a.Name == "lo" || l == br || l == vx {
 			continue
+		}
+		if _, ok := d.orphans[a.Alias]; ok && l.Type() == "veth" {
+			continue // an orphaned endpoint's: checkOrphans reported it
 		}
 		if l.Type() == "veth" && local[a.Alias] {
 			ports[a.Alias] = true

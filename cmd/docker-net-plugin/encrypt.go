@@ -12,8 +12,9 @@ import (
 	"github.com/dnplabs/docker-net-plugin/overlay/crypt"
 )
 
-// encryptionFlags say where this host's key lives and how encrypted
-// overlays run (serve and doctor share them; see docs/encryption.md).
+// encryptionFlags say where this host's state (identity, key) lives and
+// how encrypted overlays run (serve and doctor share them; see
+// docs/encryption.md).
 type encryptionFlags struct {
 	stateDir      string
 	port          int
@@ -22,7 +23,7 @@ type encryptionFlags struct {
 }
 
 func addEncryptionFlags(fs *flag.FlagSet, e *encryptionFlags) {
-	fs.StringVar(&e.stateDir, "state-dir", "/var/lib/docker-net-plugin", "directory of this host's private key (host-key) and the encryption data path's socket; keep it private")
+	fs.StringVar(&e.stateDir, "state-dir", DefaultStateDir, "directory of what the plugin keeps on this machine: its identity (machine-id), its private key (host-key) and the encryption data path's socket; it must survive restarts, differ between machines and stay private")
 	fs.IntVar(&e.port, "encrypt-port", 4797, "UDP port of encrypted overlays' packets between hosts (the same on every host)")
 	fs.DurationVar(&e.rekeyInterval, "rekey-interval", time.Hour, "how long an encrypted overlay's traffic key is used (the same on every host; at least 1s)")
 	fs.StringVar(&e.pskFile, "psk-file", "", "file with a secret shared by all hosts (at least 16 bytes), mixed into every traffic key: whoever can write the store then still cannot pose as a host")

@@ -74,15 +74,35 @@ func main() {
 }
 
 // addStoreFlags defines the flags that say which store to use and how to
-// log in to it (serve, status and doctor share them).
+// log in to it (serve, status and doctor share them). Secrets (the Consul
+// token, the password) never come from a flag, whose value every user of
+// the machine can read in the process list: they come from a file named
+// by a flag, or from the environment (DNP_STORE_TOKEN, CONSUL_HTTP_TOKEN,
+// DNP_STORE_PASSWORD).
 func addStoreFlags(fs *flag.FlagSet, c *store.Config) {
 	fs.StringVar(&c.URL, "store", store.DefaultURL, "store URL: bolt:///path, etcd://h:2379[,h2:2379]/prefix, consul://h:8500/prefix, zk://h:2181/prefix")
 	fs.StringVar(&c.CAFile, "store-ca", "", "CA certificate file for the store (etcd, Consul)")
 	fs.StringVar(&c.CertFile, "store-cert", "", "client certificate file for the store (etcd, Consul)")
 	fs.StringVar(&c.KeyFile, "store-key", "", "client key file for the store (etcd, Consul)")
-	fs.StringVar(&c.Token, "store-token", "", "Consul ACL token")
+	fs.Func("store-token-file", "file holding the Consul ACL token (or set DNP_STORE_TOKEN or CONSUL_HTTP_TOKEN)", secretFile(&c.Token))
 	fs.StringVar(&c.Username, "store-username", "", "user for etcd auth or ZooKeeper digest auth")
-	fs.StringVar(&c.Password, "store-password", "", "password for etcd auth or ZooKeeper digest auth")
+	fs.Func("store-password-file", "file holding the password for etcd auth or ZooKeeper digest auth (or set DNP_STORE_PASSWORD)", secretFile(&c.Password))
+}
+
+// secretFile reads a secret from the file a flag names into dst; a final
+// line break is not part of it.
+func secretFile(dst *string) func(string) error {
+	return func(path string) error {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		*dst = strings.TrimRight(string(b), "\r\n")
+		if *dst == "" {
+			return fmt.Errorf("%s is empty", path)
+		}
+		return nil
+	}
 }
 
 // hostFlags say who this host is and where its overlay namespaces live

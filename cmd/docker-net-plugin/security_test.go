@@ -3,7 +3,10 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -36,17 +39,63 @@ func TestStoreCredentials(t *testing.T) {
 			Token: token,
 		})
 		url := srv.URL("sec")
-		check(t, store.Config{URL: url, Token: token}, []string{"--store", url, "--store-token", token},
-			[]string{"--store", url, "--store-token", "11111111-2222-3333-4444-555555555555"})
+		check(t, store.Config{URL: url, Token: token}, []string{"--store", url, "--store-token-file", secret(t, token)},
+			[]string{"--store", url, "--store-token-file", secret(t, "11111111-2222-3333-4444-555555555555")})
 	})
 	t.Run("zk-digest", func(t *testing.T) {
 		srv := testenv.StartZooKeeperAuth(t, testenv.ServerOptions{})
 		url := srv.URL("sec")
-		good := []string{"--store", url, "--store-username", "alice", "--store-password", "s3cret"}
+		good := []string{"--store", url, "--store-username", "alice", "--store-password-file", secret(t, "s3cret")}
 		check(t, store.Config{URL: url, Username: "alice", Password: "s3cret"}, good,
-			[]string{"--store", url, "--store-username", "alice", "--store-password", "guess"},
+			[]string{"--store", url, "--store-username", "alice", "--store-password-file", secret(t, "guess")},
 			[]string{"--store", url})
 	})
+}
+
+// secret writes a secret to a file of its own, as an operator would.
+func secret(t *testing.T, s string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(path, []byte(s+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestNoSecretOnTheCommandLine: the store password and the Consul token
+// are not accepted as flags (every user of the machine reads flags in the
+// process list); the environment works, and the file flags' contents do.
+func TestNoSecretOnTheCommandLine(t *testing.T) {
+	for _, cmd := range []func([]string) error{
+		func(a []string) error { return serve(context.Background(), a) },
+		func(a []string) error { return status(context.Background(), io.Discard, a) },
+		func(a []string) error { return doctor(context.Background(), io.Discard, a) },
+	} {
+		for _, flag := range []string{"--store-password", "--store-token"} {
+			err := cmd([]string{flag, "hunter2"})
+			if err == nil || !strings.Contains(err.Error(), "flag provided but not defined") {
+				t.Errorf("%s on the command line: %v; want it refused", flag, err)
+			}
+		}
+	}
+	var c store.Config
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	addStoreFlags(fs, &c)
+	if err := fs.Parse([]string{"--store-password-file", secret(t, "pa ss"), "--store-token-file", secret(t, "tok")}); err != nil {
+		t.Fatal(err)
+	}
+	if c.Password != "pa ss" || c.Token != "tok" {
+		t.Errorf("from files: password %q, token %q", c.Password, c.Token)
+	}
+	empty := filepath.Join(t.TempDir(), "empty")
+	os.WriteFile(empty, nil, 0o600)
+	if err := fs.Parse([]string{"--store-password-file", empty}); err == nil {
+		t.Errorf("an empty password file was accepted")
+	}
+	t.Setenv("DNP_STORE_PASSWORD", "from-env")
+	if got := (store.Config{}).FromEnv().Password; got != "from-env" {
+		t.Errorf("password from the environment: %q", got)
+	}
 }
 
 // check starts the plugin with good flags and waits for its host key, then,

@@ -30,6 +30,7 @@ type serveFlags struct {
 	name, socket        string
 	scope               string
 	liveTTL             time.Duration
+	staleAfter          time.Duration
 	logLevel, logFormat string
 	defaultPool         string
 	defaultPoolSize     int
@@ -48,6 +49,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.StringVar(&f.socket, "socket", "", "unix socket path (default /run/docker/plugins/<name>.sock)")
 	fs.StringVar(&f.scope, "scope", "local", "driver scope: local (plain hosts) or global (swarm)")
 	fs.DurationVar(&f.liveTTL, "live-ttl", 15*time.Second, "how long after this host dies the others forget it")
+	fs.DurationVar(&f.staleAfter, "stale-after", driver.DefaultStaleAfter, "how long a host may be gone before its networks, overlays, orphaned endpoints and addresses are purged; use one value on every host")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
@@ -67,6 +69,9 @@ func serve(ctx context.Context, args []string) error {
 		return err
 	}
 	slog.SetDefault(log)
+	if f.staleAfter < 2*f.liveTTL {
+		return fmt.Errorf("--stale-after %s: want at least twice --live-ttl (%s)", f.staleAfter, f.liveTTL)
+	}
 	if f.scope != "local" && f.scope != "global" {
 		return fmt.Errorf("--scope %q: want local or global", f.scope)
 	}
@@ -74,6 +79,10 @@ func serve(ctx context.Context, args []string) error {
 		f.socket = filepath.Join("/run/docker/plugins", f.name+".sock")
 	}
 	addr, err := advertiseAddr(f.host.advertise)
+	if err != nil {
+		return err
+	}
+	machine, err := machineID(f.host.encryption.stateDir)
 	if err != nil {
 		return err
 	}
@@ -119,7 +128,8 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log, PublicKey: pub}
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, StaleAfter: f.staleAfter,
+		Log: log, PublicKey: pub, HostLock: (&overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}).LockShared}
 	if ns != nil {
 		cfg.Names = ns
 	}
@@ -145,8 +155,10 @@ func serve(ctx context.Context, args []string) error {
 	if ns != nil {
 		ns.Start(ctx)
 	}
-	log.Info("plugin serving", "socket", f.socket, "store", st.Endpoint(), "advertise", addr, "scope", f.scope, "version", version)
-	err = pluginapi.Serve(ctx, l, pluginapi.New(nd, id, log, observe), log)
+	log.Info("plugin serving", "socket", f.socket, "store", st.Endpoint(), "advertise", addr, "machine_id", machine, "scope", f.scope, "version", version)
+	rt := pluginapi.New(nd, id, log, observe)
+	rt.Refuse(nd.Refused) // another machine holds this host's advertise address
+	err = pluginapi.Serve(ctx, l, rt, log)
 	if ctx.Err() != nil {
 		// Let the driver release this host's live key before the store closes.
 		select {

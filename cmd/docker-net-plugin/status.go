@@ -19,6 +19,7 @@ func status(ctx context.Context, w io.Writer, args []string) error {
 	var sc store.Config
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	addStoreFlags(fs, &sc)
+	staleAfter := fs.Duration("stale-after", driver.DefaultStaleAfter, "the plugins' grace period before a gone host's records are purged (for the PURGE column)")
 	if err := envFlags(fs); err != nil { // the plugin's own settings, not the ones below
 		return err
 	}
@@ -41,6 +42,7 @@ func status(ctx context.Context, w io.Writer, args []string) error {
 	if cs == nil {
 		return err
 	}
+	cs.MarkStale(*staleAfter, time.Now())
 	if *asJSON {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
@@ -56,10 +58,10 @@ func status(ctx context.Context, w io.Writer, args []string) error {
 func printStatus(w io.Writer, cs *driver.ClusterState, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "HOSTS")
-	fmt.Fprintln(tw, "ADDRESS\tNAME\tALIVE\tLAST SEEN\tUP SINCE\tNETWORKS\tENDPOINTS")
+	fmt.Fprintln(tw, "ADDRESS\tNAME\tALIVE\tLAST SEEN\tUP SINCE\tNETWORKS\tENDPOINTS\tORPHANS\tPURGE")
 	for _, h := range cs.Hosts {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\n", h.Address, dash(h.Name), yesNo(h.Alive),
-			ago(h.LastSeen, now), stamp(h.Started), h.Networks, h.Endpoints)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", h.Address, dash(h.Name), yesNo(h.Alive),
+			ago(h.LastSeen, now), stamp(h.Started), h.Networks, h.Endpoints, h.Orphans, purge(h, now))
 	}
 	if len(cs.Hosts) == 0 {
 		fmt.Fprintln(tw, "(none)")
@@ -96,6 +98,19 @@ func printStatus(w io.Writer, cs *driver.ClusterState, now time.Time) {
 	if n == 0 {
 		fmt.Fprintln(tw, "(none)")
 	}
+
+	fmt.Fprintln(tw, "\nORPHANED ENDPOINTS (of lost hosts; restored when the host returns)")
+	fmt.Fprintln(tw, "OVERLAY\tHOST\tENDPOINT\tNETWORK\tIP\tMAC\tSTATE")
+	for _, o := range cs.Orphans {
+		state := "waiting for its host"
+		if o.Conflict != "" {
+			state = "CUT OFF since " + stamp(o.ConflictSince) + ": " + o.Conflict + "; re-create its container"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", o.Overlay, o.Host, short(o.ID), short(o.Network), dash(o.IPv4), o.MAC, state)
+	}
+	if len(cs.Orphans) == 0 {
+		fmt.Fprintln(tw, "(none)")
+	}
 	printProblems(tw, cs.Problems)
 	tw.Flush()
 }
@@ -110,6 +125,17 @@ func printProblems(tw io.Writer, ps []driver.RecordProblem) {
 	for _, p := range ps {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Overlay, p.Host, short(p.Endpoint), dash(p.IPv4), dash(p.MAC), p.Reason)
 	}
+}
+
+// purge says when a gone host's records are purged.
+func purge(h driver.HostInfo, now time.Time) string {
+	switch {
+	case h.Alive || h.PurgeAt.IsZero():
+		return "-"
+	case h.Stale:
+		return "due now (stale)"
+	}
+	return "in " + h.PurgeAt.Sub(now).Round(time.Second).String()
 }
 
 func short(id string) string {

@@ -97,12 +97,14 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		"--docker-host", "unix://" + h.DockerSock,
 		"--names-cache", filepath.Join(h.Dir, "names-cache.json"),
 		"--log-level", "debug",
-		// The host's own key and encryption data path socket.
+		// The host's own machine id, key and encryption data path socket.
 		"--state-dir", filepath.Join(h.Dir, "state"),
 	}, extra...)
 	p.Start(t)
 	c.Cleanup(func() {
 		p.Stop()
+		// The lock file the plugin and doctor --fix share (overlay.Host.LockPath).
+		os.Remove(filepath.Join("/run", "."+c.Prefix+"-"+h.Name+"-lock"))
 		if t.Failed() {
 			out, _ := os.ReadFile(p.Log)
 			if len(out) > 6000 {

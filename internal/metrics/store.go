@@ -78,6 +78,13 @@ func (s *instrumented) Register(ctx context.Context, key string, value []byte, t
 	return r, err
 }
 
+func (s *instrumented) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
+	start := time.Now()
+	r, err := s.Store.RegisterIf(ctx, key, value, ttl, mayTakeOver)
+	s.observe("register", start, err)
+	return r, err
+}
+
 // Watch records the time to set the watch up, and counts every EventReset
 // after the first one as a reconnect: the backend lost track of changes
 // (store restart, compaction, session expiry) and read the directory again.

@@ -64,7 +64,22 @@ type Router struct {
 	mux     *http.ServeMux
 	log     *slog.Logger
 	observe Observer
+	refused func() error
 }
+
+// handshake are the calls dockerd makes to find out what the plugin is;
+// they are answered even while the plugin refuses to work (see Refuse), so
+// that users see the refusal's reason on their own commands.
+var handshake = map[string]bool{
+	"Plugin.Activate":                    true,
+	"NetworkDriver.GetCapabilities":      true,
+	"IpamDriver.GetCapabilities":         true,
+	"IpamDriver.GetDefaultAddressSpaces": true,
+}
+
+// Refuse makes every call but the handshake fail with the error refused
+// returns, whenever it returns one. Call it before serving.
+func (rt *Router) Refuse(refused func() error) { rt.refused = refused }
 
 // New builds the router for both drivers.
 func New(nd NetworkDriver, id IpamDriver, log *slog.Logger, observe Observer) *Router {
@@ -192,6 +207,11 @@ func (rt *Router) run(ctx context.Context, method string, r *http.Request, fn ca
 	}()
 	if r.Method != http.MethodPost {
 		return nil, fmt.Errorf("%w: %s wants POST, got %s", errBadRequest, method, r.Method)
+	}
+	if rt.refused != nil && !handshake[method] {
+		if err := rt.refused(); err != nil {
+			return nil, err
+		}
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, MaxBody))
 	if err != nil {

@@ -9,8 +9,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/docker/go-plugins-helpers/ipam"
 	"github.com/docker/go-plugins-helpers/network"
@@ -158,5 +162,92 @@ func TestSocketIsNotWorldWritable(t *testing.T) {
 	// A second plugin process must not steal a live socket.
 	if _, err := Listen(path); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("second Listen on a live socket: %v", err)
+	}
+}
+
+// TestSocketIsPrivateFromCreation: the socket never exists at its path with
+// a mode wider than 0600, whatever the umask: it arrives there by a rename
+// (IN_MOVED_TO), already 0600, and is never created there in place
+// (IN_CREATE), which would leave a moment before a chmod.
+func TestSocketIsPrivateFromCreation(t *testing.T) {
+	old := unix.Umask(0) // a naive listen would now make the socket 0777
+	defer unix.Umask(old)
+	dir := t.TempDir()
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE|unix.IN_MOVED_TO); err != nil {
+		t.Fatal(err)
+	}
+	l, err := Listen(filepath.Join(dir, "p.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if l.Addr().String() != filepath.Join(dir, "p.sock") {
+		t.Errorf("listener address %s, want the socket's path", l.Addr())
+	}
+	buf := make([]byte, 64*1024)
+	n, err := unix.Read(fd, buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	arrived := false
+	for off := 0; off+unix.SizeofInotifyEvent <= n; {
+		ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
+		name := strings.TrimRight(string(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+int(ev.Len)]), "\x00")
+		off += unix.SizeofInotifyEvent + int(ev.Len)
+		if name != "p.sock" {
+			continue
+		}
+		if ev.Mask&unix.IN_CREATE != 0 {
+			t.Errorf("the socket was created at its path (IN_CREATE), with the mode of the umask until a chmod")
+		}
+		if ev.Mask&unix.IN_MOVED_TO != 0 {
+			arrived = true
+		}
+	}
+	if !arrived {
+		t.Errorf("the socket did not arrive at its path by a rename")
+	}
+	fi, err := os.Stat(filepath.Join(dir, "p.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := fi.Mode().Perm(); perm != 0o600 {
+		t.Errorf("socket mode %v, want 0600", perm)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, ".s*")); len(left) != 0 {
+		t.Errorf("private directories left next to the socket: %v", left)
+	}
+}
+
+// TestRefuseAnswersOnlyTheHandshake: while the plugin refuses to work,
+// every call but the handshake fails with the reason; the drivers are
+// not called.
+func TestRefuseAnswersOnlyTheHandshake(t *testing.T) {
+	n := &fakeNet{}
+	rt := newRouter(n)
+	var why error = errors.New("another machine holds this address")
+	rt.Refuse(func() error { return why })
+	for _, path := range []string{"/Plugin.Activate", "/NetworkDriver.GetCapabilities", "/IpamDriver.GetCapabilities", "/IpamDriver.GetDefaultAddressSpaces"} {
+		if code, out := post(t, rt, path, ""); code != 200 {
+			t.Errorf("%s while refusing: %d %v", path, code, out)
+		}
+	}
+	for _, path := range []string{"/IpamDriver.RequestPool", "/NetworkDriver.CreateEndpoint"} {
+		code, out := post(t, rt, path, `{"NetworkID":"n1","EndpointID":"e1","Interface":{"Address":"10.0.0.2/24"}}`)
+		if msg, _ := out["Err"].(string); code == 200 || msg != why.Error() {
+			t.Errorf("%s while refusing: %d %v, want Err %q", path, code, out, why)
+		}
+	}
+	if n.created != nil {
+		t.Errorf("CreateEndpoint reached the driver while refusing")
+	}
+	why = nil
+	if code, out := post(t, rt, "/IpamDriver.RequestPool", `{}`); code != 200 {
+		t.Errorf("RequestPool once no longer refusing: %d %v", code, out)
 	}
 }

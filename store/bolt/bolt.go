@@ -401,10 +401,36 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 // Register writes the key; on one host there is no one to outlive, so it
 // simply stays until Release, ctx's end or Close.
 func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
-	if _, err := s.Put(ctx, key, value); err != nil {
-		return nil, err
+	return s.RegisterIf(ctx, key, value, ttl, nil)
+}
+
+// RegisterIf is Register that takes an existing key over only when
+// mayTakeOver allows it (see store.Store).
+func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
+	var version int64
+	for try := 0; ; try++ {
+		op := store.Create(key, value)
+		kv, err := s.Get(ctx, key)
+		switch {
+		case err == nil:
+			if mayTakeOver != nil {
+				if why := mayTakeOver(kv.Value); why != nil {
+					return nil, store.Fail(ctx, "register", key, s.url, store.ErrConflict, why)
+				}
+			}
+			op = store.Update(key, value, kv.Version)
+		case !errors.Is(err, store.ErrNotFound):
+			return nil, err
+		}
+		version, err = s.apply(ctx, "register", op)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, store.ErrConflict) || try == 10 {
+			return nil, err
+		}
 	}
-	r := &registration{s: s, key: key, done: make(chan struct{})}
+	r := &registration{s: s, key: key, version: version, done: make(chan struct{})}
 	go func() {
 		select {
 		case <-ctx.Done():
@@ -418,17 +444,22 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 }
 
 type registration struct {
-	s    *Store
-	key  string
-	once sync.Once
-	done chan struct{}
+	s       *Store
+	key     string
+	version int64 // of the key as this registration wrote it
+	once    sync.Once
+	done    chan struct{}
 }
 
+// Release deletes the key if it is still as this registration wrote it.
 func (r *registration) Release(ctx context.Context) error {
 	var err error
 	r.once.Do(func() {
 		close(r.done)
-		err = r.s.Delete(ctx, r.key)
+		err = r.s.Txn(ctx, store.Delete(r.key, r.version))
+		if errors.Is(err, store.ErrConflict) {
+			err = nil // rewritten since, by another registration: theirs now
+		}
 	})
 	return err
 }

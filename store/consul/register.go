@@ -2,7 +2,9 @@ package consul
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"sync"
 	"time"
 
@@ -39,6 +41,14 @@ func sessionTTL(ttl time.Duration) time.Duration {
 // again as soon as the store answers. Release, the end of ctx or Close
 // destroy the session, which deletes the key.
 func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	return s.RegisterIf(ctx, key, value, ttl, nil)
+}
+
+// RegisterIf is Register that takes an existing key over only when
+// mayTakeOver allows it, in one transaction with the check (see
+// store.Store). Destroying the session deletes the key only while this
+// registration's session holds it, so a key taken over since stays.
+func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
 	if err := store.ValidKey(key); err != nil {
 		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
 	}
@@ -54,6 +64,7 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 		key:   key,
 		value: value,
 		ttl:   sessionTTL(ttl),
+		may:   mayTakeOver,
 		done:  make(chan struct{}),
 	}
 	if err := r.first(ctx); err != nil {
@@ -89,6 +100,7 @@ type registration struct {
 	key   string
 	value []byte
 	ttl   time.Duration // of the Consul session
+	may   store.TakeOver
 
 	cancel context.CancelFunc // stops keep
 	done   chan struct{}      // closed when keep has returned
@@ -104,10 +116,19 @@ func (r *registration) first(ctx context.Context) error {
 	ctx, cancel := store.WithTimeout(ctx)
 	defer cancel()
 	if err := r.write(ctx); err != nil {
+		var refused *refusal
+		if errors.As(err, &refused) {
+			return store.Fail(ctx, "register", r.key, r.s.endpoint, store.ErrConflict, refused.why)
+		}
 		return r.s.fail(ctx, "register", r.key, err)
 	}
 	return nil
 }
+
+// refusal is what mayTakeOver said about the key's current holder.
+type refusal struct{ why error }
+
+func (e *refusal) Error() string { return e.why.Error() }
 
 func (r *registration) sessionID() string {
 	r.mu.Lock()
@@ -115,10 +136,11 @@ func (r *registration) sessionID() string {
 	return r.session
 }
 
-// write creates a session and makes it hold the key with the value. The
-// key is deleted and locked in one transaction, so a key still held by
-// an older session (ours from before a restart, or another client's)
-// passes to the new one.
+// write creates a session and makes it hold the key with the value. A key
+// that exists is deleted and locked in one transaction that also checks it
+// is still as mayTakeOver saw it, so a key still held by an older session
+// (ours from before a restart, or another client's it may take over)
+// passes to the new one, and no other key is ever overwritten.
 func (r *registration) write(ctx context.Context) error {
 	var id string
 	err := r.s.do(ctx, func(c *api.Client) error {
@@ -134,28 +156,64 @@ func (r *registration) write(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create session: %w", err)
 	}
-	full := r.s.full(r.key)
-	ops := api.TxnOps{
-		{KV: &api.KVTxnOp{Verb: api.KVDelete, Key: full}},
-		{KV: &api.KVTxnOp{Verb: api.KVLock, Key: full, Value: r.value, Session: id}},
-	}
-	err = r.s.do(ctx, func(c *api.Client) error {
-		_, err := c.Raw().Write("/v1/txn", ops, nil, r.s.write(ctx))
-		return err
-	})
-	if err != nil {
+	destroy := func() {
 		dctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
 		r.s.do(dctx, func(c *api.Client) error {
 			_, err := c.Session().Destroy(id, r.s.write(dctx))
 			return err
 		})
 		cancel()
-		return fmt.Errorf("write the key under session %s: %w", id, err)
 	}
-	r.mu.Lock()
-	r.session = id
-	r.mu.Unlock()
-	return nil
+	full := r.s.full(r.key)
+	for range 5 {
+		var pair *api.KVPair
+		err := r.s.do(ctx, func(c *api.Client) error {
+			var err error
+			pair, _, err = c.KV().Get(full, r.s.query(ctx))
+			return err
+		})
+		if err != nil {
+			destroy()
+			return fmt.Errorf("read the key: %w", err)
+		}
+		var ops api.TxnOps
+		if pair == nil {
+			ops = api.TxnOps{
+				{KV: &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: full}},
+				{KV: &api.KVTxnOp{Verb: api.KVLock, Key: full, Value: r.value, Session: id}},
+			}
+		} else {
+			if r.may != nil {
+				if why := r.may(pair.Value); why != nil {
+					destroy()
+					return &refusal{why}
+				}
+			}
+			ops = api.TxnOps{
+				{KV: &api.KVTxnOp{Verb: api.KVCheckIndex, Key: full, Index: pair.ModifyIndex}},
+				{KV: &api.KVTxnOp{Verb: api.KVDelete, Key: full}},
+				{KV: &api.KVTxnOp{Verb: api.KVLock, Key: full, Value: r.value, Session: id}},
+			}
+		}
+		err = r.s.do(ctx, func(c *api.Client) error {
+			_, err := c.Raw().Write("/v1/txn", ops, nil, r.s.write(ctx))
+			return err
+		})
+		var se api.StatusError
+		if errors.As(err, &se) && se.Code == http.StatusConflict && !denied(se.Body) {
+			continue // the key changed since it was read
+		}
+		if err != nil {
+			destroy()
+			return fmt.Errorf("write the key under session %s: %w", id, err)
+		}
+		r.mu.Lock()
+		r.session = id
+		r.mu.Unlock()
+		return nil
+	}
+	destroy()
+	return fmt.Errorf("%s keeps changing", r.key)
 }
 
 // keep renews the session until ctx ends, and writes the key again under a
@@ -181,10 +239,16 @@ func (r *registration) keep(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			if !failing {
+			var refused *refusal
+			switch {
+			case errors.As(err, &refused):
+				if !failing {
+					log.Error("store registration: the key is held by another owner; leaving it to them and retrying", "err", err)
+				}
+			case !failing:
 				log.Warn("store registration cannot renew its session; retrying", "err", err)
-				failing = true
 			}
+			failing = true
 			if !rt.Wait(ctx) {
 				return
 			}

@@ -21,6 +21,14 @@ import (
 // as the store answers. Release, the end of ctx or Close revoke the lease,
 // which deletes the key.
 func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	return s.RegisterIf(ctx, key, value, ttl, nil)
+}
+
+// RegisterIf is Register that takes an existing key over only when
+// mayTakeOver allows it, in one transaction with the check (see
+// store.Store). Revoking the lease deletes the key only while it is still
+// attached to this registration's lease, so a key taken over since stays.
+func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
 	if err := store.ValidKey(key); err != nil {
 		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
 	}
@@ -33,13 +41,21 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 		key:   key,
 		value: value,
 		ttl:   int64(math.Ceil(ttl.Seconds())),
+		may:   mayTakeOver,
 		done:  make(chan struct{}),
 	}
+	var refused *refusal
 	err := s.do(ctx, "register", key, func(ctx context.Context, cli *clientv3.Client) error {
 		id, err := r.write(ctx, cli)
+		if errors.As(err, &refused) {
+			return nil
+		}
 		r.lease = id
 		return err
 	})
+	if refused != nil {
+		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrConflict, refused.why)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -64,6 +80,7 @@ type registration struct {
 	key   string
 	value []byte
 	ttl   int64 // seconds
+	may   store.TakeOver
 
 	cancel context.CancelFunc // stops keep
 	done   chan struct{}      // closed when keep has returned
@@ -75,19 +92,54 @@ type registration struct {
 	revoked  bool // keep revoked it when ctx ended
 }
 
-// write grants a lease and puts the key under it.
+// refusal is what mayTakeOver said about the key's current holder.
+type refusal struct{ why error }
+
+func (e *refusal) Error() string { return e.why.Error() }
+
+// write grants a lease and puts the key under it, in a transaction that
+// checks the key is as mayTakeOver saw it (or still absent).
 func (r *registration) write(ctx context.Context, cli *clientv3.Client) (clientv3.LeaseID, error) {
 	g, err := cli.Grant(ctx, r.ttl)
 	if err != nil {
 		return 0, fmt.Errorf("grant lease: %w", err)
 	}
-	if _, err := cli.Put(ctx, r.s.full(r.key), string(r.value), clientv3.WithLease(g.ID)); err != nil {
+	revoke := func() {
 		rctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
 		cli.Revoke(rctx, g.ID)
 		cancel()
-		return 0, fmt.Errorf("put under lease %x: %w", int64(g.ID), err)
 	}
-	return g.ID, nil
+	full := r.s.full(r.key)
+	for range 5 {
+		cur, err := cli.Get(ctx, full)
+		if err != nil {
+			revoke()
+			return 0, fmt.Errorf("read %s: %w", r.key, err)
+		}
+		cond := clientv3.Compare(clientv3.CreateRevision(full), "=", 0)
+		if len(cur.Kvs) > 0 {
+			kv := cur.Kvs[0]
+			if kv.Lease == int64(r.leaseID()) && r.leaseID() != 0 {
+				// Still ours (a keepalive hiccup): move it to the new lease.
+			} else if r.may != nil {
+				if why := r.may(kv.Value); why != nil {
+					revoke()
+					return 0, &refusal{why}
+				}
+			}
+			cond = clientv3.Compare(clientv3.ModRevision(full), "=", kv.ModRevision)
+		}
+		resp, err := cli.Txn(ctx).If(cond).Then(clientv3.OpPut(full, string(r.value), clientv3.WithLease(g.ID))).Commit()
+		if err != nil {
+			revoke()
+			return 0, fmt.Errorf("put under lease %x: %w", int64(g.ID), err)
+		}
+		if resp.Succeeded {
+			return g.ID, nil
+		}
+	}
+	revoke()
+	return 0, fmt.Errorf("%s keeps changing", r.key)
 }
 
 func (r *registration) leaseID() clientv3.LeaseID {
@@ -146,10 +198,16 @@ func (r *registration) keep(ctx context.Context) {
 // rewrite grants a new lease and puts the key again, retrying until it
 // works (true) or ctx ends (false).
 func (r *registration) rewrite(ctx context.Context, cli *clientv3.Client, rt *store.Backoff) bool {
+	var said string
 	for rt.Wait(ctx) {
 		wctx, cancel := store.WithTimeout(ctx)
 		id, err := r.write(wctx, cli)
 		cancel()
+		var refused *refusal
+		if errors.As(err, &refused) && refused.Error() != said {
+			said = refused.Error()
+			r.s.logger().Error("store registration: the key is held by another owner; leaving it to them and retrying", "register", r.key, "err", refused)
+		}
 		if err != nil {
 			continue
 		}

@@ -100,6 +100,7 @@ func Run(t *testing.T, b Backend) {
 	t.Run("WatchOrder", func(t *testing.T) { testWatchOrder(t, b, ns(t)) })
 	t.Run("WatchBurstConverges", func(t *testing.T) { testWatchBurst(t, b, ns(t)) })
 	t.Run("RegisterRelease", func(t *testing.T) { testRegisterRelease(t, b.Open(t, ns(t)), b.LiveTTL) })
+	t.Run("RegisterIfTakeOver", func(t *testing.T) { testRegisterIf(t, b, ns(t)) })
 	t.Run("LivenessOwnerKilled", func(t *testing.T) {
 		if b.LiveTTL == 0 {
 			t.Skipf("%s has no liveness: registered keys stay until released (single host)", b.Name)
@@ -583,6 +584,59 @@ func testRegisterRelease(t *testing.T, s store.Store, ttl time.Duration) {
 			t.Fatalf("released key still there after 5s: %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// testRegisterIf: a registration that mayTakeOver refuses fails with
+// ErrConflict and the refusal's reason, and leaves the holder's key alone;
+// one it allows takes the key over, and the old holder's Release then
+// leaves the new holder's key in place.
+func testRegisterIf(t *testing.T, b Backend, ns string) {
+	ctx := ctxT(t, time.Minute)
+	ttl := max(b.LiveTTL, 10*time.Second)
+	first, other, again := b.Open(t, ns), b.Open(t, ns), b.Open(t, ns)
+	held := errors.New("held by the first owner")
+	onlyOwn := func(cur []byte) error {
+		if string(cur) != "first" && string(cur) != "first-again" {
+			return fmt.Errorf("%w (%q)", held, cur)
+		}
+		return nil
+	}
+	notFirst := func(cur []byte) error {
+		if string(cur) == "first" {
+			return held
+		}
+		return nil
+	}
+	reg, err := first.RegisterIf(ctx, "live/id", []byte("first"), ttl, onlyOwn)
+	if err != nil {
+		t.Fatalf("register on an absent key: %v", err)
+	}
+	if _, err := other.RegisterIf(ctx, "live/id", []byte("other"), ttl, notFirst); !errors.Is(err, store.ErrConflict) || !errors.Is(err, held) {
+		t.Fatalf("register over a refused holder: %v; want ErrConflict wrapping the refusal", err)
+	}
+	if kv, err := first.Get(ctx, "live/id"); err != nil || string(kv.Value) != "first" {
+		t.Fatalf("after a refused register the key is %q, %v; want the holder's %q", kv.Value, err, "first")
+	}
+	again2, err := again.RegisterIf(ctx, "live/id", []byte("first-again"), ttl, onlyOwn)
+	if err != nil {
+		t.Fatalf("register over an allowed holder: %v", err)
+	}
+	if kv, err := first.Get(ctx, "live/id"); err != nil || string(kv.Value) != "first-again" {
+		t.Fatalf("after taking over, the key is %q, %v; want %q", kv.Value, err, "first-again")
+	}
+	if err := reg.Release(ctx); err != nil {
+		t.Fatalf("release of the displaced registration: %v", err)
+	}
+	time.Sleep(500 * time.Millisecond) // a wrong delete would show by now
+	if kv, err := first.Get(ctx, "live/id"); err != nil || string(kv.Value) != "first-again" {
+		t.Fatalf("the displaced registration's Release touched the new holder's key: %q, %v", kv.Value, err)
+	}
+	if err := again2.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.Get(ctx, "live/id"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("the holder's Release left the key: %v", err)
 	}
 }
 

@@ -23,6 +23,7 @@ type registration struct {
 	key    string
 	path   string
 	data   []byte
+	may    store.TakeOver
 	sess   *session
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the loop has cleaned up
@@ -31,6 +32,14 @@ type registration struct {
 
 // Register writes key=value as an ephemeral znode; see store.Store.
 func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	return s.RegisterIf(ctx, key, value, ttl, nil)
+}
+
+// RegisterIf is Register that takes an existing key over only when
+// mayTakeOver allows it, in one multi with the check (see store.Store).
+// Cleanup deletes the znode only while this registration's session owns it,
+// so a key taken over since stays.
+func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
 	if err := store.ValidKey(key); err != nil {
 		return nil, s.fail(ctx, "register", key, err)
 	}
@@ -46,6 +55,7 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 		key:  key,
 		path: s.path(key),
 		data: encode(value),
+		may:  mayTakeOver,
 		sess: sess,
 		done: make(chan struct{}),
 	}
@@ -58,6 +68,10 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 	}
 	if err != nil {
 		sess.close()
+		var refused *refusal
+		if errors.As(err, &refused) {
+			return nil, store.Fail(opCtx, "register", key, s.endpoint, store.ErrConflict, refused.why)
+		}
 		return nil, s.fail(opCtx, "register", key, err)
 	}
 
@@ -118,7 +132,13 @@ func (r *registration) keep(ctx context.Context) {
 				// A connection that just dropped fails once or
 				// twice; only a lasting failure is worth a warning.
 				level := slog.LevelDebug
-				if backoff >= maxBackoff {
+				var refused *refusal
+				switch {
+				case errors.As(err, &refused):
+					if backoff == minBackoff { // once per streak
+						level = slog.LevelError
+					}
+				case backoff >= maxBackoff:
 					level = slog.LevelWarn
 				}
 				slog.Log(ctx, level, "zookeeper: cannot write registered key, retrying",
@@ -139,10 +159,16 @@ func (r *registration) keep(ctx context.Context) {
 	}
 }
 
+// refusal is what mayTakeOver said about the key's current holder.
+type refusal struct{ why error }
+
+func (e *refusal) Error() string { return e.why.Error() }
+
 // ensure makes the znode exist, owned by the current session: a znode
 // left by an expired session of ours (or by a previous run of this host
-// whose session has not expired yet) is replaced in one multi, so that
-// watchers never see the key missing in between.
+// whose session has not expired yet, or another owner's that mayTakeOver
+// lets it take over) is replaced in one multi that checks its version, so
+// that watchers never see the key missing in between.
 func (r *registration) ensure(ctx context.Context) error {
 	conn := r.sess.conn
 	for range 5 {
@@ -159,6 +185,21 @@ func (r *registration) ensure(ctx context.Context) error {
 			}
 			if st.NumChildren > 0 {
 				return fmt.Errorf("%w: %s has keys below it and can not be a registration", store.ErrInvalid, r.key)
+			}
+			if r.may != nil && isKey(st) {
+				data, gst, err := conn.Get(r.path)
+				if errors.Is(err, zk.ErrNoNode) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				if value, ok := decode(data); ok {
+					if why := r.may(value); why != nil {
+						return &refusal{why}
+					}
+				}
+				st = gst
 			}
 			_, err := conn.Multi(
 				&zk.DeleteRequest{Path: r.path, Version: st.Version},
