@@ -70,6 +70,10 @@ type Options struct {
 	NoImage bool
 	// CommandTimeout bounds each Docker and Exec call (default 2 minutes).
 	CommandTimeout time.Duration
+	// ReadyTimeout bounds the wait for each dockerd to answer (default 60
+	// seconds; the test guest of package guest, an emulated machine, needs
+	// longer).
+	ReadyTimeout time.Duration
 }
 
 // Cluster is a set of Docker hosts on one underlay. Its fields are read-only.
@@ -115,6 +119,9 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 	}
 	if c.opts.CommandTimeout == 0 {
 		c.opts.CommandTimeout = cmdTimeout
+	}
+	if c.opts.ReadyTimeout == 0 {
+		c.opts.ReadyTimeout = readyTimeout
 	}
 
 	sweepOnce.Do(func() {
