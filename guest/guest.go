@@ -175,9 +175,11 @@ func Run(ctx context.Context, job Job) (*Result, error) {
 	}
 	defer console.Close()
 	// No network device (no ethN=), no disk, consoles to nowhere but the
-	// first, which writes to console.log.
+	// first, which writes to console.log; UML's own runtime files (pid,
+	// management socket) in the job directory, not in ~/.uml.
 	cmd := exec.Command(Kernel, "mem="+mem, "rootfstype=hostfs", "rootflags=/", "ro",
-		"init="+filepath.Join(dir, "init.sh"), "con=null", "ssl=null", "con0=null,fd:1", "quiet")
+		"init="+filepath.Join(dir, "init.sh"), "con=null", "ssl=null", "con0=null,fd:1", "quiet",
+		"uml_dir="+dir)
 	cmd.Stdout, cmd.Stderr = console, console
 	cmd.Dir = dir
 	// UML runs every guest process as a host process of its own: the group

@@ -42,7 +42,7 @@ run)
 	install -m 755 guest/init.sh "$dir/init.sh"
 	printf '%q ' "$@" >"$dir/job.sh"
 	echo "gre-guest: booting Debian's User-mode Linux $(linux.uml --version); / is this machine's, read-only" >&2
-	linux.uml mem=2560M rootfstype=hostfs rootflags=/ ro init="$dir/init.sh" con=null ssl=null con0=null,fd:1 quiet
+	linux.uml mem=2560M rootfstype=hostfs rootflags=/ ro init="$dir/init.sh" con=null ssl=null con0=null,fd:1 quiet uml_dir="$dir"
 	exit "$(cat "$dir/job.rc" 2>/dev/null || echo 1)"
 	;;
 *)
