@@ -150,4 +150,5 @@ var Expected = []Benchmark{
 	{"convergence", "4. Convergence", 4},
 	{"ipam", "5. IPAM allocation rate", 5},
 	{"scale", "6. Scale", 6},
+	{"gre", "7. GRE against VXLAN on Debian's kernel (test guest)", 7},
 }

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/guest"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 )
@@ -112,7 +113,11 @@ type benchCluster struct {
 // still runs (etcd's own cleanup comes before the cluster's teardown).
 func newCluster(t *testing.T, n int) *benchCluster {
 	t.Helper()
-	c := harness.New(t, n, harness.Options{})
+	var opts harness.Options
+	if guest.Inside() {
+		opts.ReadyTimeout = 3 * time.Minute // the test guest is an emulated machine
+	}
+	c := harness.New(t, n, opts)
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)
 	}
