@@ -152,4 +152,5 @@ var Expected = []Benchmark{
 	{"scale", "6. Scale", 6},
 	{"multicast", "7. Multicast", 7},
 	{"names", "8. Name propagation", 8},
+	{"gre", "9. GRE against VXLAN on Debian's kernel (test guest)", 9},
 }

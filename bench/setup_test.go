@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/guest"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 )
@@ -118,6 +119,9 @@ func newCluster(t *testing.T, n int) *benchCluster {
 // newClusterOpts is newCluster with harness options.
 func newClusterOpts(t *testing.T, n int, opts harness.Options) *benchCluster {
 	t.Helper()
+	if guest.Inside() {
+		opts.ReadyTimeout = 3 * time.Minute // the test guest is an emulated machine
+	}
 	c := harness.New(t, n, opts)
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"slices"
 
@@ -36,7 +37,10 @@ import (
 //	}
 //
 // (@th,96,24 is the VNI: bytes 4-6 of the VXLAN header after the 8-byte
-// UDP header.) Packets of other VNIs, such as those of Docker's own
+// UDP header.) A kernel without nftables (the netlink calls answer "not
+// supported") cannot filter: the overlays then work unfiltered, as
+// Docker's own overlay driver does, with one warning in the log and the
+// reason in State.Filter.Unavailable (doctor shows it). Packets of other VNIs, such as those of Docker's own
 // overlay driver on the same port, pass untouched. Encrypted overlays'
 // VNIs are in vnis with no members: their VXLAN never arrives in clear
 // from the underlay, so any that does is dropped. A VNI is added before
@@ -75,6 +79,21 @@ func vniKey(vni uint32) []byte {
 
 func memberKey(vni uint32, host netip.Addr) []byte {
 	return append(vniKey(vni), host.AsSlice()...)
+}
+
+// errNoNftables: this kernel has no nftables.
+var errNoNftables = errors.New("this kernel has no nftables: VXLAN is not filtered by source")
+
+// noFilter reports whether err says the kernel has no nftables; the first
+// time, it logs that overlays go unfiltered.
+func (h *Host) noFilter(err error) bool {
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, errNoNftables) {
+		return false
+	}
+	h.nftWarn.Do(func() {
+		slog.Warn("source filter unavailable: VXLAN from any address reaches the overlays (as with Docker's own overlay driver)", "err", err)
+	})
+	return true
 }
 
 func (s *handles) nft() (*nftables.Conn, error) {
@@ -144,6 +163,9 @@ func (h *Host) ensureFilter(c *nftables.Conn) error {
 		&expr.Verdict{Kind: expr.VerdictDrop},
 	}})
 	if err := c.Flush(); err != nil {
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			return errNoNftables
+		}
 		return fmt.Errorf("nftables: create table %s: %w", t.Name, err)
 	}
 	return nil
@@ -157,6 +179,9 @@ func (h *Host) filterAddVNI(s *handles, vni uint32) error {
 		return err
 	}
 	if err := h.ensureFilter(c); err != nil {
+		if h.noFilter(err) {
+			return nil
+		}
 		return err
 	}
 	vnis, _, _ := filterSets(h.filterTable())
@@ -176,6 +201,9 @@ func (h *Host) filterSetMembers(s *handles, vni uint32, hosts []netip.Addr) (int
 		return 0, err
 	}
 	if err := h.ensureFilter(c); err != nil {
+		if h.noFilter(err) {
+			return 0, nil
+		}
 		return 0, err
 	}
 	_, m4, m6 := filterSets(h.filterTable())
@@ -233,7 +261,7 @@ func (h *Host) filterRemoveVNI(s *handles, vni uint32) error {
 		return err
 	}
 	t := h.filterTable()
-	if _, err := c.ListTableOfFamily(t.Name, t.Family); errors.Is(err, unix.ENOENT) {
+	if _, err := c.ListTableOfFamily(t.Name, t.Family); errors.Is(err, unix.ENOENT) || h.noFilter(err) {
 		return nil
 	}
 	if _, err := h.filterSetMembers(s, vni, nil); err != nil {
@@ -261,6 +289,9 @@ func (h *Host) filterRemoveVNI(s *handles, vni uint32) error {
 type FilterState struct {
 	Filtered bool         // the VNI is in the filter
 	Members  []netip.Addr // hosts whose VXLAN for the VNI is let in
+	// Unavailable says why there is no filter at all (a kernel without
+	// nftables); empty when there is one.
+	Unavailable string
 }
 
 func (h *Host) filterState(s *handles, vni uint32) (FilterState, error) {
@@ -270,7 +301,12 @@ func (h *Host) filterState(s *handles, vni uint32) (FilterState, error) {
 		return st, err
 	}
 	t := h.filterTable()
-	if _, err := c.ListTableOfFamily(t.Name, t.Family); errors.Is(err, unix.ENOENT) {
+	_, err = c.ListTableOfFamily(t.Name, t.Family)
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return st, nil
+	case h.noFilter(err):
+		st.Unavailable = errNoNftables.Error()
 		return st, nil
 	}
 	vnis, m4, m6 := filterSets(t)

@@ -106,6 +106,8 @@ type Host struct {
 
 	kmu sync.Mutex // guards kp
 	kp  *keeper
+
+	nftWarn sync.Once // the log's one warning about a kernel without nftables
 }
 
 func (h *Host) prefix() string {

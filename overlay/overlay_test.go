@@ -779,6 +779,9 @@ func TestGRE(t *testing.T) {
 		if !errors.Is(err, overlay.ErrNoGRETap) {
 			t.Fatalf("Available(gre) = %v, want ErrNoGRETap", err)
 		}
+		if requireGRE() {
+			t.Fatalf("DNP_REQUIRE_GRE=1 but kernel %s has no gretap: %v", kernelRelease(), err)
+		}
 		t.Logf("kernel %s has no gretap: checking the error users get", kernelRelease())
 		_, err = a.host.EnsureNetwork(cfg)
 		if !errors.Is(err, overlay.ErrNoGRETap) || !strings.Contains(err.Error(), "kernel has no GRE tap support (gretap); use encap=vxlan") {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need on a fresh Debian 12
 # machine (as root): Docker 20.10 (and 26.1, 28.5 unpacked beside it), etcd, ZooKeeper, busybox for the test
-# image, iperf3, and a Consul server built once from the Go module proxy
+# image, iperf3, Debian's User-mode Linux kernel for the GRE test guest
+# (docs/gre-guest.md), and a Consul server built once from the Go module proxy
 # (kept outside the repository and reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(docker.io etcd-server etcd-client zookeeper libslf4j-java busybox-static iperf3 iproute2
-  iptables procps psmisc jq ca-certificates)
+  iptables procps psmisc jq ca-certificates user-mode-linux kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

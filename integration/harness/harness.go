@@ -74,6 +74,10 @@ type Options struct {
 	// servers containers use. It is called once the underlay exists, so
 	// the list can name the switch (SwitchIP).
 	DNS func(c *Cluster) []string
+	// ReadyTimeout bounds the wait for each dockerd to answer (default 60
+	// seconds; the test guest of package guest, an emulated machine, needs
+	// longer).
+	ReadyTimeout time.Duration
 }
 
 // Cluster is a set of Docker hosts on one underlay. Its fields are read-only.
@@ -120,6 +124,9 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 	}
 	if c.opts.CommandTimeout == 0 {
 		c.opts.CommandTimeout = cmdTimeout
+	}
+	if c.opts.ReadyTimeout == 0 {
+		c.opts.ReadyTimeout = readyTimeout
 	}
 
 	sweepOnce.Do(func() {

@@ -173,7 +173,7 @@ exec "$@"`
 	go func() { cmd.Wait(); close(done) }()
 	h.cmd, h.done = cmd, done
 
-	deadline := time.Now().Add(readyTimeout)
+	deadline := time.Now().Add(h.cluster.opts.ReadyTimeout)
 	var last error
 	for time.Now().Before(deadline) {
 		select {
@@ -194,7 +194,7 @@ exec "$@"`
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return fmt.Errorf("dockerd not ready after %s: %v; log %s:\n%s", readyTimeout, last, h.LogFile, h.logTail(30))
+	return fmt.Errorf("dockerd not ready after %s: %v; log %s:\n%s", h.cluster.opts.ReadyTimeout, last, h.LogFile, h.logTail(30))
 }
 
 // StopDockerd stops the host's dockerd: SIGTERM, then SIGKILL after 20 s.

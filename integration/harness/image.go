@@ -124,9 +124,16 @@ func writeFile(tw *tar.Writer, name string, data []byte, mode int64) error {
 	return err
 }
 
+// McastToolEnv names a prebuilt dnp-mcast binary to use instead of
+// building it (the test guest has no Go toolchain on its PATH).
+const McastToolEnv = "DNP_MCAST_BIN"
+
 // buildMcastTool builds internal/mcast/dnp-mcast as a static binary and
-// returns it.
+// returns it, or reads the one McastToolEnv names.
 func buildMcastTool() ([]byte, error) {
+	if prebuilt := os.Getenv(McastToolEnv); prebuilt != "" {
+		return os.ReadFile(prebuilt)
+	}
 	dir, err := os.MkdirTemp("", "dnp-mcast-")
 	if err != nil {
 		return nil, err
