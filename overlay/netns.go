@@ -88,19 +88,34 @@ func createNamedNS(path string) error {
 }
 
 // inNewNetNS runs fn on a thread that first moves into a new, empty network
-// namespace. The thread is never handed back to the Go scheduler: it ends
-// with the goroutine, so no other code ever runs in the wrong namespace.
-// The namespace itself disappears with the thread unless fn keeps it
-// (for example by bind-mounting it).
+// namespace. The thread goes back to its own namespace afterwards and only
+// then to the Go scheduler; if it cannot, it stays locked and ends with the
+// goroutine, so no other code ever runs in the wrong namespace. (A thread
+// left locked cannot end if it is the process's main thread: it would keep
+// /proc/<pid>/ns/net pointing at the throwaway namespace.) The namespace
+// itself disappears with fn unless fn keeps it (for example by
+// bind-mounting it).
 func inNewNetNS(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // deliberately never unlocked
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open this thread's network namespace: %w", err)
+			return
+		}
+		defer orig.Close()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread() // unshare failed: still in orig
 			errc <- fmt.Errorf("unshare network namespace: %w", err)
 			return
 		}
-		errc <- fn()
+		err = fn()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
 	}()
 	select {
 	case err := <-errc:
