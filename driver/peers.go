@@ -290,8 +290,9 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 
 // reconcile makes the kernel match the plan: overlays with a local
 // endpoint exist with exactly their live remote peers; others are removed
-// (unless part of the plan could not be read). It returns how many kernel
-// changes it made.
+// (unless part of the plan could not be read, or this host's orphaned
+// endpoints are still to be looked at). It returns how many kernel changes
+// it made.
 func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	d := p.d
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -314,7 +315,10 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 			errs = append(errs, err)
 		}
 	}
-	if planErr == nil {
+	// Orphaned endpoints of this host are not in the plan until restored
+	// (restoreOrphans): removing their overlay first would delete the very
+	// interfaces the restore looks for.
+	if planErr == nil && !p.restoreDue {
 		// A Join may have built an overlay since the plan was made: hold
 		// Joins off while removing, and keep what local endpoints use now.
 		d.planeMu.Lock()

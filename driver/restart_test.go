@@ -1,0 +1,95 @@
+package driver
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/dnplabs/docker-net-plugin/store"
+)
+
+// countingMetrics counts reconciliations.
+type countingMetrics struct{ runs atomic.Int64 }
+
+func (m *countingMetrics) Reconciled(int, error) { m.runs.Add(1) }
+func (m *countingMetrics) Known(int, int, int)   {}
+
+// gatedRegister holds Register back until gate is closed: the host's live
+// key comes back late, as it may after a restart.
+type gatedRegister struct {
+	store.Store
+	gate chan struct{}
+}
+
+func (g gatedRegister) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	select {
+	case <-g.gate:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return g.Store.Register(ctx, key, value, ttl)
+}
+
+// startDriver runs a driver with cfg's store, plane and address, a short
+// liveness TTL and no log, until the test ends or stop is called.
+func startDriver(t *testing.T, cfg Config) (d *Driver, stop func()) {
+	t.Helper()
+	cfg.LiveTTL = 100 * time.Millisecond
+	cfg.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	ctx, cancel := context.WithCancel(context.Background())
+	d = New(cfg)
+	d.Start(ctx)
+	stop = func() { cancel(); <-d.Done() }
+	t.Cleanup(stop)
+	return d, stop
+}
+
+// TestOrphanedHostComesBack: a host away for longer than the liveness TTL
+// (another host orphaned its endpoint) comes back with its kernel intact.
+// Its first reconciliations run before its live key is back, and before
+// it looked at its orphans: they must not remove the overlay whose
+// interfaces the restore then finds.
+func TestOrphanedHostComesBack(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t)
+	const lost = "192.0.2.3"
+	a := startHost(t, s, "192.0.2.1", newFakePlane())
+	c := startHost(t, s, lost, newFakePlane())
+	opts := map[string]string{"overlay": "blue"}
+	for _, h := range []*testHost{a, c} {
+		if err := h.d.CreateNetwork(ctx, createReq("net"+h.d.host, "10.20.0.0/24", opts)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	joinEP(t, a, "net192.0.2.1", "epa1aaaa", "10.20.0.2/24")
+	joinEP(t, c, "net"+lost, "epc1cccc", "10.20.0.3/24")
+	n, _ := a.d.network(ctx, "net192.0.2.1")
+	vni := n.Overlay.VNI
+	eventually(t, "host a programs c's endpoint", func() bool { return len(a.plane.peerIPs(vni)) == 1 })
+
+	c.stop()
+	eventually(t, "c's endpoint becomes an orphan", func() bool { return len(keys(t, s, orphansDir+"/"+lost)) == 1 })
+
+	gate := make(chan struct{})
+	var open sync.Once
+	m := &countingMetrics{}
+	startDriver(t, Config{Store: gatedRegister{Store: s, gate: gate}, Plane: c.plane, HostAddr: netip.MustParseAddr(lost), Metrics: m})
+	t.Cleanup(func() { open.Do(func() { close(gate) }) }) // before the driver stops: it waits for Register
+	eventually(t, "c reconciled without its live key", func() bool { return m.runs.Load() > 0 })
+	if !slices.Contains(c.plane.vnis(), vni) {
+		t.Fatalf("c's overlay was removed before its orphaned endpoint was looked at: overlays %v", c.plane.vnis())
+	}
+	open.Do(func() { close(gate) })
+	eventually(t, "c restores its endpoint and host a programs it again", func() bool {
+		return len(keys(t, s, orphansDir)) == 0 && slices.Equal(a.plane.peerIPs(vni), []string{"10.20.0.3@" + lost})
+	})
+	if ok, _ := c.plane.HasEndpoint(vni, "epc1cccc"); !ok {
+		t.Fatal("c's endpoint interface is gone")
+	}
+}
