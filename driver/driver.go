@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
@@ -78,6 +79,13 @@ type Config struct {
 	LiveTTL  time.Duration
 	Log      *slog.Logger
 	Metrics  Metrics // optional; nil means none
+	// KeepLiveOnStop: when Start's ctx ends while this host still has
+	// endpoints, leave its live key to lapse after LiveTTL instead of
+	// deleting it, and report that with KeptLive. The data plane outlives
+	// the plugin, so a plugin back within LiveTTL (docker plugin disable,
+	// set, upgrade, enable) is never taken for a lost host, and the other
+	// hosts keep forwarding to this host's containers meanwhile.
+	KeepLiveOnStop bool
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -105,8 +113,9 @@ type Driver struct {
 	// from the peer sync's removal of overlays no local endpoint uses.
 	planeMu sync.Mutex
 
-	peers *peerSync
-	done  chan struct{}
+	peers    *peerSync
+	done     chan struct{}
+	keptLive atomic.Bool
 }
 
 type localNetwork struct {
@@ -154,6 +163,12 @@ func (d *Driver) Start(ctx context.Context) {
 
 // Done is closed once the driver stopped after Start's ctx ended.
 func (d *Driver) Done() <-chan struct{} { return d.done }
+
+// KeptLive reports, once Done is closed, whether the driver left this
+// host's live key in the store to lapse by itself (Config.KeepLiveOnStop).
+// The store must then not be closed: closing it deletes the key. Exit the
+// process instead, as a crash would.
+func (d *Driver) KeptLive() bool { return d.keptLive.Load() }
 
 // GetCapabilities: local scope on plain hosts, global in swarm; the
 // overlay connects hosts, so connectivity is always global.

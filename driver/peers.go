@@ -127,16 +127,28 @@ func (p *peerSync) run(ctx context.Context) {
 }
 
 // register keeps this host's live key, retrying while the store is away,
-// and releases it when ctx ends.
+// and releases it when ctx ends (or, with Config.KeepLiveOnStop and
+// endpoints still here, leaves it to lapse).
 func (p *peerSync) register(ctx context.Context) {
 	rec := hostRecord{Addr: p.d.host, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339)}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
-		reg, err := p.d.cfg.Store.Register(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
+		// The key lives until Release, not until ctx ends: a store deletes
+		// a registration whose context ends.
+		reg, err := p.d.cfg.Store.Register(context.WithoutCancel(ctx), hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL)
 		if err == nil {
 			p.d.log.Info("host registered", "host", p.d.host, "ttl", p.d.cfg.LiveTTL.String())
 			p.heartbeat(ctx, rec)
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
+			if p.d.cfg.KeepLiveOnStop {
+				if n, err := p.d.endpointsHere(rctx); n > 0 || err != nil {
+					p.d.keptLive.Store(true)
+					p.d.log.Info("stopping with endpoints on this host: its live key stays until it lapses, so a plugin back within the TTL loses nothing",
+						"endpoints", n, "ttl", p.d.cfg.LiveTTL.String(), "err", err)
+					p.lastSeen(rctx, rec)
+					return
+				}
+			}
 			reg.Release(rctx)
 			p.lastSeen(rctx, rec)
 			return
@@ -148,6 +160,24 @@ func (p *peerSync) register(ctx context.Context) {
 		case <-time.After(wait):
 		}
 	}
+}
+
+// endpointsHere counts this host's endpoints: those the store records
+// for it and those this process knows of.
+func (d *Driver) endpointsHere(ctx context.Context) (int, error) {
+	ids := map[string]bool{}
+	d.mu.Lock()
+	for id := range d.endpoints {
+		ids[id] = true
+	}
+	d.mu.Unlock()
+	kvs, err := d.cfg.Store.List(ctx, endpointsDir)
+	for _, kv := range kvs {
+		if rec, err := decodeKV[endpointRecord](kv); err == nil && rec.Host == d.host {
+			ids[kv.Key[strings.LastIndex(kv.Key, "/")+1:]] = true
+		}
+	}
+	return len(ids), err
 }
 
 func (p *peerSync) applyEndpoint(ev store.Event) {

@@ -93,3 +93,41 @@ func TestOrphanedHostComesBack(t *testing.T) {
 		t.Fatal("c's endpoint interface is gone")
 	}
 }
+
+// TestKeepLiveOnStop: with KeepLiveOnStop a driver that stops while this
+// host has endpoints leaves its live key to lapse (the embedded store just
+// keeps it) and says so; with no endpoint left it releases the key.
+func TestKeepLiveOnStop(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t)
+	const addr = "192.0.2.1"
+	start := func() (*testHost, func()) {
+		p := newFakePlane()
+		d, stop := startDriver(t, Config{Store: s, Plane: p, HostAddr: netip.MustParseAddr(addr), KeepLiveOnStop: true})
+		h := &testHost{d: d, plane: p}
+		eventually(t, "host registered", func() bool { _, err := s.Get(ctx, hostKey(addr)); return err == nil })
+		return h, stop
+	}
+	h, stop := start()
+	if err := h.d.CreateNetwork(ctx, createReq("net1", "10.20.0.0/24", map[string]string{"overlay": "blue"})); err != nil {
+		t.Fatal(err)
+	}
+	joinEP(t, h, "net1", "ep1aaaaa", "10.20.0.2/24")
+	stop()
+	if !h.d.KeptLive() {
+		t.Fatal("stopped with an endpoint: KeptLive false")
+	}
+	if _, err := s.Get(ctx, hostKey(addr)); err != nil {
+		t.Fatalf("stopped with an endpoint: live key gone: %v", err)
+	}
+
+	h, stop = start()
+	leaveEP(t, h, "net1", "ep1aaaaa")
+	stop()
+	if h.d.KeptLive() {
+		t.Fatal("stopped with no endpoint: KeptLive true")
+	}
+	if _, err := s.Get(ctx, hostKey(addr)); err == nil {
+		t.Fatal("stopped with no endpoint: live key still there")
+	}
+}

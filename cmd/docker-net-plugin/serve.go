@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -31,6 +32,7 @@ type serveFlags struct {
 	defaultPool         string
 	defaultPoolSize     int
 	metricsAddr         string
+	keepLive            bool
 }
 
 func serve(ctx context.Context, args []string) error {
@@ -47,6 +49,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
+	fs.BoolVar(&f.keepLive, "keep-live-on-stop", false, "on SIGTERM with containers still on this host's overlays, leave this host's live key to lapse after --live-ttl instead of deleting it: a plugin back within the TTL (docker plugin disable, set, upgrade, enable) loses no traffic (the managed plugin sets it)")
 	if err := envFlags(fs); err != nil {
 		return err
 	}
@@ -84,20 +87,28 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer raw.Close()
+	var nd *driver.Driver
+	defer func() {
+		if nd != nil && nd.KeptLive() {
+			return // closing the store would delete the live key
+		}
+		raw.Close()
+	}()
 	if err := checkAccess(ctx, raw, log); err != nil {
 		return err
 	}
 	st := m.Store(raw) // records latency and errors when metrics are on
 
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
-	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log}
+	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log,
+		// The embedded store has no other host to keep informed.
+		KeepLiveOnStop: f.keepLive && !strings.HasPrefix(f.store.URL, "bolt:")}
 	var observe pluginapi.Observer
 	if m != nil {
 		cfg.Metrics = m
 		observe = m.PluginCall
 	}
-	nd := driver.New(cfg)
+	nd = driver.New(cfg)
 	id := ipam.New(st, ipam.Options{
 		HostID:       addr.String(),
 		DefaultPools: []ipam.DefaultPool{{Base: pool, Size: f.defaultPoolSize}},
@@ -195,3 +206,4 @@ func checkAccess(ctx context.Context, st store.Store, log *slog.Logger) error {
 	}
 	return nil
 }
+
