@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/internal/metrics"
@@ -99,6 +100,9 @@ func serve(ctx context.Context, args []string) error {
 	}
 	st := m.Store(raw) // records latency and errors when metrics are on
 
+	if f.host.netnsDir != legacyNetnsDir {
+		dropLegacyNetns(legacyNetnsDir, f.host.netnsPrefix, log)
+	}
 	plane := driver.NewKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix)
 	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, Scope: f.scope, LiveTTL: f.liveTTL, Log: log,
 		// The embedded store has no other host to keep informed.
@@ -207,3 +211,38 @@ func checkAccess(ctx context.Context, st store.Store, log *slog.Logger) error {
 	return nil
 }
 
+// legacyNetnsDir is where the managed plugin kept its overlay namespaces
+// before they moved to the state mount: its propagated mount, which
+// dockerd unmounts on every disable, upgrade and rm.
+const legacyNetnsDir = "/run/dnp/netns"
+
+// dropLegacyNetns removes the files an older release left in dir (after
+// the upgrade nothing is mounted on them any more) and says what that
+// means for containers started before the upgrade.
+func dropLegacyNetns(dir, prefix string, log *slog.Logger) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return // none: a fresh install or a legacy plugin
+	}
+	var dropped []string
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), prefix) {
+			continue
+		}
+		path := filepath.Join(dir, e.Name())
+		var st unix.Statfs_t
+		if unix.Statfs(path, &st) == nil && st.Type == unix.NSFS_MAGIC {
+			continue // a namespace is still bound there: not ours to drop
+		}
+		if err := os.Remove(path); err != nil {
+			log.Warn("cannot remove an overlay namespace file of an older release", "path", path, "err", err)
+			continue
+		}
+		dropped = append(dropped, e.Name())
+	}
+	if len(dropped) > 0 {
+		log.Warn("upgraded from a release that kept overlay namespaces in the propagated mount: they were lost "+
+			"when the plugin was disabled, so containers started before the upgrade have no overlay interface; "+
+			"restart them (docker restart)", "old_dir", dir, "namespaces", dropped)
+	}
+}

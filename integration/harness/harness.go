@@ -260,6 +260,7 @@ func (c *Cluster) makeNetwork(n int) error {
 		h.Dir = filepath.Join(c.Dir, h.Name)
 		h.DockerSock = filepath.Join(h.Dir, "docker.sock")
 		h.PluginDir = filepath.Join(h.Dir, "plugins")
+		h.SharedDir = filepath.Join(h.Dir, "shared")
 		h.LogFile = filepath.Join(h.Dir, "dockerd.log")
 		c.Hosts = append(c.Hosts, h)
 
