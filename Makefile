@@ -8,7 +8,7 @@ PKGS    := ./...
 DOCKER  ?=
 export DNP_DOCKER := $(DOCKER)
 
-.PHONY: all build plugin deps test unit vet demo bench clean
+.PHONY: all build plugin plugin-push deps test unit vet demo bench clean
 
 all: build
 
@@ -36,8 +36,18 @@ unit:
 # CREATE=1 to also run docker plugin create $(PLUGIN_NAME) (DOCKER_HOST is
 # honoured); see scripts/build-plugin.sh.
 PLUGIN_NAME ?= dnp:latest
+# The scripts' DOCKER is the docker CLI, not this Makefile's engine version.
+DOCKER_CLI ?= docker
 plugin:
-	PLUGIN_DIR=bin/plugin PLUGIN_NAME=$(PLUGIN_NAME) bash scripts/build-plugin.sh $(if $(CREATE),--create)
+	PLUGIN_DIR=bin/plugin PLUGIN_NAME=$(PLUGIN_NAME) DOCKER=$(DOCKER_CLI) bash scripts/build-plugin.sh $(if $(CREATE),--create)
+
+# Publishes the managed plugin: the Dockerfile's image (FROM scratch +
+# bin/plugin/rootfs) as plugin PLUGIN_REF, pushed to its registry, e.g.
+# make plugin-push PLUGIN_REF=registry.example.com:5000/dnp:1.0 (see
+# docs/registry.md; DOCKER_HOST is honoured).
+plugin-push: plugin
+	@test -n "$(PLUGIN_REF)" || { echo "plugin-push: set PLUGIN_REF=REGISTRY/NAME:TAG"; exit 2; }
+	PLUGIN_DIR=bin/plugin DOCKER=$(DOCKER_CLI) bash scripts/push-plugin.sh $(PLUGIN_REF)
 
 # Docker hosts in network namespaces on this machine, the plugin installed
 # as a managed plugin in each; containers ping across hosts. Needs root.
