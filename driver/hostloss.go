@@ -154,36 +154,45 @@ func (p *peerSync) restoreOrphans(ctx context.Context) error {
 	}
 	var errs []error
 	for _, kv := range kvs {
-		if err := d.restoreOrphan(ctx, kv); err != nil {
+		o, err := d.restoreOrphan(ctx, kv)
+		if err != nil {
 			errs = append(errs, err)
+		}
+		if o != nil {
+			// Our own write: the next plan must count the endpoint as
+			// this host's before the watch brings it, or it removes the
+			// overlay the endpoint's interface is in.
+			p.endpoints[endpointKey(o.Overlay, o.ID)] = o.Endpoint
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
+// restoreOrphan restores or drops one orphan record; it returns the record
+// if it restored the endpoint.
+func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (*orphanRecord, error) {
 	s := d.cfg.Store
 	o, err := decodeKV[orphanRecord](kv)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	drop := func(why string) error {
+	drop := func(why string) (*orphanRecord, error) {
 		if err := s.Txn(ctx, store.Delete(kv.Key, kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
-			return fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
+			return nil, fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		d.log.Info("orphaned endpoint dropped: "+why, "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil
+		return nil, nil
 	}
 	n, err := d.network(ctx, o.Endpoint.Network)
 	if err != nil {
 		if _, gerr := s.Get(ctx, netmapKey(d.host, o.Endpoint.Network)); errors.Is(gerr, store.ErrNotFound) {
 			return drop("its network is gone")
 		}
-		return err
+		return nil, err
 	}
 	has, err := d.cfg.Plane.HasEndpoint(n.Overlay.VNI, o.ID)
 	if err != nil {
-		return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+		return nil, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 	}
 	if !has {
 		return drop("its interface is gone")
@@ -192,17 +201,17 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 	for _, a := range o.Addresses {
 		op, err := ipam.ClaimOp(a)
 		if err != nil {
-			return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+			return nil, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		ops = append(ops, op)
 	}
 	err = s.Txn(ctx, ops...)
 	if err == nil {
 		d.log.Info("endpoint restored after this host was lost", "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil
+		return &o, nil
 	}
 	if !errors.Is(err, store.ErrConflict) {
-		return fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
+		return nil, fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
 	}
 	if _, gerr := s.Get(ctx, endpointKey(o.Overlay, o.ID)); gerr == nil {
 		return drop("its endpoint record exists again")
@@ -211,8 +220,8 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 		if holder, herr := ipam.Holder(ctx, s, a); herr == nil && holder != "" {
 			d.log.Error("cannot restore endpoint after this host was lost: its address was taken meanwhile; remove and re-create the container",
 				"endpoint", short(o.ID), "address", a.Address, "now_held_by", holder)
-			return nil // left in place: an operator's call
+			return nil, nil // left in place: an operator's call
 		}
 	}
-	return nil // the orphan changed meanwhile: the next pass sees it
+	return nil, nil // the orphan changed meanwhile: the next pass sees it
 }

@@ -54,7 +54,8 @@ func startDriver(t *testing.T, cfg Config) (d *Driver, stop func()) {
 // (another host orphaned its endpoint) comes back with its kernel intact.
 // Its first reconciliations run before its live key is back, and before
 // it looked at its orphans: they must not remove the overlay whose
-// interfaces the restore then finds.
+// interfaces the restore then finds. Nor may the one right after the
+// restore, before the watch brings the restored record.
 func TestOrphanedHostComesBack(t *testing.T) {
 	ctx := context.Background()
 	s := openStore(t)
