@@ -30,6 +30,7 @@ type serveFlags struct {
 	scope               string
 	liveTTL             time.Duration
 	logLevel, logFormat string
+	logOutput           string
 	defaultPool         string
 	defaultPoolSize     int
 	metricsAddr         string
@@ -47,6 +48,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.DurationVar(&f.liveTTL, "live-ttl", 15*time.Second, "how long after this host dies the others forget it")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+	fs.StringVar(&f.logOutput, "log-output", "stderr", "stderr or stdout (a managed plugin's stdout is logged by dockerd at level info, its stderr at level error)")
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
@@ -57,7 +59,15 @@ func serve(ctx context.Context, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	log, err := newLogger(os.Stderr, f.logLevel, f.logFormat)
+	out := os.Stderr
+	switch f.logOutput {
+	case "stderr":
+	case "stdout":
+		out = os.Stdout
+	default:
+		return fmt.Errorf("--log-output %q: want stderr or stdout", f.logOutput)
+	}
+	log, err := newLogger(out, f.logLevel, f.logFormat)
 	if err != nil {
 		return err
 	}
