@@ -2,13 +2,24 @@
 GO      ?= go
 BIN     := bin/docker-net-plugin
 PKGS    := ./...
-# The Docker engine the integration tests, the demo and the benchmarks run:
-# 20.10 (Debian 12's docker.io), 26.1 (trixie's) or 28.5 (sid's), e.g.
-# `make test DOCKER=28.5`. Empty: the harness default (20.10).
-DOCKER  ?=
+# The Docker engine of a single run: 20.10 (Debian 12's docker.io), 26.1
+# (trixie's) or 28.5 (sid's), e.g. `make test DOCKER=26.1` (everything on
+# that engine) or `make test-core DOCKER=20.10`. Without it, `make test`
+# runs the matrix: the whole integration suite on DOCKER_NEWEST and the
+# core tests on DOCKER_OLDER; the benchmarks use the harness default
+# (20.10) and the demo the newest engine installed.
+DOCKER        ?=
+DOCKER_NEWEST := 28.5
+DOCKER_OLDER  := 26.1 20.10
 export DNP_DOCKER := $(DOCKER)
 
-.PHONY: all build plugin plugin-push deps test unit vet demo bench clean
+# The core integration tests, run on every engine: overlay across hosts,
+# IPAM with dockerd, the managed plugin (kill -9; disable, set, enable) and
+# swarm; of the tests run per store, only the etcd runs.
+CORE_TESTS := ^(TestOverlayAcrossHosts|TestIPAMWithDocker|TestManagedPlugin.*|TestSwarm)$$
+CORE_SKIP  := /^(consul|zk)$$
+
+.PHONY: all build plugin plugin-push deps test test-units test-integration test-core unit vet demo bench clean
 
 all: build
 
@@ -24,9 +35,29 @@ vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
 # Everything: unit tests, store conformance against real servers, and the
-# integration tests against real dockerd hosts. Needs root.
-test: deps vet
-	$(GO) test -count=1 -timeout 25m $(PKGS)
+# integration tests against real dockerd hosts, on the engine matrix (or on
+# DOCKER only, when set). Needs root.
+ifeq ($(DOCKER),)
+test: deps vet test-units
+	$(MAKE) --no-print-directory test-integration DOCKER=$(DOCKER_NEWEST)
+	$(foreach v,$(DOCKER_OLDER),$(MAKE) --no-print-directory test-core DOCKER=$(v) && ) true
+else
+test: deps vet test-units test-integration
+endif
+
+# Unit tests and store conformance against real servers: no Docker.
+test-units:
+	$(GO) test -count=1 -timeout 15m $$($(GO) list $(PKGS) | grep -v '/integration$$')
+
+# The whole integration suite on engine DOCKER.
+test-integration:
+	@echo "==> integration suite on Docker $(or $(DOCKER),(harness default))"
+	$(GO) test -count=1 -timeout 40m ./integration/
+
+# The core integration tests on engine DOCKER.
+test-core:
+	@echo "==> core integration tests on Docker $(or $(DOCKER),(harness default))"
+	$(GO) test -count=1 -timeout 20m -run '$(CORE_TESTS)' -skip '$(CORE_SKIP)' ./integration/
 
 # Only what needs no root and no servers.
 unit:

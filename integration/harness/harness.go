@@ -70,6 +70,9 @@ type Options struct {
 	NoImage bool
 	// CommandTimeout bounds each Docker and Exec call (default 2 minutes).
 	CommandTimeout time.Duration
+	// Engine is the version of the Docker engine to run (see
+	// EngineVersion); empty: the one EngineEnv picks (CurrentEngine).
+	Engine string
 }
 
 // Cluster is a set of Docker hosts on one underlay. Its fields are read-only.
@@ -106,6 +109,9 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 		t.Fatalf("harness.New: %d hosts; want 1..%d", n, maxHosts)
 	}
 	engine, err := CurrentEngine()
+	if opts.Engine != "" {
+		engine, err = EngineVersion(opts.Engine)
+	}
 	if err != nil {
 		testenv.Missing(t, "%v", err)
 	}
@@ -332,7 +338,7 @@ func (c *Cluster) teardown() {
 	if err := c.forEachHost(func(h *Host) error { return h.StopDockerd() }); err != nil {
 		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
 	}
-	if t.Failed() {
+	if t.Failed() || os.Getenv(KeepLogsEnv) != "" {
 		c.keepLogs()
 	}
 	// Kill what dockerd left (shims, containers, plugins), drop cgroups,
@@ -355,6 +361,10 @@ func (c *Cluster) showLogs() {
 		c.t.Logf("harness: %s: last lines of %s:\n%s", h.Name, h.LogFile, h.logTail(40))
 	}
 }
+
+// KeepLogsEnv names the environment variable that, when set, keeps the
+// dockerd logs of passing tests too (to look for warnings).
+const KeepLogsEnv = "DNP_KEEP_LOGS"
 
 // keepLogs copies the dockerd logs to /tmp/dnpt-logs-<id>, which teardown
 // does not remove.
