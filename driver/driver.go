@@ -112,10 +112,12 @@ type Driver struct {
 	// planeMu keeps Join's building of an overlay and its interface apart
 	// from the peer sync's removal of overlays no local endpoint uses.
 	planeMu sync.Mutex
-
-	peers    *peerSync
-	done     chan struct{}
+	// keptLive: Start's ctx ended and the live key was left to lapse
+	// (Config.KeepLiveOnStop).
 	keptLive atomic.Bool
+
+	peers *peerSync
+	done  chan struct{}
 }
 
 type localNetwork struct {

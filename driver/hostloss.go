@@ -154,45 +154,36 @@ func (p *peerSync) restoreOrphans(ctx context.Context) error {
 	}
 	var errs []error
 	for _, kv := range kvs {
-		o, err := d.restoreOrphan(ctx, kv)
-		if err != nil {
+		if err := d.restoreOrphan(ctx, kv); err != nil {
 			errs = append(errs, err)
-		}
-		if o != nil {
-			// Our own write: the next plan must count the endpoint as
-			// this host's before the watch brings it, or it removes the
-			// overlay the endpoint's interface is in.
-			p.endpoints[endpointKey(o.Overlay, o.ID)] = o.Endpoint
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// restoreOrphan restores or drops one orphan record; it returns the record
-// if it restored the endpoint.
-func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (*orphanRecord, error) {
+func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) error {
 	s := d.cfg.Store
 	o, err := decodeKV[orphanRecord](kv)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	drop := func(why string) (*orphanRecord, error) {
+	drop := func(why string) error {
 		if err := s.Txn(ctx, store.Delete(kv.Key, kv.Version)); err != nil && !errors.Is(err, store.ErrConflict) {
-			return nil, fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
+			return fmt.Errorf("drop orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		d.log.Info("orphaned endpoint dropped: "+why, "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return nil, nil
+		return nil
 	}
 	n, err := d.network(ctx, o.Endpoint.Network)
 	if err != nil {
 		if _, gerr := s.Get(ctx, netmapKey(d.host, o.Endpoint.Network)); errors.Is(gerr, store.ErrNotFound) {
 			return drop("its network is gone")
 		}
-		return nil, err
+		return err
 	}
 	has, err := d.cfg.Plane.HasEndpoint(n.Overlay.VNI, o.ID)
 	if err != nil {
-		return nil, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+		return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 	}
 	if !has {
 		return drop("its interface is gone")
@@ -201,17 +192,22 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (*orphanRecord,
 	for _, a := range o.Addresses {
 		op, err := ipam.ClaimOp(a)
 		if err != nil {
-			return nil, fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
+			return fmt.Errorf("orphaned endpoint %.12s: %w", o.ID, err)
 		}
 		ops = append(ops, op)
 	}
 	err = s.Txn(ctx, ops...)
 	if err == nil {
 		d.log.Info("endpoint restored after this host was lost", "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
-		return &o, nil
+		// Our own write: the next plan must count the endpoint as this
+		// host's before the watch brings it, or it removes the overlay
+		// the endpoint's interface is in. (This runs on the peer sync's
+		// goroutine, which owns the mirror.)
+		d.peers.endpoints[endpointKey(o.Overlay, o.ID)] = o.Endpoint
+		return nil
 	}
 	if !errors.Is(err, store.ErrConflict) {
-		return nil, fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
+		return fmt.Errorf("restore endpoint %.12s: %w", o.ID, err)
 	}
 	if _, gerr := s.Get(ctx, endpointKey(o.Overlay, o.ID)); gerr == nil {
 		return drop("its endpoint record exists again")
@@ -220,8 +216,8 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (*orphanRecord,
 		if holder, herr := ipam.Holder(ctx, s, a); herr == nil && holder != "" {
 			d.log.Error("cannot restore endpoint after this host was lost: its address was taken meanwhile; remove and re-create the container",
 				"endpoint", short(o.ID), "address", a.Address, "now_held_by", holder)
-			return nil, nil // left in place: an operator's call
+			return nil // left in place: an operator's call
 		}
 	}
-	return nil, nil // the orphan changed meanwhile: the next pass sees it
+	return nil // the orphan changed meanwhile: the next pass sees it
 }

@@ -320,8 +320,8 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 
 // reconcile makes the kernel match the plan: overlays with a local
 // endpoint exist with exactly their live remote peers; others are removed
-// (unless part of the plan could not be read, or this host's orphaned
-// endpoints are still to be looked at). It returns how many kernel changes
+// (unless part of the plan could not be read, or orphaned endpoints of
+// this host are still to be looked at). It returns how many kernel changes
 // it made.
 func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	d := p.d
@@ -348,7 +348,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	// Orphaned endpoints of this host are not in the plan until restored
 	// (restoreOrphans): removing their overlay first would delete the very
 	// interfaces the restore looks for.
-	if planErr == nil && !p.restoreDue {
+	if planErr == nil && !p.orphansPending(ctx) {
 		// A Join may have built an overlay since the plan was made: hold
 		// Joins off while removing, and keep what local endpoints use now.
 		d.planeMu.Lock()
@@ -374,6 +374,16 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 		d.log.Debug("reconciled", "overlays", len(planned), "changes", changes)
 	}
 	return changes, errors.Join(errs...)
+}
+
+// orphansPending reports whether this host has orphaned endpoints that
+// restoreOrphans has yet to look at (or cannot tell).
+func (p *peerSync) orphansPending(ctx context.Context) bool {
+	if !p.restoreDue {
+		return false
+	}
+	kvs, err := p.d.cfg.Store.List(ctx, orphansDir+"/"+p.d.host)
+	return err != nil || len(kvs) > 0
 }
 
 // localVNIs are the VNIs of the overlays this process's local endpoints are on.

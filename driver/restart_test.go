@@ -19,6 +19,7 @@ type countingMetrics struct{ runs atomic.Int64 }
 
 func (m *countingMetrics) Reconciled(int, error) { m.runs.Add(1) }
 func (m *countingMetrics) Known(int, int, int)   {}
+func (m *countingMetrics) Skipped(int, int)      {} // for Metrics versions that report skipped records
 
 // gatedRegister holds Register back until gate is closed: the host's live
 // key comes back late, as it may after a restart.
@@ -35,6 +36,25 @@ func (g gatedRegister) Register(ctx context.Context, key string, value []byte, t
 	}
 	return g.Store.Register(ctx, key, value, ttl)
 }
+
+// plainRegister registers a key with a plain Put and releases it with a
+// Delete: a key left unreleased just stays (as a live key would until its
+// TTL), with nothing running for it.
+type plainRegister struct{ store.Store }
+
+type plainRegistration struct {
+	s   store.Store
+	key string
+}
+
+func (p plainRegister) Register(ctx context.Context, key string, value []byte, ttl time.Duration) (store.Registration, error) {
+	if _, err := p.Put(ctx, key, value); err != nil {
+		return nil, err
+	}
+	return plainRegistration{p.Store, key}, nil
+}
+
+func (r plainRegistration) Release(ctx context.Context) error { return r.s.Delete(ctx, r.key) }
 
 // startDriver runs a driver with cfg's store, plane and address, a short
 // liveness TTL and no log, until the test ends or stop is called.
@@ -96,11 +116,11 @@ func TestOrphanedHostComesBack(t *testing.T) {
 }
 
 // TestKeepLiveOnStop: with KeepLiveOnStop a driver that stops while this
-// host has endpoints leaves its live key to lapse (the embedded store just
-// keeps it) and says so; with no endpoint left it releases the key.
+// host has endpoints leaves its live key to lapse and says so; with no
+// endpoint left it releases the key.
 func TestKeepLiveOnStop(t *testing.T) {
 	ctx := context.Background()
-	s := openStore(t)
+	s := plainRegister{openStore(t)}
 	const addr = "192.0.2.1"
 	start := func() (*testHost, func()) {
 		p := newFakePlane()
