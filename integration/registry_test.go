@@ -123,6 +123,8 @@ func TestPluginRegistry(t *testing.T) {
 	}
 	// An upgrade replaces config.json, and with it the mount sources set
 	// before (the environment settings stay): set them again.
+	t.Logf("h2: mounts after the upgrade: %s", h2.MustDocker(t, "plugin", "inspect", "-f",
+		"{{range .Config.Mounts}}{{.Name}}.source={{.Source}} {{end}}", managedName))
 	var mounts []string
 	for _, s := range managedSettings(t, c, h2) {
 		if strings.Contains(s, ".source=") {
