@@ -1,29 +1,15 @@
-# The managed plugin's rootfs as an image, for publishing the plugin to a
-# registry. It holds what scripts/build-plugin.sh puts in bin/plugin/rootfs:
-# the static binary and a few empty directories; nothing else (no shell, no
-# libc: the plugin programs the kernel over netlink and runs no program).
+# The managed plugin's rootfs as an image, built without a registry and
+# without a base image: what `make plugin` put in bin/plugin/rootfs (the
+# static binary and the directories it uses; no shell, no libc: the plugin
+# programs the kernel over netlink and runs no other program).
 #
-#   docker build -t dnp-rootfs .
-#   id=$(docker create dnp-rootfs)
-#   mkdir -p plugin/rootfs && docker export "$id" | tar -x -C plugin/rootfs && docker rm "$id"
-#   cp config.json plugin/
-#   docker plugin create YOURORG/dnp:TAG plugin && docker plugin push YOURORG/dnp:TAG
+#   make plugin
+#   docker build -f Dockerfile -t dnp-rootfs bin/plugin
 #
-# Without a registry, scripts/build-plugin.sh (make plugin) builds the same
-# directory without Docker images at all.
-
-FROM golang:1.26-bookworm AS build
-WORKDIR /src
-COPY go.mod go.sum ./
-RUN go mod download
-COPY . .
-ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=${VERSION}" \
-      -o /rootfs/docker-net-plugin ./cmd/docker-net-plugin \
- && mkdir -p /rootfs/run/docker/plugins /rootfs/run/dnp /rootfs/var/lib/docker-net-plugin \
-      /rootfs/etc/docker-net-plugin /rootfs/tmp \
- && chmod 1777 /rootfs/tmp
-
+# scripts/push-plugin.sh (make plugin-push PLUGIN_REF=...) builds this
+# image, turns it into a plugin (docker create + docker export + config.json,
+# then docker plugin create) and pushes it. The integration test
+# TestPluginRegistry installs and upgrades exactly what that script pushes.
 FROM scratch
-COPY --from=build /rootfs/ /
+COPY rootfs/ /
 ENTRYPOINT ["/docker-net-plugin", "serve"]

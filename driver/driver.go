@@ -14,6 +14,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
@@ -105,6 +106,13 @@ type Config struct {
 	// them (doctor --fix, which takes it exclusively) never removes what
 	// is being built or used.
 	HostLock func(ctx context.Context) (unlock func(), err error)
+	// KeepLiveOnStop: when Start's ctx ends while this host still has
+	// endpoints, leave its live key to lapse after LiveTTL instead of
+	// deleting it, and report that with KeptLive. The data plane outlives
+	// the plugin, so a plugin back within LiveTTL (docker plugin disable,
+	// set, upgrade, enable) is never taken for a lost host, and the other
+	// hosts keep forwarding to this host's containers meanwhile.
+	KeepLiveOnStop bool
 }
 
 // Metrics is told what the driver's reconciliation of this host's kernel
@@ -135,6 +143,9 @@ type Driver struct {
 	// planeMu keeps Join's building of an overlay and its interface apart
 	// from the peer sync's removal of overlays no local endpoint uses.
 	planeMu sync.Mutex
+	// keptLive: Start's ctx ended and the live key was left to lapse
+	// (Config.KeepLiveOnStop).
+	keptLive atomic.Bool
 
 	peers *peerSync
 	mcast *mcastSync
@@ -199,6 +210,12 @@ func (d *Driver) Start(ctx context.Context) {
 
 // Done is closed once the driver stopped after Start's ctx ended.
 func (d *Driver) Done() <-chan struct{} { return d.done }
+
+// KeptLive reports, once Done is closed, whether the driver left this
+// host's live key in the store to lapse by itself (Config.KeepLiveOnStop).
+// The store must then not be closed: closing it deletes the key. Exit the
+// process instead, as a crash would.
+func (d *Driver) KeptLive() bool { return d.keptLive.Load() }
 
 // GetCapabilities: local scope on plain hosts, global in swarm; the
 // overlay connects hosts, so connectivity is always global.

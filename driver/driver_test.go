@@ -64,6 +64,11 @@ func (f *fakePlane) RemoveOverlay(vni uint32) error {
 	defer f.mu.Unlock()
 	delete(f.overlays, vni)
 	delete(f.peers, vni)
+	for id, v := range f.eps { // the bridge ports go with the namespace
+		if v == vni {
+			delete(f.eps, id)
+		}
+	}
 	return nil
 }
 func (f *fakePlane) Overlays() ([]uint32, error) {

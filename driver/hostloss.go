@@ -236,6 +236,11 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (uint32, error)
 		d.endpoints[o.ID] = &localEndpoint{ID: o.ID, Network: o.Endpoint.Network, Rec: o.Endpoint}
 		d.mu.Unlock()
 		d.log.Info("endpoint restored after this host was lost", "endpoint", short(o.ID), "ip", o.Endpoint.IPv4)
+		// Our own write: the next plan must count the endpoint as this
+		// host's before the watch brings it, or it removes the overlay
+		// the endpoint's interface is in. (This runs on the peer sync's
+		// goroutine, which owns the mirror.)
+		d.peers.endpoints[endpointKey(o.Overlay, o.ID)] = o.Endpoint
 		return 0, nil
 	}
 	if !errors.Is(err, store.ErrConflict) {

@@ -165,11 +165,14 @@ func (p *peerSync) run(ctx context.Context) {
 }
 
 // register keeps this host's live key, retrying while the store is away,
-// and releases it when ctx ends.
+// and releases it when ctx ends (or, with Config.KeepLiveOnStop and
+// endpoints still here, leaves it to lapse).
 func (p *peerSync) register(ctx context.Context) {
 	rec := hostRecord{Addr: p.d.host, ID: p.d.cfg.MachineID, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.d.cfg.PublicKey}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
-		reg, err := p.d.cfg.Store.RegisterIf(ctx, hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL, mayTakeOver(rec))
+		// The key lives until Release, not until ctx ends: a store deletes
+		// a registration whose context ends.
+		reg, err := p.d.cfg.Store.RegisterIf(context.WithoutCancel(ctx), hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL, mayTakeOver(rec))
 		var conflict *IdentityConflict
 		if errors.As(err, &conflict) {
 			p.d.id.refuse(fmt.Errorf("the plugin refuses to work: %w", conflict))
@@ -183,6 +186,15 @@ func (p *peerSync) register(ctx context.Context) {
 			p.heartbeat(ctx, rec)
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
+			if p.d.cfg.KeepLiveOnStop {
+				if n, err := p.d.endpointsHere(rctx); n > 0 || err != nil {
+					p.d.keptLive.Store(true)
+					p.d.log.Info("stopping with endpoints on this host: its live key stays until it lapses, so a plugin back within the TTL loses nothing",
+						"endpoints", n, "ttl", p.d.cfg.LiveTTL.String(), "err", err)
+					p.lastSeen(rctx, rec)
+					return
+				}
+			}
 			reg.Release(rctx)
 			p.lastSeen(rctx, rec)
 			return
@@ -194,6 +206,24 @@ func (p *peerSync) register(ctx context.Context) {
 		case <-time.After(wait):
 		}
 	}
+}
+
+// endpointsHere counts this host's endpoints: those the store records
+// for it and those this process knows of.
+func (d *Driver) endpointsHere(ctx context.Context) (int, error) {
+	ids := map[string]bool{}
+	d.mu.Lock()
+	for id := range d.endpoints {
+		ids[id] = true
+	}
+	d.mu.Unlock()
+	kvs, err := d.cfg.Store.List(ctx, endpointsDir)
+	for _, kv := range kvs {
+		if rec, err := decodeKV[endpointRecord](kv); err == nil && rec.Host == d.host {
+			ids[kv.Key[strings.LastIndex(kv.Key, "/")+1:]] = true
+		}
+	}
+	return len(ids), err
 }
 
 func (p *peerSync) applyEndpoint(ev store.Event) {
@@ -366,8 +396,9 @@ func (p *peerSync) noteSkipped(planned map[string]*plannedOverlay) {
 
 // reconcile makes the kernel match the plan: overlays with a local
 // endpoint exist with exactly their live remote peers; others are removed
-// (unless part of the plan could not be read). It returns how many kernel
-// changes it made.
+// (unless part of the plan could not be read, or orphaned endpoints of
+// this host are still to be looked at). It returns how many kernel changes
+// it made.
 func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	d := p.d
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -396,7 +427,10 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 			errs = append(errs, err)
 		}
 	}
-	if planErr == nil {
+	// Orphaned endpoints of this host are not in the plan until restored
+	// (restoreOrphans): removing their overlay first would delete the very
+	// interfaces the restore looks for.
+	if planErr == nil && !p.orphansPending(ctx) {
 		// A Join may have built an overlay since the plan was made: hold
 		// Joins off while removing, and keep what local endpoints use now.
 		d.planeMu.Lock()
@@ -422,6 +456,16 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 		d.log.Debug("reconciled", "overlays", len(planned), "changes", changes)
 	}
 	return changes, errors.Join(errs...)
+}
+
+// orphansPending reports whether this host has orphaned endpoints that
+// restoreOrphans has yet to look at (or cannot tell).
+func (p *peerSync) orphansPending(ctx context.Context) bool {
+	if !p.restoreDue {
+		return false
+	}
+	kvs, err := p.d.cfg.Store.List(ctx, orphansDir+"/"+p.d.host)
+	return err != nil || len(kvs) > 0
 }
 
 // localVNIs are the VNIs of the overlays this process's local endpoints are on.

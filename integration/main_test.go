@@ -9,12 +9,14 @@ import (
 )
 
 // TestMain removes what the tests built once per binary (the plugin binary
-// and the managed plugin's directory) when they are done.
+// and the managed plugin's directories) when they are done.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	harness.RemovePluginBinary()
-	if pluginDir != "" {
-		os.RemoveAll(filepath.Dir(pluginDir))
+	for _, dir := range []string{pluginDir, upgradeDir} {
+		if dir != "" {
+			os.RemoveAll(filepath.Dir(dir))
+		}
 	}
 	os.Exit(code)
 }

@@ -49,21 +49,11 @@ func managedPluginDir(t testing.TB) string {
 	return pluginDir
 }
 
-// installManaged installs the plugin as a managed plugin on h. The TLS
-// bind mount's source is a directory of the host's own (it must exist);
-// the Docker socket mount's source is h's dockerd socket.
+// installManaged installs the plugin as a managed plugin on h with
+// managedSettings and then settings.
 func installManaged(t *testing.T, c *harness.Cluster, h *harness.Host, settings ...string) *harness.ManagedPlugin {
 	t.Helper()
-	conf := filepath.Join(h.Dir, "dnp-config")
-	if err := os.MkdirAll(conf, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	settings = append([]string{
-		"config.source=" + conf,
-		"dockersock.source=" + h.DockerSock,
-		"DNP_NETNS_PREFIX=" + c.Prefix + "-" + h.Name + "-",
-		"DNP_LOG_LEVEL=debug",
-	}, settings...)
+	settings = append(managedSettings(t, c, h), settings...)
 	p, err := harness.InstallManagedPlugin(h, managedPluginDir(t), managedName, settings...)
 	if err != nil {
 		t.Fatal(err)
@@ -76,13 +66,32 @@ func installManaged(t *testing.T, c *harness.Cluster, h *harness.Host, settings 
 	return p
 }
 
+// managedSettings are the settings every managed plugin of the tests
+// gets: the mount sources are directories of the host's own (they must
+// exist), the state mount's a shared mount as on a systemd host, and
+// the Docker socket mount's is h's dockerd socket.
+func managedSettings(t *testing.T, c *harness.Cluster, h *harness.Host) []string {
+	t.Helper()
+	conf := filepath.Join(h.Dir, "dnp-config")
+	if err := os.MkdirAll(conf, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return []string{
+		"config.source=" + conf,
+		"state.source=" + h.SharedDir,
+		"dockersock.source=" + h.DockerSock,
+		"DNP_NETNS_PREFIX=" + c.Prefix + "-" + h.Name + "-",
+		"DNP_LOG_LEVEL=debug",
+	}
+}
+
 // overlayNS returns the overlay namespaces the managed plugin p has bound
-// in its propagated mount (as dockerd sees it), by name, with each one's
+// in its state mount (as dockerd sees it), by name, with each one's
 // network namespace cookie: unlike an nsfs inode number, a cookie is never
 // reused, so an equal cookie means the very same namespace.
 func overlayNS(t *testing.T, p *harness.ManagedPlugin) map[string]uint64 {
 	t.Helper()
-	dir, err := p.Host.DockerdPath(filepath.Join(p.PropagatedDir(), "netns"))
+	dir, err := p.Host.DockerdPath(filepath.Join(p.Host.SharedDir, "netns"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,8 +163,9 @@ func pingSeries(h *harness.Host, container, ip string, count int) <-chan int {
 // TestManagedPluginEtcd runs the plugin as a managed plugin (docker plugin
 // create/enable, no legacy socket) on two hosts sharing etcd: containers on
 // the two hosts ping each other; a crash of one host's plugin (kill -9,
-// dockerd restarts it) loses no traffic, keeps the overlay namespace, and
-// containers started afterwards join the overlay and reach the other host.
+// dockerd restarts it) and then docker plugin disable -f, set and enable
+// lose no traffic and keep the overlay namespace, and containers started
+// afterwards join the overlay and reach the other host.
 func TestManagedPluginEtcd(t *testing.T) {
 	c := harness.New(t, 2, harness.Options{})
 	url, st := kvServer(t, c, "etcd")
@@ -186,7 +196,7 @@ func TestManagedPluginEtcd(t *testing.T) {
 
 	before := overlayNS(t, plugins["h1"])
 	if len(before) != 1 {
-		t.Fatalf("h1: overlay namespaces in the propagated mount: %v; want one", before)
+		t.Fatalf("h1: overlay namespaces in the state mount: %v; want one", before)
 	}
 	t.Logf("h1: overlay namespace (name: cookie) %v", before)
 
@@ -214,6 +224,43 @@ func TestManagedPluginEtcd(t *testing.T) {
 	}
 	if after := overlayNS(t, plugins["h1"]); fmt.Sprint(after) != fmt.Sprint(before) {
 		t.Errorf("h1: overlay namespaces %v after the restart; want the very same as before %v", after, before)
+	}
+
+	// h1's plugin disabled, reconfigured and enabled again, with pings
+	// every 100 ms both ways: the overlay namespaces are in the state
+	// mount, outside what dockerd unmounts on disable, and the other host
+	// keeps h1's live key meanwhile. Not one ping may be lost.
+	const lifecycle = 100 // 10 s
+	runs := []*pingRun{startPingRun(h1, "blue-h1", ips["h2"], lifecycle), startPingRun(h2, "blue-h2", ips["h1"], lifecycle)}
+	time.Sleep(time.Second)
+	down := time.Now()
+	for _, args := range [][]string{
+		{"plugin", "disable", "-f", managedName},
+		{"plugin", "set", managedName, "DNP_LOG_LEVEL=info"},
+		{"plugin", "enable", managedName},
+	} {
+		h1.MustDocker(t, args...)
+	}
+	if err := plugins["h1"].WaitReady(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("h1: plugin disabled, set and enabled again in %s", time.Since(down).Round(time.Millisecond))
+	for _, r := range runs {
+		select {
+		case <-r.done:
+			t.Fatalf("%s ended before h1's plugin was back: raise the ping count", r.what)
+		default:
+		}
+	}
+	for _, r := range runs {
+		sent, received := r.wait(t)
+		t.Logf("%s: %d sent, %d received across disable, set, enable", r.what, sent, received)
+		if sent != lifecycle || received != sent {
+			t.Errorf("%s: lost %d of %d pings across h1's plugin disable, set, enable:\n%s", r.what, sent-received, sent, r.out)
+		}
+	}
+	if after := overlayNS(t, plugins["h1"]); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Errorf("h1: overlay namespaces %v after disable and enable; want the very same as before %v", after, before)
 	}
 
 	// New containers after the restart, on both hosts.
@@ -263,14 +310,14 @@ func TestManagedPluginEmbedded(t *testing.T) {
 	pingEventually(t, h, "green-b", a)
 	t.Logf("green: %s <-> %s ping", a, b)
 
-	db := filepath.Join(h.Dir, "data", "plugins", p.ID, "rootfs", "var", "lib", "docker-net-plugin", "state.db")
+	db := filepath.Join(h.SharedDir, "state.db")
 	if fi, err := os.Stat(db); err != nil || fi.Size() == 0 {
-		t.Fatalf("embedded store in the plugin rootfs: %v", err)
+		t.Fatalf("embedded store in the state mount's host directory: %v", err)
 	}
 
 	before := overlayNS(t, p)
 	if len(before) != 1 {
-		t.Fatalf("overlay namespaces in the propagated mount: %v; want one", before)
+		t.Fatalf("overlay namespaces in the state mount: %v; want one", before)
 	}
 	old, err := p.Kill()
 	if err != nil {

@@ -41,6 +41,9 @@ var (
 	verbose     = flag.Bool("v", false, "show the harness's own log lines")
 	interrupted atomic.Bool
 	start       = time.Now()
+	// engine is the Docker engine every host runs: DNP_DOCKER's, else the
+	// newest installed.
+	engine harness.Engine
 )
 
 func main() {
@@ -57,7 +60,7 @@ func main() {
 	}()
 
 	ok := check() &&
-		part("Part 1: one Docker host, embedded store (bolt file inside the plugin)", embedded) &&
+		part("Part 1: one Docker host, embedded store (bolt file in the plugin's state mount)", embedded) &&
 		part(fmt.Sprintf("Part 2: %d Docker hosts sharing etcd, one overlay across them", *hostCount), multiHost)
 	if !ok {
 		what := "FAILED"
@@ -86,6 +89,19 @@ func check() bool {
 		fmt.Println("dnp-demo: -hosts wants 2..10")
 		return false
 	}
+	var err error
+	how := "the newest installed"
+	if os.Getenv(harness.EngineEnv) != "" {
+		engine, err = harness.CurrentEngine()
+		how = "set by " + harness.EngineEnv
+	} else {
+		engine, err = harness.NewestEngine()
+	}
+	if err != nil {
+		fmt.Printf("dnp-demo: %v\n", err)
+		return false
+	}
+	fmt.Printf("Docker engine: %s (%s; dockerd %s)\n", engine.Version, how, engine.Dockerd)
 	return true
 }
 
@@ -118,8 +134,8 @@ func part(title string, fn func(r *runner)) bool {
 
 // embedded: one host, the plugin with its defaults (no DNP_STORE).
 func embedded(r *runner) {
-	step("starting 1 Docker host (dockerd 20.10 in its own network namespace)")
-	c := harness.New(r, 1, harness.Options{})
+	step("starting 1 Docker host (dockerd %s in its own network namespace)", engine.Version)
+	c := harness.New(r, 1, harness.Options{Engine: engine.Version})
 	h := c.Hosts[0]
 	done("host %s up, underlay address %s", h.Name, h.UnderlayIP)
 
@@ -143,8 +159,8 @@ func embedded(r *runner) {
 
 // multiHost: n hosts, etcd in the root namespace on the underlay.
 func multiHost(r *runner) {
-	step("starting %d Docker hosts, each in its own network namespace, on one underlay", *hostCount)
-	c := harness.New(r, *hostCount, harness.Options{})
+	step("starting %d Docker hosts (dockerd %s), each in its own network namespace, on one underlay", *hostCount, engine.Version)
+	c := harness.New(r, *hostCount, harness.Options{Engine: engine.Version})
 	for _, h := range c.Hosts {
 		done("host %s up, underlay address %s", h.Name, h.UnderlayIP)
 	}
@@ -208,12 +224,16 @@ func install(r *runner, c *harness.Cluster, h *harness.Host, settings ...string)
 	if err := os.MkdirAll(conf, 0o755); err != nil {
 		r.Fatalf("%v", err)
 	}
-	// The TLS bind mount's source must exist; the overlay namespaces get
-	// a per-host name prefix (all hosts share one machine).
-	settings = append([]string{"config.source=" + conf, "DNP_NETNS_PREFIX=" + c.Prefix + "-" + h.Name + "-"}, settings...)
-	shown := strings.Join(settings[2:], " ")
+	// The mount sources must exist, the state mount's on a shared mount
+	// (the host's SharedDir; /var/lib on a real host), the Docker socket
+	// mount's is this host's dockerd socket; the overlay namespaces get a
+	// per-host name prefix (all hosts share one machine).
+	fixed := []string{"config.source=" + conf, "state.source=" + h.SharedDir, "dockersock.source=" + h.DockerSock,
+		"DNP_NETNS_PREFIX=" + c.Prefix + "-" + h.Name + "-"}
+	shown := strings.Join(settings, " ")
+	settings = append(fixed, settings...)
 	if shown == "" {
-		shown = "(defaults: DNP_STORE=bolt:///var/lib/docker-net-plugin/state.db)"
+		shown = "(defaults: DNP_STORE=bolt:///var/lib/docker-net-plugin/state.db, in the state mount)"
 	}
 	step("%s: docker plugin create %s %s; plugin set %s; plugin enable", h.Name, pluginName, *pluginDir, shown)
 	t0 := time.Now()

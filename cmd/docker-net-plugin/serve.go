@@ -11,9 +11,11 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/internal/metrics"
@@ -32,12 +34,14 @@ type serveFlags struct {
 	liveTTL             time.Duration
 	staleAfter          time.Duration
 	logLevel, logFormat string
+	logOutput           string
 	defaultPool         string
 	defaultPoolSize     int
 	metricsAddr         string
 	namesAddr           string
 	namesCache          string
 	dockerHost          string
+	keepLive            bool
 }
 
 func serve(ctx context.Context, args []string) error {
@@ -52,19 +56,29 @@ func serve(ctx context.Context, args []string) error {
 	fs.DurationVar(&f.staleAfter, "stale-after", driver.DefaultStaleAfter, "how long a host may be gone before its networks, overlays, orphaned endpoints and addresses are purged; use one value on every host")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+	fs.StringVar(&f.logOutput, "log-output", "stderr", "stderr or stdout (a managed plugin's stdout is logged by dockerd at level info, its stderr at level error)")
 	fs.StringVar(&f.defaultPool, "default-pool", "10.210.0.0/16", "range that pools without --subnet are carved from")
 	fs.IntVar(&f.defaultPoolSize, "default-pool-size", 24, "prefix length of the subnets carved from --default-pool")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on this TCP address at /metrics (e.g. 127.0.0.1:9477); empty: off")
 	fs.StringVar(&f.namesAddr, "names-addr", names.DefaultAddr.String(), "link-local address of the name server that resolves containers across hosts (docs/names.md); off: no names across hosts")
 	fs.StringVar(&f.namesCache, "names-cache", "/var/lib/docker-net-plugin/names.json", "file where the name server keeps what it knows, to answer from after a restart while the store is down; empty: none")
 	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "this host's dockerd API socket, where the names of its containers are read")
+	fs.BoolVar(&f.keepLive, "keep-live-on-stop", false, "on SIGTERM with containers still on this host's overlays, leave this host's live key to lapse after --live-ttl instead of deleting it: a plugin back within the TTL (docker plugin disable, set, upgrade, enable) loses no traffic (the managed plugin sets it)")
 	if err := envFlags(fs); err != nil {
 		return err
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	log, err := newLogger(os.Stderr, f.logLevel, f.logFormat)
+	out := os.Stderr
+	switch f.logOutput {
+	case "stderr":
+	case "stdout":
+		out = os.Stdout
+	default:
+		return fmt.Errorf("--log-output %q: want stderr or stdout", f.logOutput)
+	}
+	log, err := newLogger(out, f.logLevel, f.logFormat)
 	if err != nil {
 		return err
 	}
@@ -118,18 +132,29 @@ func serve(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer raw.Close()
+	var nd *driver.Driver
+	defer func() {
+		if nd != nil && nd.KeptLive() {
+			return // closing the store would delete the live key
+		}
+		raw.Close()
+	}()
 	if err := checkAccess(ctx, raw, log); err != nil {
 		return err
 	}
 	st := m.Store(raw) // records latency and errors when metrics are on
 
+	if f.host.netnsDir != legacyNetnsDir {
+		dropLegacyNetns(legacyNetnsDir, f.host.netnsPrefix, log)
+	}
 	ns, err := nameService(ctx, f, st, addr, log)
 	if err != nil {
 		return err
 	}
 	cfg := driver.Config{Store: st, Plane: plane, HostAddr: addr, MachineID: machine, Scope: f.scope, LiveTTL: f.liveTTL, StaleAfter: f.staleAfter,
-		Log: log, PublicKey: pub, HostLock: (&overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}).LockShared}
+		Log: log, PublicKey: pub, HostLock: (&overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix}).LockShared,
+		// The embedded store has no other host to keep informed.
+		KeepLiveOnStop: f.keepLive && !strings.HasPrefix(f.store.URL, "bolt:")}
 	if ns != nil {
 		cfg.Names = ns
 	}
@@ -138,7 +163,7 @@ func serve(ctx context.Context, args []string) error {
 		cfg.Metrics = m
 		observe = m.PluginCall
 	}
-	nd := driver.New(cfg)
+	nd = driver.New(cfg)
 	id := ipam.New(st, ipam.Options{
 		HostID:       addr.String(),
 		DefaultPools: []ipam.DefaultPool{{Base: pool, Size: f.defaultPoolSize}},
@@ -282,4 +307,40 @@ func checkAccess(ctx context.Context, st store.Store, log *slog.Logger) error {
 		log.Warn("store not reachable yet; serving anyway and retrying in the background", "err", err)
 	}
 	return nil
+}
+
+// legacyNetnsDir is where the managed plugin kept its overlay namespaces
+// before they moved to the state mount: its propagated mount, which
+// dockerd unmounts on every disable, upgrade and rm.
+const legacyNetnsDir = "/run/dnp/netns"
+
+// dropLegacyNetns removes the files an older release left in dir (after
+// the upgrade nothing is mounted on them any more) and says what that
+// means for containers started before the upgrade.
+func dropLegacyNetns(dir, prefix string, log *slog.Logger) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return // none: a fresh install or a legacy plugin
+	}
+	var dropped []string
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), prefix) {
+			continue
+		}
+		path := filepath.Join(dir, e.Name())
+		var st unix.Statfs_t
+		if unix.Statfs(path, &st) == nil && st.Type == unix.NSFS_MAGIC {
+			continue // a namespace is still bound there: not ours to drop
+		}
+		if err := os.Remove(path); err != nil {
+			log.Warn("cannot remove an overlay namespace file of an older release", "path", path, "err", err)
+			continue
+		}
+		dropped = append(dropped, e.Name())
+	}
+	if len(dropped) > 0 {
+		log.Warn("upgraded from a release that kept overlay namespaces in the propagated mount: they were lost "+
+			"when the plugin was disabled, so containers started before the upgrade have no overlay interface; "+
+			"restart them (docker restart)", "old_dir", dir, "namespaces", dropped)
+	}
 }

@@ -32,6 +32,22 @@ type Engine struct {
 	Compose string
 }
 
+// Engines are the engine versions the harness knows, newest first.
+var Engines = []string{"28.5", "26.1", "20.10"}
+
+// NewestEngine returns the newest of Engines that is installed.
+func NewestEngine() (Engine, error) {
+	var errs []string
+	for _, v := range Engines {
+		e, err := EngineVersion(v)
+		if err == nil {
+			return e, nil
+		}
+		errs = append(errs, err.Error())
+	}
+	return Engine{}, fmt.Errorf("no docker engine installed: %s", strings.Join(errs, "; "))
+}
+
 // CurrentEngine returns the engine EngineEnv picks, or an error that says
 // what is missing and how to get it.
 func CurrentEngine() (Engine, error) {

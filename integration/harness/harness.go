@@ -78,6 +78,9 @@ type Options struct {
 	// seconds; the test guest of package guest, an emulated machine, needs
 	// longer).
 	ReadyTimeout time.Duration
+	// Engine is the version of the Docker engine to run (see
+	// EngineVersion); empty: the one EngineEnv picks (CurrentEngine).
+	Engine string
 }
 
 // Cluster is a set of Docker hosts on one underlay. Its fields are read-only.
@@ -115,6 +118,9 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 		t.Fatalf("harness.New: %d hosts; want 1..%d", n, maxHosts)
 	}
 	engine, err := CurrentEngine()
+	if opts.Engine != "" {
+		engine, err = EngineVersion(opts.Engine)
+	}
 	if err != nil {
 		testenv.Missing(t, "%v", err)
 	}
@@ -272,6 +278,7 @@ func (c *Cluster) makeNetwork(n int) error {
 		h.Dir = filepath.Join(c.Dir, h.Name)
 		h.DockerSock = filepath.Join(h.Dir, "docker.sock")
 		h.PluginDir = filepath.Join(h.Dir, "plugins")
+		h.SharedDir = filepath.Join(h.Dir, "shared")
 		h.LogFile = filepath.Join(h.Dir, "dockerd.log")
 		c.Hosts = append(c.Hosts, h)
 
@@ -343,7 +350,7 @@ func (c *Cluster) teardown() {
 	if err := c.forEachHost(func(h *Host) error { return h.StopDockerd() }); err != nil {
 		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
 	}
-	if t.Failed() {
+	if t.Failed() || os.Getenv(KeepLogsEnv) != "" {
 		c.keepLogs()
 	}
 	// Kill what dockerd left (shims, containers, plugins), drop cgroups,
@@ -366,6 +373,10 @@ func (c *Cluster) showLogs() {
 		c.t.Logf("harness: %s: last lines of %s:\n%s", h.Name, h.LogFile, h.logTail(40))
 	}
 }
+
+// KeepLogsEnv names the environment variable that, when set, keeps the
+// dockerd logs of passing tests too (to look for warnings).
+const KeepLogsEnv = "DNP_KEEP_LOGS"
 
 // keepLogs copies the dockerd logs to /tmp/dnpt-logs-<id>, which teardown
 // does not remove.

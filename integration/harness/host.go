@@ -29,6 +29,12 @@ type Host struct {
 	DockerSock  string // dockerd's API socket
 	PluginDir   string // what this dockerd sees as /run/docker/plugins
 	LogFile     string // dockerd's (and its containerd's) log, kept across restarts
+	// SharedDir is a directory that dockerd's mount namespace holds as a
+	// shared mount, as / and /var/lib are on a systemd host: the source for
+	// a plugin's bind mount with rshared propagation (the managed plugin's
+	// "state" mount), so that what the plugin mounts there lands in
+	// dockerd's namespace and outlives the plugin.
+	SharedDir string
 
 	cluster *Cluster
 	mu      sync.Mutex
@@ -67,6 +73,28 @@ func (h *Host) docker(ctx context.Context, stdin io.Reader, args ...string) (str
 	return run(ctx, cmd)
 }
 
+// DockerEnv is the environment a docker CLI (or a script that runs one)
+// needs to talk to this host's dockerd: the engine's programs first on
+// PATH, DOCKER_HOST, and the cluster's client config directory.
+func (h *Host) DockerEnv() []string {
+	return append(h.cluster.dockerEnv(), "DOCKER_HOST=unix://"+h.DockerSock)
+}
+
+// TrustRegistry makes the host's dockerd trust the TLS certificates that
+// caPEM signed for the registry at addr (host:port):
+// /etc/docker/certs.d/<addr>/ca.crt as dockerd sees it. dockerd reads it
+// on every registry request; no restart is needed.
+func (h *Host) TrustRegistry(addr string, caPEM []byte) error {
+	dir := filepath.Join(h.Dir, "etc", "certs.d", addr)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("%s: %w", h.Name, err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), caPEM, 0o644); err != nil {
+		return fmt.Errorf("%s: %w", h.Name, err)
+	}
+	return nil
+}
+
 // Exec runs a program in the host's network namespace (only the network
 // namespace: it sees the machine's files) and returns its trimmed stdout.
 func (h *Host) Exec(args ...string) (string, error) {
@@ -98,7 +126,7 @@ func (h *Host) StartDockerd() error {
 	etcDir := filepath.Join(h.Dir, "etc")
 	cgroupTmp := filepath.Join(h.Dir, "cgroup-move")
 	netnsDir := filepath.Join(h.Dir, "exec", "netns")
-	for _, d := range []string{h.PluginDir, filepath.Join(etcDir, "plugins"), netnsDir, cgroupTmp,
+	for _, d := range []string{h.PluginDir, filepath.Join(etcDir, "plugins"), netnsDir, cgroupTmp, h.SharedDir,
 		filepath.Join(h.Dir, "data"), "/run/docker/plugins", "/etc/docker"} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return fmt.Errorf("create %s: %w", d, err)
@@ -143,7 +171,8 @@ func (h *Host) StartDockerd() error {
 	//   - /sys is a fresh sysfs, so /sys/class/net shows the host's devices,
 	//     with the cgroup mounts moved over onto it;
 	//   - exec-root/netns is a shared mount so containerd and dockerd see
-	//     each other's netns mounts.
+	//     each other's netns mounts;
+	//   - SharedDir is a shared mount (see Host.SharedDir).
 	// Paths arrive as positional parameters: no quoting problems.
 	script := `set -e
 hostname "$1"
@@ -155,11 +184,13 @@ mount -t sysfs sysfs /sys
 mount --move "$5" /sys/fs/cgroup
 mount --bind "$6" "$6"
 mount --make-shared "$6"
-shift 6
+mount --bind "$7" "$7"
+mount --make-rshared "$7"
+shift 7
 exec "$@"`
 	args := []string{"--net=" + h.NetNS, "--",
 		"unshare", "--mount", "--uts", "--propagation", "slave", "--",
-		"sh", "-c", script, "sh", h.Hostname, h.PluginDir, etcDir, resolvConf, cgroupTmp, netnsDir}
+		"sh", "-c", script, "sh", h.Hostname, h.PluginDir, etcDir, resolvConf, cgroupTmp, netnsDir, h.SharedDir}
 	args = append(args, dockerdArgs...)
 	cmd := exec.Command("nsenter", args...)
 	cmd.Env = h.cluster.dockerEnv()

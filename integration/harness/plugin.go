@@ -48,21 +48,10 @@ func InstallManagedPlugin(h *Host, dir, name string, settings ...string) (*Manag
 			return nil, fmt.Errorf("%s: %w", h.Name, err)
 		}
 	}
-	p := &ManagedPlugin{Host: h, Name: name}
-	info, err := h.Docker("plugin", "inspect", "--format", "{{.Id}} {{.Config.Interface.Socket}}", name)
+	p, err := findManagedPlugin(h, name)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", h.Name, err)
+		return nil, err
 	}
-	fields := strings.Fields(info)
-	if len(fields) != 2 {
-		return nil, fmt.Errorf("%s: plugin inspect %s: unexpected %q", h.Name, name, info)
-	}
-	p.ID = fields[0]
-	// dockerd 20.10 keeps a managed plugin's socket in
-	// /run/docker/plugins/<id>/ (not under --exec-root), which is the
-	// host's PluginDir in dockerd's mount namespace.
-	p.Socket = filepath.Join(h.PluginDir, p.ID, fields[1])
-
 	ctx, cancel := context.WithTimeout(context.Background(), pluginTimeout)
 	defer cancel()
 	if _, err := h.DockerCtx(ctx, "plugin", "enable", name); err != nil {
@@ -72,6 +61,40 @@ func InstallManagedPlugin(h *Host, dir, name string, settings ...string) (*Manag
 		return p, err
 	}
 	return p, nil
+}
+
+// ManagedPluginOf returns the managed plugin name (NAME:TAG) that h has
+// already, for example from docker plugin install, once it is enabled and
+// answers on its socket.
+func ManagedPluginOf(h *Host, name string) (*ManagedPlugin, error) {
+	p, err := findManagedPlugin(h, name)
+	if err != nil {
+		return nil, err
+	}
+	return p, p.WaitReady()
+}
+
+func findManagedPlugin(h *Host, name string) (*ManagedPlugin, error) {
+	info, err := h.Docker("plugin", "inspect", "--format", "{{.Id}} {{.Config.Interface.Socket}}", name)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", h.Name, err)
+	}
+	fields := strings.Fields(info)
+	if len(fields) != 2 {
+		return nil, fmt.Errorf("%s: plugin inspect %s: unexpected %q", h.Name, name, info)
+	}
+	// dockerd keeps a managed plugin's socket in /run/docker/plugins/<id>/
+	// (not under --exec-root), which is the host's PluginDir in dockerd's
+	// mount namespace.
+	return &ManagedPlugin{Host: h, Name: name, ID: fields[0], Socket: filepath.Join(h.PluginDir, fields[0], fields[1])}, nil
+}
+
+// WaitReady waits until the plugin is enabled and answers on its socket,
+// for example after docker plugin enable.
+func (p *ManagedPlugin) WaitReady() error {
+	ctx, cancel := context.WithTimeout(context.Background(), pluginTimeout)
+	defer cancel()
+	return p.waitReady(ctx)
 }
 
 // Enabled reports whether dockerd lists the plugin as enabled.

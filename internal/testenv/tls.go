@@ -28,6 +28,17 @@ type TLSFiles struct {
 // WriteCerts makes a CA, a server and a client certificate in dir.
 func WriteCerts(t testing.TB, dir string) TLSFiles {
 	t.Helper()
+	return WriteCertsFor(t, dir, "127.0.0.1")
+}
+
+// WriteCertsFor is WriteCerts with the server certificate for ip (an IP
+// SAN) instead of 127.0.0.1.
+func WriteCertsFor(t testing.TB, dir, ip string) TLSFiles {
+	t.Helper()
+	serverIP := net.ParseIP(ip)
+	if serverIP == nil {
+		t.Fatalf("certificate for %q: not an IP address", ip)
+	}
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +75,7 @@ func WriteCerts(t testing.TB, dir string) TLSFiles {
 			NotAfter:     time.Now().Add(24 * time.Hour),
 			KeyUsage:     x509.KeyUsageDigitalSignature,
 			ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-			IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+			IPAddresses:  []net.IP{serverIP},
 		}
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 		if err != nil {
