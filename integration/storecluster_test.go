@@ -145,7 +145,9 @@ func testStoreClusterFailover(t *testing.T, kind string) {
 	churn := startChurn(c)
 	time.Sleep(clusterWarmup)
 
-	leader, err := sc.Leader()
+	// A loaded machine may starve a leader into an election just now: wait
+	// for the one that leads.
+	leader, err := sc.WaitLeader(30 * time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
