@@ -27,7 +27,8 @@ const (
 // (the new setting makes the plugin replace its data path container, the
 // new one taking over from the old one), and nothing crosses the underlay
 // in clear meanwhile. The last encrypted overlay takes the container and
-// its image with it, and removing the plugin leaves nothing.
+// its image with it, also when the plugin is disabled and removed right
+// after.
 func TestManagedEncrypted(t *testing.T) {
 	const subnet = "10.86.0.0/24"
 	c := harness.New(t, 2, harness.Options{})
@@ -137,26 +138,27 @@ func TestManagedEncrypted(t *testing.T) {
 	}
 
 	// The last encrypted overlay goes, and the data path's container and
-	// image with it; removing the plugin then leaves nothing.
-	for _, h := range c.Hosts {
-		h.MustDocker(t, "rm", "-f", "ms-"+h.Name)
-		h.MustDocker(t, "network", "rm", "msec")
-	}
-	for _, h := range c.Hosts {
-		waitFor(t, 15*time.Second, h.Name+": the data path's container and image removed", func() bool {
-			return len(cryptContainers(t, h)) == 0 && h.MustDocker(t, "images", "-q", cryptImage) == ""
-		})
-		if ns := overlayNS(t, plugins[h]); len(ns) != 0 {
-			t.Errorf("%s: namespaces left in the state mount: %v", h.Name, ns)
-		}
-	}
+	// image with it: on h2 while its plugin runs on, on h1 with the plugin
+	// disabled and removed right after (it tidies up on its way down).
+	h1.MustDocker(t, "rm", "-f", "ms-h1")
+	h1.MustDocker(t, "network", "rm", "msec")
 	h1.MustDocker(t, "plugin", "disable", managedName)
 	h1.MustDocker(t, "plugin", "rm", managedName)
 	if left := h1.MustDocker(t, "ps", "-aq"); left != "" {
-		t.Errorf("h1: containers left after the plugin's removal: %s", left)
+		t.Errorf("h1: containers left after the last network and the plugin's removal: %s", left)
 	}
 	if left := h1.MustDocker(t, "images", "-q", cryptImage); left != "" {
-		t.Errorf("h1: data path images left after the plugin's removal: %s", left)
+		t.Errorf("h1: data path images left after the last network and the plugin's removal: %s", left)
+	}
+	h2.MustDocker(t, "rm", "-f", "ms-h2")
+	h2.MustDocker(t, "network", "rm", "msec")
+	waitFor(t, 15*time.Second, "h2: the data path's container and image removed", func() bool {
+		return len(cryptContainers(t, h2)) == 0 && h2.MustDocker(t, "images", "-q", cryptImage) == ""
+	})
+	for _, h := range c.Hosts {
+		if ns := overlayNS(t, plugins[h]); len(ns) != 0 {
+			t.Errorf("%s: namespaces left in the state mount: %v", h.Name, ns)
+		}
 	}
 }
 
