@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -37,7 +38,11 @@ import (
 //
 // The data path outlives the process that started it (a plugin restart
 // does not interrupt encrypted traffic) and stops by itself once the crypt
-// namespace is gone, which happens with the last encrypted network.
+// namespace is gone, which happens with the last encrypted network. It is
+// either a child process in a session of its own (Encryption.Command), or
+// runs wherever an Encryption.Runner puts it (the managed plugin: a
+// container of its own, since all of a managed plugin's processes end
+// with it).
 
 // cryptID names the crypt namespace: <prefix>crypt. No network may have it.
 const cryptID = "crypt"
@@ -70,6 +75,25 @@ type Encryption struct {
 	LogFile string
 	// LogLevel of the data path ("debug", "info", ...); empty: info.
 	LogLevel string
+	// Runner, if set, runs the data path instead of Command.
+	Runner Runner
+}
+
+// Runner runs the data path somewhere that outlives this process, for
+// example as a container of its own. Its methods may take long (they may
+// ask dockerd), so they are only ever called from a goroutine of their
+// own, never from a plugin callback, and never with a lock held that a
+// callback takes: until the data path runs, what it is to be told is
+// recorded, and it is told everything once it answers (fail closed: the
+// crypt namespace has no way out meanwhile).
+type Runner interface {
+	// Run makes sure a data path with cfg runs and answers on
+	// cfg.Control. It keeps one that has these settings, and replaces
+	// one with others by a new one that takes over from it
+	// (crypt.Config.Takeover: make-before-break).
+	Run(ctx context.Context, cfg crypt.Config) error
+	// Tidy removes whatever Run left, once no encrypted network is left.
+	Tidy(ctx context.Context) error
 }
 
 func (e *Encryption) control() string   { return filepath.Join(e.StateDir, "crypt.sock") }
@@ -91,6 +115,13 @@ type keeper struct {
 	// checked: the running data path was found to have this keeper's
 	// settings (checked once, on the first connection).
 	checked bool
+
+	// With a Runner: wake the run loop; ran: the Runner made sure the
+	// data path is the one this keeper wants (reset when that changes);
+	// tidy: the last encrypted network went, the Runner is to tidy up.
+	wake chan struct{}
+	ran  bool
+	tidy bool
 }
 
 // keeper returns the Host's keeper, making it on first use.
@@ -102,7 +133,12 @@ func (h *Host) keeper() (*keeper, error) {
 	}
 	if h.kp == nil {
 		h.kp = &keeper{h: h, enc: h.Encryption, vnis: map[uint32][]netip.Addr{}, keys: map[netip.Addr]string{}}
-		go h.kp.watch()
+		if h.Encryption.Runner != nil {
+			h.kp.wake = make(chan struct{}, 1)
+			go h.kp.runLoop()
+		} else {
+			go h.kp.watch()
+		}
 	}
 	return h.kp, nil
 }
@@ -137,7 +173,20 @@ func (h *Host) SetHostKeys(keys map[netip.Addr]string) error {
 // with the plugin carries traffic again at once (it takes up its saved
 // state). local is this host's underlay address.
 func (h *Host) StartEncryption(local netip.Addr) error {
+	runner := h.Encryption != nil && h.Encryption.Runner != nil
 	if !isNamedNS(h.cryptPath()) {
+		if runner {
+			// What an earlier run may have left for lack of time (it
+			// stopped right after its last encrypted network went).
+			k, err := h.keeper()
+			if err != nil {
+				return err
+			}
+			k.mu.Lock()
+			k.tidy = true
+			k.mu.Unlock()
+			k.poke()
+		}
 		return nil
 	}
 	k, err := h.keeper()
@@ -150,7 +199,25 @@ func (h *Host) StartEncryption(local netip.Addr) error {
 		return nil
 	}
 	k.local = local
+	if runner {
+		// A data path that outlived the last run carries on and is told
+		// everything now; the Runner checks in the background that it is
+		// the one this run wants (or starts one).
+		k.poke()
+		k.start()
+		return nil
+	}
 	return k.start()
+}
+
+// SettleEncryption does at once what is left to do after the last
+// encrypted network went (with a Runner: remove what it ran). The plugin
+// calls it when it stops, which may be right after.
+func (h *Host) SettleEncryption(ctx context.Context) error {
+	if h.Encryption == nil || h.Encryption.Runner == nil || isNamedNS(h.cryptPath()) {
+		return nil
+	}
+	return h.Encryption.Runner.Tidy(ctx)
 }
 
 // EncryptionStatus reports the running data path's state, or an error if
@@ -215,6 +282,9 @@ func (h *Host) ensureCrypt(local netip.Addr, vni uint32) (netns.NsHandle, error)
 		// the data path with the new one.
 		k.client.Close()
 		k.client = nil
+	}
+	if k.local != local {
+		k.ran, k.checked = false, false
 	}
 	k.local = local
 	if _, ok := k.vnis[vni]; !ok {
@@ -321,6 +391,10 @@ func (h *Host) cryptRemove(vni uint32) error {
 		k.client.Close()
 		k.client = nil
 	}
+	if k.enc.Runner != nil {
+		k.ran, k.tidy = false, true
+		k.poke()
+	}
 	os.Remove(k.enc.stateFile())
 	// The data path also stops by itself once the namespace is gone.
 	return removeNamedNS(h.cryptPath())
@@ -354,7 +428,9 @@ func (h *Host) anyEncrypted() (bool, error) {
 }
 
 // call runs f with a connected client, starting the data path if none
-// runs; a data path that was (re)started is first told everything.
+// runs; a data path that was (re)started is first told everything. With a
+// Runner, a data path that does not answer yet is not an error: what f
+// tells it is recorded already, and it is told everything once it runs.
 func (k *keeper) call(f func(c *crypt.Client) error) error {
 	if k.client != nil {
 		if err := f(k.client); err == nil {
@@ -363,10 +439,19 @@ func (k *keeper) call(f func(c *crypt.Client) error) error {
 		k.client.Close()
 		k.client = nil
 	}
-	if err := k.start(); err != nil {
-		return err
+	err := k.start()
+	if err == nil {
+		if err = f(k.client); err != nil && k.enc.Runner != nil {
+			k.client.Close()
+			k.client = nil
+		}
 	}
-	return f(k.client)
+	if err != nil && k.enc.Runner != nil {
+		slog.Debug("encryption data path not answering yet; it is told once it runs", "err", err)
+		k.poke()
+		return nil
+	}
+	return err
 }
 
 func (k *keeper) dial() error {
@@ -384,21 +469,32 @@ func (k *keeper) start() error {
 	if !k.local.IsValid() {
 		return errors.New("encryption data path: no local address yet")
 	}
-	if err := k.dial(); err == nil && !k.checked {
-		// A data path of an earlier run: keep it unless it works with
-		// other settings or another key than this run's.
-		if why := k.stale(); why != "" {
-			slog.Info("encryption data path runs with other settings; restarting it", "reason", why)
-			k.client.Stop()
+	if k.enc.Runner != nil {
+		// The Runner starts it, and checks its settings.
+		if err := k.dial(); err != nil {
+			return err
+		}
+		if err := k.replay(); err != nil {
 			k.client.Close()
 			k.client = nil
-			if err := k.waitGone(); err != nil {
-				return err
-			}
+			return err
+		}
+		return nil
+	}
+	takeover := false
+	if err := k.dial(); err == nil && !k.checked {
+		// A data path of an earlier run: keep it unless it works with
+		// other settings or another key than this run's. A new one takes
+		// over from it (make-before-break).
+		if why := k.stale(); why != "" {
+			slog.Info("encryption data path runs with other settings; replacing it", "reason", why)
+			k.client.Close()
+			k.client = nil
+			takeover = true
 		}
 	}
 	if k.client == nil {
-		if err := k.spawn(); err != nil {
+		if err := k.spawn(takeover); err != nil {
 			return err
 		}
 	}
@@ -442,18 +538,6 @@ func (k *keeper) stale() string {
 	return ""
 }
 
-// waitGone waits until the data path told to stop has released its socket.
-func (k *keeper) waitGone() error {
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		c, err := crypt.Dial(k.enc.control())
-		if err != nil {
-			return nil
-		}
-		c.Close()
-	}
-	return errors.New("encryption data path did not stop within 5s")
-}
-
 // replay tells a data path what the keeper knows: nothing is removed, so a
 // data path that knows more (after a plugin restart) loses nothing.
 func (k *keeper) replay() error {
@@ -475,8 +559,19 @@ func (k *keeper) replay() error {
 	return nil
 }
 
-// spawn starts the data path process and waits until it answers.
-func (k *keeper) spawn() error {
+// config is the data path's configuration.
+func (k *keeper) config() crypt.Config {
+	enc := k.enc
+	return crypt.Config{
+		HostNetNS: k.h.NetNS, CryptNetNS: k.h.cryptPath(), Local: k.local, Port: enc.Port,
+		KeyFile: enc.KeyFile, PSKFile: enc.PSKFile, RekeyInterval: enc.RekeyInterval,
+		Control: enc.control(), StateFile: enc.stateFile(), LogLevel: enc.LogLevel,
+	}
+}
+
+// spawn starts the data path process and waits until it answers; with
+// takeover, it takes over from the one that runs.
+func (k *keeper) spawn(takeover bool) error {
 	enc := k.enc
 	if len(enc.Command) == 0 {
 		return errors.New("encryption data path: no command to start it")
@@ -484,11 +579,9 @@ func (k *keeper) spawn() error {
 	if err := os.MkdirAll(enc.StateDir, 0o700); err != nil {
 		return fmt.Errorf("encryption data path: %w", err)
 	}
-	cfg := crypt.Config{
-		HostNetNS: k.h.NetNS, CryptNetNS: k.h.cryptPath(), Local: k.local, Port: enc.Port,
-		KeyFile: enc.KeyFile, PSKFile: enc.PSKFile, RekeyInterval: enc.RekeyInterval,
-		Control: enc.control(), StateFile: enc.stateFile(), LogLevel: enc.LogLevel,
-	}
+	cfg := k.config()
+	cfg.Takeover = takeover
+	cfg.Tag = fmt.Sprintf("spawned-%d-%d", os.Getpid(), time.Now().UnixNano())
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		return err
@@ -511,15 +604,28 @@ func (k *keeper) spawn() error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	// The new one answers (with its tag: while it takes over, the one it
+	// replaces still answers too).
+	ours := func() bool {
+		if k.dial() != nil {
+			return false
+		}
+		if st, err := k.client.Status(); err == nil && (st.Tag == cfg.Tag || !takeover) {
+			return true
+		}
+		k.client.Close()
+		k.client = nil
+		return false
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if err := k.dial(); err == nil {
-			slog.Info("encryption data path started", "pid", cmd.Process.Pid)
+		if ours() {
+			slog.Info("encryption data path started", "pid", cmd.Process.Pid, "took_over", takeover)
 			return nil
 		}
 		select {
 		case err := <-exited:
-			if k.dial() == nil { // another one was faster
+			if !takeover && k.dial() == nil { // another one was faster
 				return nil
 			}
 			return fmt.Errorf("encryption data path exited at start (%v); see its log", err)
@@ -544,5 +650,86 @@ func (k *keeper) watch() {
 			}
 		}
 		k.mu.Unlock()
+	}
+}
+
+// poke wakes the run loop (with a Runner).
+func (k *keeper) poke() {
+	if k.wake == nil {
+		return
+	}
+	select {
+	case k.wake <- struct{}{}:
+	default:
+	}
+}
+
+// runLoop has the Runner run the data path while the crypt namespace
+// exists (and checks every second that it answers), and tidy up after the
+// last encrypted network. The Runner is called without k.mu held.
+func (k *keeper) runLoop() {
+	ctx := context.Background()
+	var backoff time.Duration
+	var retry time.Time
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-k.wake:
+		case <-tick.C:
+		}
+		k.mu.Lock()
+		want := k.local.IsValid() && isNamedNS(k.h.cryptPath())
+		answers := false
+		if want && k.ran {
+			if k.client == nil {
+				k.start()
+			}
+			if k.client != nil {
+				if _, err := k.client.Status(); err == nil {
+					answers = true
+				} else {
+					k.client.Close()
+					k.client = nil
+				}
+			}
+		}
+		tidy := k.tidy && !want
+		cfg := k.config()
+		k.mu.Unlock()
+
+		switch {
+		case want && !answers:
+			if time.Now().Before(retry) {
+				continue
+			}
+			if err := k.enc.Runner.Run(ctx, cfg); err != nil {
+				backoff = min(max(2*backoff, time.Second), 30*time.Second)
+				retry = time.Now().Add(backoff)
+				slog.Warn("encryption data path not running; retrying", "in", backoff, "err", err)
+				continue
+			}
+			backoff, retry = 0, time.Time{}
+			k.mu.Lock()
+			k.ran = true
+			// Tell the data path that runs now everything (it may be a
+			// new one, which took over).
+			if k.client != nil {
+				k.client.Close()
+				k.client = nil
+			}
+			if err := k.start(); err != nil {
+				slog.Warn("encryption data path: telling it what it carries", "err", err)
+			}
+			k.mu.Unlock()
+		case tidy:
+			if err := k.enc.Runner.Tidy(ctx); err != nil {
+				slog.Warn("encryption data path: tidying up", "err", err)
+				continue
+			}
+			k.mu.Lock()
+			k.tidy = false
+			k.mu.Unlock()
+		}
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
@@ -262,6 +264,24 @@ func TestEncryptedNetwork(t *testing.T) {
 		t.Error("the same VXLAN from the member host did not reach the container: the check proves nothing")
 	}
 
+	// A new data path takes over from the running one without losing a
+	// packet (make-before-break, as a plugin upgrade does): twice in a
+	// row, with pings 5 ms apart meanwhile (stopping the old one before
+	// starting the new one loses a few).
+	const across = 400
+	pings := make(chan string, 1)
+	go func() {
+		got, out := pingRun(ca, "10.50.0.2", across, "0.005", 56, "")
+		pings <- fmt.Sprintf("%d %s", got, out)
+	}()
+	time.Sleep(300 * time.Millisecond)
+	for i := range 2 {
+		takeOver(t, a, fmt.Sprintf("successor-%d", i))
+	}
+	if res := <-pings; !strings.HasPrefix(res, fmt.Sprint(across)+" ") {
+		t.Errorf("pings across two takeovers of the data path: want all %d back, got %s", across, res)
+	}
+
 	// A restarted plugin keeps the running data path if it has the same
 	// settings, and replaces it if not (here: another rekey interval).
 	st0, err := a.host.EncryptionStatus()
@@ -288,6 +308,9 @@ func TestEncryptedNetwork(t *testing.T) {
 	if err := back.StartEncryption(a.ip); err != nil {
 		t.Fatal(err)
 	}
+	if st, _ := a.host.EncryptionStatus(); st == nil || st.Interval != "2s" {
+		t.Fatalf("back to the first settings: data path %+v; want 2s", st)
+	}
 	mustPing(t, ca, "10.50.0.2")
 
 	// Removing the networks removes the filter, the data path and the
@@ -307,6 +330,55 @@ func TestEncryptedNetwork(t *testing.T) {
 	}
 	if out := a.ns.MustExec("ss", "-Hlun"); strings.TrimSpace(out) != "" {
 		t.Errorf("UDP sockets left in the host namespace: %q", out)
+	}
+}
+
+// takeOver starts a data path on h with the running one's configuration
+// (read from its environment) and crypt.Config.Takeover, and waits until it
+// answers in its place.
+func takeOver(t *testing.T, h *testHost, tag string) {
+	t.Helper()
+	st, err := h.host.EncryptionStatus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", st.PID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg crypt.Config
+	for _, kv := range strings.Split(string(env), "\x00") {
+		if v, ok := strings.CutPrefix(kv, crypt.ConfigEnv+"="); ok {
+			if err := json.Unmarshal([]byte(v), &cfg); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cfg.Takeover, cfg.Tag = true, tag
+	b, _ := json.Marshal(cfg)
+	log, err := os.OpenFile(h.host.Encryption.LogFile, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log.Close()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), crypt.ConfigEnv+"="+string(b))
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go cmd.Wait()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if now, err := h.host.EncryptionStatus(); err == nil && now.Tag == tag {
+			if now.PID == st.PID || len(now.VNIs) != len(st.VNIs) || len(now.Peers) != len(st.Peers) {
+				t.Fatalf("data path after the takeover: %+v; want a new process with the VNIs and hosts of %+v", now, st)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the data path started to take over (%s) does not answer after 10s", tag)
+		}
 	}
 }
 

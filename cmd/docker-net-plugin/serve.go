@@ -23,6 +23,7 @@ import (
 	"github.com/dnplabs/docker-net-plugin/ipam"
 	"github.com/dnplabs/docker-net-plugin/names"
 	"github.com/dnplabs/docker-net-plugin/overlay"
+	"github.com/dnplabs/docker-net-plugin/overlay/crypt/dockerrun"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -42,6 +43,7 @@ type serveFlags struct {
 	namesCache          string
 	dockerHost          string
 	keepLive            bool
+	cryptContainer      bool
 }
 
 func serve(ctx context.Context, args []string) error {
@@ -63,6 +65,7 @@ func serve(ctx context.Context, args []string) error {
 	fs.StringVar(&f.namesAddr, "names-addr", names.DefaultAddr.String(), "link-local address of the name server that resolves containers across hosts (docs/names.md); off: no names across hosts")
 	fs.StringVar(&f.namesCache, "names-cache", "/var/lib/docker-net-plugin/names.json", "file where the name server keeps what it knows, to answer from after a restart while the store is down; empty: none")
 	fs.StringVar(&f.dockerHost, "docker-host", "unix:///var/run/docker.sock", "this host's dockerd API socket, where the names of its containers are read")
+	fs.BoolVar(&f.cryptContainer, "crypt-container", false, "run the encryption data path of encrypted overlays as a container of its own, through --docker-host, so that it outlives the plugin (the managed plugin sets it: its own processes all end with it); see docs/encryption.md")
 	fs.BoolVar(&f.keepLive, "keep-live-on-stop", false, "on SIGTERM with containers still on this host's overlays, leave this host's live key to lapse after --live-ttl instead of deleting it: a plugin back within the TTL (docker plugin disable, set, upgrade, enable) loses no traffic (the managed plugin sets it)")
 	if err := envFlags(fs); err != nil {
 		return err
@@ -111,6 +114,14 @@ func serve(ctx context.Context, args []string) error {
 		// Plain overlays work without it; -o encrypted then says why not.
 		log.Warn("encrypted overlays unavailable", "err", err)
 	} else {
+		if f.cryptContainer {
+			r, err := dockerrun.New(f.dockerHost, f.host.netnsPrefix+"crypt", log)
+			if err != nil {
+				log.Warn("the encryption data path runs inside the plugin and ends with it", "err", err)
+			} else {
+				enc.Runner = r
+			}
+		}
 		plane = driver.NewEncryptingKernelPlane(addr, f.host.netnsDir, f.host.netnsPrefix, enc)
 	}
 	if ep, ok := plane.(driver.EncryptingPlane); ok {
@@ -197,6 +208,15 @@ func serve(ctx context.Context, args []string) error {
 			case <-time.After(5 * time.Second):
 				log.Warn("name service did not stop within 5s")
 			}
+		}
+		if enc != nil {
+			// The last encrypted overlay may have gone just now: what ran
+			// its data path goes too (docker plugin rm may follow).
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := (&overlay.Host{Dir: f.host.netnsDir, Prefix: f.host.netnsPrefix, Encryption: enc}).SettleEncryption(sctx); err != nil {
+				log.Warn("encryption data path: tidying up", "err", err)
+			}
+			cancel()
 		}
 	}
 	log.Info("plugin stopped")

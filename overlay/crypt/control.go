@@ -37,12 +37,22 @@ const (
 	opSetKeys    = "set-keys"    // add or replace hosts' public keys
 	opStatus     = "status"
 	opStop       = "stop" // exit
+	// handoff: the data path replies with its TUN device and UDP socket
+	// (SCM_RIGHTS) and refuses changes from then on; the next request
+	// on the connection is stop (handoff.go).
+	opHandoff = "handoff"
 )
+
+// errHandedOff is the error of a change sent to a data path that is
+// handing its packets over: the client should connect again (to the one
+// taking over).
+const errHandedOff = "handing over to a new data path; connect again"
 
 // Status is what the data path reports about itself.
 type Status struct {
 	PID      int        `json:"pid"`
-	Instance string     `json:"instance"` // random, per process start
+	Instance string     `json:"instance"`      // random, per process start
+	Tag      string     `json:"tag,omitempty"` // Config.Tag
 	Local    netip.Addr `json:"local"`
 	Port     int        `json:"port"`
 	Interval string     `json:"rekey_interval"`

@@ -57,6 +57,14 @@ type Config struct {
 	// to stderr. Log, if set, is used instead.
 	LogLevel string       `json:"log_level,omitempty"`
 	Log      *slog.Logger `json:"-"`
+	// Takeover: if a data path already serves Control, take its TUN
+	// device and UDP socket over and make it exit once this one carries
+	// packets (make-before-break: no packet is lost), instead of leaving
+	// it be (Run then returns ErrRunning).
+	Takeover bool `json:"takeover,omitempty"`
+	// Tag is an opaque label from whoever starts the data path; Status
+	// reports it (to tell which one runs).
+	Tag string `json:"tag,omitempty"`
 }
 
 // ConfigEnv is the environment variable RunFromEnv reads its Config from,
@@ -158,11 +166,15 @@ type dataPath struct {
 
 	tun  *os.File
 	udp  *net.UDPConn
-	ln   net.Listener
+	ln   *net.UnixListener
 	stop context.CancelFunc
 
 	mu  sync.Mutex // serializes changes of tab
 	tab atomic.Pointer[table]
+	// handedOff: another data path took over the packets (handoff.go);
+	// changes are refused, this one only carries packets until told to
+	// stop. Under mu.
+	handedOff bool
 
 	counters counters
 	epochsMu sync.Mutex
@@ -213,20 +225,46 @@ func Run(ctx context.Context, cfg Config) error {
 	if d.psk, err = LoadPSK(cfg.PSKFile); err != nil {
 		return err
 	}
-	if d.ln, err = listenControl(cfg.Control); err != nil {
-		return err
+	// The data path that runs now, if any: taken over (cfg.Takeover), or
+	// left alone.
+	var prev *predecessor
+	if answers(cfg.Control) {
+		if !cfg.Takeover {
+			return ErrRunning
+		}
+		if prev, err = takeOver(d.log, cfg); err != nil {
+			return err
+		}
+		defer prev.close()
+	}
+	var lnIno uint64
+	if prev != nil {
+		// Listen next to the predecessor's socket; moved over it once the
+		// predecessor is gone.
+		d.ln, lnIno, err = listenUnix(cfg.Control + ".next")
+	} else {
+		d.ln, lnIno, err = listenUnix(cfg.Control)
+	}
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
 	}
 	defer d.ln.Close()
+	// Read after the predecessor stopped changing it.
 	if err := d.load(); err != nil {
 		d.log.Warn("saved state not used", "file", cfg.StateFile, "err", err)
 	}
-	if d.udp, err = listenUDP(cfg.HostNetNS, netip.AddrPortFrom(cfg.Local, uint16(cfg.Port))); err != nil {
-		return err
+	if prev != nil {
+		d.udp, d.tun = prev.udp, prev.tun
+	} else {
+		if d.udp, err = listenUDP(cfg.HostNetNS, netip.AddrPortFrom(cfg.Local, uint16(cfg.Port))); err != nil {
+			return err
+		}
+		if d.tun, err = openTUN(cfg.CryptNetNS); err != nil {
+			d.udp.Close()
+			return err
+		}
 	}
 	defer d.udp.Close()
-	if d.tun, err = openTUN(cfg.CryptNetNS); err != nil {
-		return err
-	}
 	defer d.tun.Close()
 
 	d.raisePriority()
@@ -237,9 +275,27 @@ func Run(ctx context.Context, cfg Config) error {
 	wg.Go(d.send)
 	wg.Go(d.receive)
 	wg.Go(func() { d.watchNamespace(ctx) })
+	if prev != nil {
+		// Both carry packets now; the predecessor goes, and its socket
+		// path becomes this one's.
+		if err := prev.finish(cfg.Control+".next", cfg.Control); err != nil {
+			d.log.Error("taking over from the running data path", "err", err)
+			d.stop()
+		} else {
+			d.log.Info("took over from the data path that ran", "pid", prev.status.PID, "tag", prev.status.Tag)
+		}
+	}
 	d.log.Info("encryption data path running", "local", cfg.Local, "port", cfg.Port,
-		"rekey_interval", cfg.RekeyInterval.String(), "psk", d.psk != nil, "public_key", EncodePublic(d.priv.PublicKey()))
+		"rekey_interval", cfg.RekeyInterval.String(), "psk", d.psk != nil, "public_key", EncodePublic(d.priv.PublicKey()), "tag", cfg.Tag)
 	<-ctx.Done()
+	d.mu.Lock()
+	handedOff := d.handedOff
+	d.mu.Unlock()
+	if !handedOff {
+		// The socket path is this one's (a successor that took over
+		// has its own there): remove it.
+		removeIfSame(cfg.Control, lnIno)
+	}
 	d.ln.Close()
 	d.udp.Close()
 	d.tun.Close()
@@ -248,22 +304,37 @@ func Run(ctx context.Context, cfg Config) error {
 	return nil
 }
 
-// listenControl listens on path unless a live data path already does.
-func listenControl(path string) (net.Listener, error) {
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, ErrRunning
+// answers reports whether a data path serves the control socket at path.
+func answers(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return false
 	}
+	c.Close()
+	return true
+}
+
+// listenUnix listens on path (replacing a dead socket there), for root
+// only, and returns the inode of the socket file. Closing the listener
+// leaves the file: a data path that took over may have its own socket
+// there by then (removeIfSame).
+func listenUnix(path string) (*net.UnixListener, uint64, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("control socket: %w", err)
+		return nil, 0, err
 	}
 	old := unix.Umask(0o077)
-	ln, err := net.Listen("unix", path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	unix.Umask(old)
 	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
+		return nil, 0, err
 	}
-	return ln, nil
+	ln.SetUnlinkOnClose(false)
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		ln.Close()
+		return nil, 0, err
+	}
+	return ln, st.Ino, nil
 }
 
 // inNetNS runs fn on a thread in the namespace at path ("" = this one).
@@ -713,6 +784,12 @@ func (d *dataPath) serveControl(ctx context.Context) {
 func (d *dataPath) serveConn(conn net.Conn) {
 	defer conn.Close()
 	r := bufio.NewReader(conn)
+	handingOff := false // this connection's peer is taking over
+	defer func() {
+		if handingOff {
+			d.takeBack()
+		}
+	}()
 	for {
 		line, err := r.ReadBytes('\n')
 		if err != nil {
@@ -722,6 +799,17 @@ func (d *dataPath) serveConn(conn net.Conn) {
 		var resp response
 		if err := json.Unmarshal(line, &req); err != nil {
 			resp.Error = "bad request: " + err.Error()
+		} else if req.Op == opHandoff {
+			uc, ok := conn.(*net.UnixConn)
+			if !ok {
+				return
+			}
+			if err := d.handOff(uc); err != nil {
+				d.log.Warn("handing the packets over failed", "err", err)
+				return
+			}
+			handingOff = true
+			continue
 		} else {
 			resp = d.handle(req)
 		}
@@ -730,6 +818,7 @@ func (d *dataPath) serveConn(conn net.Conn) {
 			return
 		}
 		if req.Op == opStop && resp.Error == "" {
+			handingOff = false
 			d.stop()
 			return
 		}
@@ -741,6 +830,12 @@ func (d *dataPath) handle(req request) response {
 	defer d.mu.Unlock()
 	old := d.tab.Load()
 	tab := &table{peers: old.peers, vnis: old.vnis}
+	switch req.Op {
+	case opAddVNI, opSetMembers, opRemoveVNI, opSetKeys:
+		if d.handedOff {
+			return response{Error: errHandedOff}
+		}
+	}
 	switch req.Op {
 	case opAddVNI, opSetMembers, opRemoveVNI:
 		if req.VNI == 0 || req.VNI > 1<<24-1 {
@@ -866,7 +961,7 @@ func (d *dataPath) load() error {
 
 func (d *dataPath) status(tab *table) *Status {
 	st := &Status{
-		PID: os.Getpid(), Instance: d.instance, Local: d.cfg.Local, Port: d.cfg.Port,
+		PID: os.Getpid(), Instance: d.instance, Tag: d.cfg.Tag, Local: d.cfg.Local, Port: d.cfg.Port,
 		Interval: d.cfg.RekeyInterval.String(), Epoch: d.epoch(), PSK: d.psk != nil,
 		PublicKey: EncodePublic(d.priv.PublicKey()), PSKID: PSKID(d.psk),
 		VNIs: map[uint32][]string{}, Counters: d.counters.snapshot(),
