@@ -48,7 +48,8 @@ const (
 	Wrong                   // it exists, but not as it should
 )
 
-// Repair says what puts a Problem right.
+// Repair says what puts a Problem right; the zero Repair, nothing this
+// package does (an operator has to).
 type Repair int
 
 const (
