@@ -189,8 +189,8 @@ func (d *doctorRun) check(ctx context.Context) error {
 		})
 	}
 	for _, sk := range plan.Skipped {
-		fix := fmt.Sprintf("remove the container of endpoint %s on host %s (docker rm -f), or, if it has none, delete the record endpoints/%s/%s from the store",
-			short(sk.Endpoint), sk.Host, sk.Overlay, sk.Endpoint)
+		fix := fmt.Sprintf("remove the container of endpoint %s on host %s (docker rm -f), or, if it has none, delete the record %s from the store",
+			short(sk.Endpoint), sk.Host, driver.EndpointKey(sk.Overlay, sk.Endpoint))
 		d.problem(problem{
 			what: fmt.Sprintf("overlay %s: endpoint record %s (host %s, %s, MAC %s) is skipped by every host: %s",
 				sk.Overlay, short(sk.Endpoint), sk.Host, sk.IPv4, sk.MAC, sk.Reason),
