@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dnplabs/docker-net-plugin/overlay"
 )
@@ -210,4 +211,42 @@ func tunnelName(t *testing.T, h *testHost, remote netip.Addr) string {
 		t.Fatal(err)
 	}
 	return tunnels(t, n)[remote].Name
+}
+
+// TestVerifyEncryptedNetwork: an encrypted network verifies clean (its
+// VXLAN socket in the crypt namespace, its VNI filtered with no members);
+// wanted unencrypted, the socket, the bridge's alias and the MTU differ.
+func TestVerifyEncryptedNetwork(t *testing.T) {
+	hs := newHosts(t, 1)
+	a := hs[0]
+	encrypt(t, a, time.Minute)
+	cfg := overlay.NetworkConfig{ID: "enc", VNI: 42, LocalIP: a.ip, Encrypted: true}
+	n, err := a.host.EnsureNetwork(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers := []overlay.Peer{{HostIP: netip.MustParseAddr("192.168.250.11"), MAC: mac(t, "02:00:00:00:04:21"), IPs: []netip.Addr{netip.MustParseAddr("10.42.0.11")}}}
+	if _, err := n.SetPeers(peers, nil); err != nil {
+		t.Fatal(err)
+	}
+	want := overlay.Want{NetworkConfig: cfg, Peers: peers}
+	d := verify(t, a, want)
+	checkProblems(t, "encrypted", d, nil)
+	if d.MTU != n.MTU || d.FDB != 3 || d.Neigh != 1 {
+		t.Fatalf("encrypted: MTU %d, %d forwarding and %d neighbour entries; want %d, 3 and 1", d.MTU, d.FDB, d.Neigh, n.MTU)
+	}
+	plain := want
+	plain.Encrypted = false
+	wantPlain := []string{
+		`wrong reconcile br0 has alias "dnp encrypted", want ""`,
+		fmt.Sprintf("wrong reconcile br0 has MTU %d, want %d", n.MTU, n.MTU+overlay.EncryptionOverhead),
+		fmt.Sprintf("wrong reconcile vxlan0 has MTU %d, want %d", n.MTU, n.MTU+overlay.EncryptionOverhead),
+		"wrong reconcile the UDP socket of vxlan0 is not in the host namespace",
+	}
+	if st, err := n.State(); err != nil {
+		t.Fatal(err)
+	} else if st.Filter.Unavailable == "" {
+		wantPlain = append(wantPlain, "missing reconcile the source filter lacks member host 192.168.250.11: its VXLAN for the network is dropped")
+	}
+	checkProblems(t, "wanted unencrypted", verify(t, a, plain), wantPlain)
 }
