@@ -21,10 +21,6 @@ import (
 //
 // each created only if absent, and they are deleted (or orphaned after a
 // host loss, hostloss.go) together with the record.
-const (
-	macsDir  = "macs"
-	addrsDir = "addrs"
-)
 
 // claimRecord names the endpoint holding a MAC or address of an overlay.
 type claimRecord struct {
@@ -32,9 +28,6 @@ type claimRecord struct {
 	Host     string `json:"host"`
 	Network  string `json:"network"`
 }
-
-func macKey(overlay, mac string) string           { return macsDir + "/" + overlay + "/" + mac }
-func addrKey(overlay string, a netip.Addr) string { return addrsDir + "/" + overlay + "/" + a.String() }
 
 // claim is one MAC or address an endpoint record claims.
 type claim struct {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"strings"
 	"time"
 
 	"github.com/dnplabs/docker-net-plugin/store"
@@ -99,7 +98,7 @@ func (k *keySync) apply(ev store.Event) bool {
 		if err != nil || rec.Key == "" {
 			continue
 		}
-		addr, err := netip.ParseAddr(strings.TrimPrefix(kv.Key, hostsDir+"/"))
+		addr, err := netip.ParseAddr(hostOfKey(hostsDir, kv.Key))
 		if err != nil || addr.String() == k.d.host {
 			continue
 		}

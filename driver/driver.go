@@ -19,6 +19,7 @@ import (
 
 	"github.com/docker/go-plugins-helpers/network"
 
+	"github.com/dnplabs/docker-net-plugin/overlay"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -80,6 +81,30 @@ type DataPlane interface {
 	// exactly peers, leaving correct entries untouched; it returns how many
 	// entries it added or removed.
 	SetPeers(vni uint32, peers []Peer) (int, error)
+}
+
+// VerifyingPlane is a DataPlane that can also say how this host's kernel
+// differs from what the driver wants, and remove what nobody wants: what
+// doctor works with (the kernel plane is one).
+type VerifyingPlane interface {
+	DataPlane
+	// Underlay names the device holding this host's underlay address and
+	// gives its MTU.
+	Underlay() (dev string, mtu int, err error)
+	// Namespace is where the overlay's namespace is (or would be).
+	Namespace(vni uint32) string
+	// VerifyHost reports what in the host namespace keeps any of the
+	// overlays from being built: another tool's VXLAN device holding its
+	// VNI.
+	VerifyHost(overlays []PlannedOverlay) ([]overlay.Problem, error)
+	// VerifyOverlay compares the overlay's kernel objects with what
+	// EnsureOverlay, AddEndpoint and SetPeers make of po; the ports of the
+	// endpoints in ignore are left alone. An overlay without a namespace
+	// here is overlay.ErrNotFound.
+	VerifyOverlay(po PlannedOverlay, ignore []string) (*overlay.Diff, error)
+	// RemoveDevice deletes a device VerifyOverlay found stray
+	// (overlay.RepairRemove) from the overlay's namespace.
+	RemoveDevice(vni uint32, name string) error
 }
 
 // Config is what the driver needs.

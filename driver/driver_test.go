@@ -279,7 +279,7 @@ func TestMismatchedOverlayIsRefused(t *testing.T) {
 	}
 	// Nothing of the refused networks was left in the store.
 	kvs, _ := s.List(ctx, overlaysDir)
-	if len(kvs) != 1 || kvs[0].Key != "overlays/blue" {
+	if len(kvs) != 1 || kvs[0].Key != overlayKey("blue") {
 		t.Fatalf("overlays after refusals: %v", kvs)
 	}
 	if _, err := s.Get(ctx, netmapKey("192.0.2.2", "n2")); err == nil {

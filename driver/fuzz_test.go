@@ -49,7 +49,7 @@ const (
 const slowCall = 5 * time.Second
 
 // storeDirs are the store directories the driver and IPAM write.
-var storeDirs = []string{overlaysDir, vnisDir, netmapDir, endpointsDir, hostsDir, seenDir, orphansDir, "ipam"}
+var storeDirs = []string{overlaysDir, vnisDir, netmapDir, endpointsDir, hostsDir, seenDir, orphansDir, ipam.Dir}
 
 // snapshot is the whole store content, key -> value.
 func snapshot(t *testing.T, s store.Store) map[string]string {

@@ -22,10 +22,6 @@ import (
 // and address claims (claims.go), and drops the others. The claims go and
 // come back in the same transactions as the endpoint record.
 
-const orphansDir = "orphans"
-
-func orphanKey(host, id string) string { return orphansDir + "/" + host + "/" + id }
-
 // orphanRecord is an endpoint of a lost host, with the addresses released
 // for it.
 type orphanRecord struct {
@@ -160,7 +156,7 @@ func (p *peerSync) restoreOrphans(ctx context.Context) error {
 	s := d.cfg.Store
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	kvs, err := s.List(ctx, orphansDir+"/"+d.host)
+	kvs, err := s.List(ctx, orphansOf(d.host))
 	if err != nil {
 		return fmt.Errorf("list orphaned endpoints: %w", err)
 	}
@@ -316,7 +312,7 @@ type OrphanedEndpoint struct {
 // orphaned lists this host's orphaned endpoints.
 func (p *peerSync) orphaned(ctx context.Context) ([]OrphanedEndpoint, error) {
 	d := p.d
-	kvs, err := d.cfg.Store.List(ctx, orphansDir+"/"+d.host)
+	kvs, err := d.cfg.Store.List(ctx, orphansOf(d.host))
 	if err != nil {
 		return nil, fmt.Errorf("list orphaned endpoints: %w", err)
 	}

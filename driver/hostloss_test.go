@@ -69,19 +69,19 @@ func TestHostLossReleasesAndRestores(t *testing.T) {
 	// expire after the TTL). Host a releases its endpoints and addresses.
 	c.stop()
 	eventually(t, "c's endpoints become orphans and their addresses free", func() bool {
-		return len(keys(t, s, endpointsDir)) == 1 && len(keys(t, s, orphansDir+"/"+lost)) == 3 &&
+		return len(keys(t, s, endpointsDir)) == 1 && len(keys(t, s, orphansOf(lost))) == 3 &&
 			slices.Equal(addrs(t, s), []string{"10.20.0.2@192.0.2.1"})
 	})
 	eventually(t, "host a drops the lost host's peers", func() bool { return len(a.plane.peerIPs(vni)) == 0 })
 	// Their MAC and address claims went with the records.
-	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{"addrs/blue/10.20.0.2"}) || len(keys(t, s, macsDir)) != 1 {
+	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{addrKey("blue", netip.MustParseAddr("10.20.0.2"))}) || len(keys(t, s, macsDir)) != 1 {
 		t.Fatalf("claims after c's endpoints were orphaned: %v %v; want a's only", got, keys(t, s, macsDir))
 	}
 	// Idempotent: a repeated or concurrent collection changes nothing.
 	if err := orphanHost(ctx, s, lost, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
 		t.Fatal(err)
 	}
-	if len(keys(t, s, orphansDir+"/"+lost)) != 3 || len(addrs(t, s)) != 1 {
+	if len(keys(t, s, orphansOf(lost))) != 3 || len(addrs(t, s)) != 1 {
 		t.Fatalf("second collection changed the store: %v %v", keys(t, s, orphansDir), addrs(t, s))
 	}
 
@@ -102,7 +102,7 @@ func TestHostLossReleasesAndRestores(t *testing.T) {
 	if _, err := s.Get(ctx, endpointKey("blue", "epc1cccc")); err != nil {
 		t.Fatalf("restored endpoint record: %v", err)
 	}
-	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{"addrs/blue/10.20.0.2", "addrs/blue/10.20.0.3"}) || len(keys(t, s, macsDir)) != 2 {
+	if got := keys(t, s, addrsDir); !slices.Equal(got, []string{addrKey("blue", netip.MustParseAddr("10.20.0.2")), addrKey("blue", netip.MustParseAddr("10.20.0.3"))}) || len(keys(t, s, macsDir)) != 2 {
 		t.Fatalf("claims after c restored its endpoint: %v %v; want a's and c's restored one", got, keys(t, s, macsDir))
 	}
 	// The endpoint whose address went to host a gave it up, visibly: its
@@ -156,7 +156,7 @@ func keys(t *testing.T, s store.Store, dir string) []string {
 // addrs lists the allocated endpoint addresses as ip@host.
 func addrs(t *testing.T, s store.Store) []string {
 	t.Helper()
-	kvs, err := s.List(context.Background(), "ipam/addrs")
+	kvs, err := s.List(context.Background(), ipam.AddrsDir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,13 +18,9 @@ import (
 // What operators see: the cluster as the store records it (status), and
 // what this host's kernel should hold (doctor).
 //
-// One more store directory, next to those in records.go:
-//
-//	seen/<host>    seenRecord: when the host's plugin last proved alive
-//
-// A registered host rewrites it every seenInterval and once more when it
-// stops; it goes when a host stops with no Docker network left.
-const seenDir = "seen"
+// A registered host rewrites its last-seen time (seen/<host>) every
+// seenInterval and once more when it stops; it goes when a host stops
+// with no Docker network left.
 
 // seenInterval is how often a registered host writes its last-seen time
 // (less with a short grace period before stale hosts are purged: seenEvery).
@@ -35,8 +31,6 @@ type seenRecord struct {
 	Name string `json:"name"`
 	Seen string `json:"seen"` // RFC 3339, UTC
 }
-
-func seenKey(host string) string { return seenDir + "/" + host }
 
 // heartbeat writes this host's last-seen time now and every seenEvery
 // until ctx ends.
@@ -66,7 +60,7 @@ func (p *peerSync) writeSeen(ctx context.Context, rec hostRecord) error {
 // lastSeen records a clean stop: the last-seen time of a host that still
 // has Docker networks, or no trace at all of one that has none.
 func (p *peerSync) lastSeen(ctx context.Context, rec hostRecord) {
-	nets, err := p.d.cfg.Store.List(ctx, netmapDir+"/"+p.d.host)
+	nets, err := p.d.cfg.Store.List(ctx, netmapOf(p.d.host))
 	switch {
 	case err != nil:
 	case len(nets) == 0:
@@ -206,7 +200,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		return h
 	}
 	for _, kv := range lists[hostsDir] {
-		h := host(strings.TrimPrefix(kv.Key, hostsDir+"/"))
+		h := host(hostOfKey(hostsDir, kv.Key))
 		h.Alive = true
 		if rec, err := decodeKV[hostRecord](kv); err != nil {
 			errs = append(errs, err)
@@ -217,8 +211,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 		}
 	}
 	for _, kv := range lists[netmapDir] {
-		addr, _, _ := strings.Cut(strings.TrimPrefix(kv.Key, netmapDir+"/"), "/")
-		host(addr).Networks++
+		host(hostOfKey(netmapDir, kv.Key)).Networks++
 	}
 
 	overlays := map[string]*OverlayInfo{}
@@ -254,7 +247,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 			overlays[name] = ov
 		}
 		ov.Endpoints = append(ov.Endpoints, EndpointInfo{
-			ID: kv.Key[strings.LastIndex(kv.Key, "/")+1:], Network: rec.Network, Host: rec.Host,
+			ID: idOfKey(kv.Key), Network: rec.Network, Host: rec.Host,
 			IPv4: rec.IPv4, IPv6: rec.IPv6, MAC: rec.MAC,
 		})
 		host(rec.Host).Endpoints++
@@ -266,7 +259,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 			errs = append(errs, err)
 			continue
 		}
-		h, _, _ := strings.Cut(strings.TrimPrefix(kv.Key, orphansDir+"/"), "/")
+		h := hostOfKey(orphansDir, kv.Key)
 		since, _ := time.Parse(time.RFC3339, o.ConflictSince)
 		orphans = append(orphans, OrphanInfo{Host: h, Overlay: o.Overlay, ID: o.ID, Network: o.Endpoint.Network,
 			IPv4: o.Endpoint.IPv4, MAC: o.Endpoint.MAC, Conflict: o.Conflict, ConflictSince: since})
@@ -274,7 +267,7 @@ func ReadCluster(ctx context.Context, st store.Store) (*ClusterState, error) {
 	}
 	// Heartbeats last: they add no host that nothing else names.
 	for _, kv := range lists[seenDir] {
-		h := hosts[strings.TrimPrefix(kv.Key, seenDir+"/")]
+		h := hosts[hostOfKey(seenDir, kv.Key)]
 		if h == nil {
 			continue
 		}

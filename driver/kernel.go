@@ -62,14 +62,19 @@ func (k *kernelPlane) MaxMTU(encap string, encrypted bool) (int, error) {
 	return k.host.MaxMTU(k.local, encap, encrypted)
 }
 
-func (k *kernelPlane) EnsureOverlay(ov Overlay) error {
+// config is what the overlay is to package overlay.
+func (k *kernelPlane) config(ov Overlay) overlay.NetworkConfig {
 	cfg := overlay.NetworkConfig{ID: nsID(ov.VNI), VNI: ov.VNI, Encap: ov.Encap, LocalIP: k.local, MTU: ov.MTU, Encrypted: ov.Encrypted}
 	for i, gw := range ov.Gateways {
 		if gw.IsValid() && i < len(ov.Subnets) {
 			cfg.Gateways = append(cfg.Gateways, netip.PrefixFrom(gw, ov.Subnets[i].Bits()))
 		}
 	}
-	_, err := k.host.EnsureNetwork(cfg)
+	return cfg
+}
+
+func (k *kernelPlane) EnsureOverlay(ov Overlay) error {
+	_, err := k.host.EnsureNetwork(k.config(ov))
 	return err
 }
 
@@ -133,11 +138,50 @@ func (k *kernelPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("overlay vni %d: %w", vni, err)
 	}
+	return n.SetPeers(overlayPeers(peers), nil)
+}
+
+func overlayPeers(peers []Peer) []overlay.Peer {
 	ps := make([]overlay.Peer, len(peers))
 	for i, p := range peers {
 		ps[i] = overlay.Peer{HostIP: p.Host, MAC: p.MAC, IPs: p.IPs}
 	}
-	return n.SetPeers(ps, nil)
+	return ps
+}
+
+var _ VerifyingPlane = (*kernelPlane)(nil)
+
+func (k *kernelPlane) Underlay() (string, int, error) { return k.host.Underlay(k.local) }
+
+func (k *kernelPlane) Namespace(vni uint32) string { return k.host.NamespacePath(nsID(vni)) }
+
+func (k *kernelPlane) VerifyHost(overlays []PlannedOverlay) ([]overlay.Problem, error) {
+	inUse, err := k.host.VXLANInUse()
+	if err != nil {
+		return nil, err
+	}
+	var out []overlay.Problem
+	for _, ov := range overlays {
+		if dev, ok := inUse[ov.VNI]; ok {
+			out = append(out, overlay.Problem{
+				Kind: overlay.Extra, Device: dev,
+				What: fmt.Sprintf("host device %s is a VXLAN device with VNI %d on port %d, which overlay %s needs", dev, ov.VNI, overlay.VXLANPort, ov.Name),
+			})
+		}
+	}
+	return out, nil
+}
+
+func (k *kernelPlane) VerifyOverlay(po PlannedOverlay, ignore []string) (*overlay.Diff, error) {
+	want := overlay.Want{NetworkConfig: k.config(po.Overlay), Peers: overlayPeers(po.Peers), Ignore: ignore}
+	for _, ep := range po.Endpoints {
+		want.Endpoints = append(want.Endpoints, ep.ID)
+	}
+	return k.host.VerifyNetwork(want)
+}
+
+func (k *kernelPlane) RemoveDevice(vni uint32, name string) error {
+	return k.host.RemoveDevice(nsID(vni), name)
 }
 
 func (k *kernelPlane) Groups(vni uint32) ([]netip.Addr, error) {

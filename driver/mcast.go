@@ -29,13 +29,9 @@ import (
 // watched), so a new receiver gets traffic from other hosts within about
 // that time plus the store's propagation.
 
-const mcastDir = "mcast" // mcast/<overlay>/<host>: groupsRecord
-
 // mcastPoll is how often local memberships are read and the kernel's
 // multicast forwarding checked.
 const mcastPoll = time.Second
-
-func mcastKey(overlay, host string) string { return mcastDir + "/" + overlay + "/" + host }
 
 type groupsRecord struct {
 	VNI    uint32   `json:"vni"`    // the overlay's, to tell when it is gone from the host
@@ -168,13 +164,13 @@ func (m *mcastSync) applyHost(ev store.Event) {
 	case store.EventReset:
 		m.hosts = map[string]bool{}
 		for _, kv := range ev.Snapshot {
-			m.hosts[strings.TrimPrefix(kv.Key, hostsDir+"/")] = true
+			m.hosts[hostOfKey(hostsDir, kv.Key)] = true
 		}
 		m.haveHosts = true
 	case store.EventPut:
-		m.hosts[strings.TrimPrefix(ev.KV.Key, hostsDir+"/")] = true
+		m.hosts[hostOfKey(hostsDir, ev.KV.Key)] = true
 	case store.EventDelete:
-		delete(m.hosts, strings.TrimPrefix(ev.KV.Key, hostsDir+"/"))
+		delete(m.hosts, hostOfKey(hostsDir, ev.KV.Key))
 	}
 }
 
@@ -210,7 +206,7 @@ func (m *mcastSync) sync(ctx context.Context) {
 	// This host's records of overlays its kernel no longer has (those it
 	// has but does not know yet, right after a restart, stay).
 	for key, rec := range m.records {
-		name, host, ok := strings.Cut(strings.TrimPrefix(key, mcastDir+"/"), "/")
+		name, host, ok := splitMcastKey(key)
 		if ok && host == d.host && !slices.Contains(present, rec.VNI) {
 			m.publish(ctx, name, rec.VNI, nil)
 		}

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"net/netip"
-	"strings"
 
 	"github.com/docker/go-plugins-helpers/network"
 )
@@ -66,7 +65,7 @@ func (p *peerSync) observeNames() {
 	}
 	eps := make([]KnownEndpoint, 0, len(p.endpoints))
 	for key, rec := range p.endpoints {
-		ke := KnownEndpoint{Overlay: overlayOfKey(key), ID: key[strings.LastIndex(key, "/")+1:], Network: rec.Network, Host: rec.Host}
+		ke := KnownEndpoint{Overlay: overlayOfKey(key), ID: idOfKey(key), Network: rec.Network, Host: rec.Host}
 		if pfx, err := netip.ParsePrefix(rec.IPv4); err == nil {
 			ke.IPv4 = pfx.Addr()
 		}

@@ -276,13 +276,6 @@ func (p *peerSync) applyHost(ev store.Event) {
 	}
 }
 
-// overlayOfKey splits endpoints/<overlay>/<id>.
-func overlayOfKey(key string) string {
-	rest := strings.TrimPrefix(key, endpointsDir+"/")
-	name, _, _ := strings.Cut(rest, "/")
-	return name
-}
-
 // plannedOverlay is what one overlay should be on this host.
 type plannedOverlay struct {
 	net       *localNetwork    // one of this host's Docker networks on it

@@ -8,31 +8,9 @@ import (
 	"hash/fnv"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/dnplabs/docker-net-plugin/store"
-)
-
-// Store layout, below the store's own prefix:
-//
-//	overlays/<name>               overlayRecord: the cluster-wide overlay, with the hosts and
-//	                              Docker networks using it
-//	vnis/<vni>                    the overlay name holding that VNI (keeps VNIs unique)
-//	netmap/<host>/<network id>    networkRecord: which overlay a host's Docker network is
-//	endpoints/<overlay>/<ep id>   endpointRecord: one container interface, on one host
-//	macs/<overlay>/<mac>          claimRecord: the endpoint holding that MAC on the overlay
-//	addrs/<overlay>/<ip>          claimRecord: the endpoint holding that address on the overlay
-//	hosts/<host>                  hostRecord, a live key: gone when the host's plugin dies
-//
-// <host> is the host's underlay (advertise) address. An endpoint record
-// and its claims are written and deleted in one transaction (claims.go).
-const (
-	overlaysDir  = "overlays"
-	vnisDir      = "vnis"
-	netmapDir    = "netmap"
-	endpointsDir = "endpoints"
-	hostsDir     = "hosts"
 )
 
 type overlayRecord struct {
@@ -102,12 +80,6 @@ type hostRecord struct {
 	// base64); empty if the host cannot encrypt.
 	Key string `json:"key,omitempty"`
 }
-
-func overlayKey(name string) string         { return overlaysDir + "/" + name }
-func vniKey(vni uint32) string              { return vnisDir + "/" + strconv.FormatUint(uint64(vni), 10) }
-func netmapKey(host, netID string) string   { return netmapDir + "/" + host + "/" + netID }
-func endpointKey(overlay, id string) string { return endpointsDir + "/" + overlay + "/" + id }
-func hostKey(host string) string            { return hostsDir + "/" + host }
 
 func encode(v any) []byte {
 	b, err := json.Marshal(v)
@@ -293,7 +265,7 @@ func sortedMembers(rec *overlayRecord) []string {
 // hostNetworksOn lists the Docker networks host has on overlay name, by
 // its netmap (for membership recorded by an earlier version).
 func hostNetworksOn(ctx context.Context, s store.Store, host, name string) ([]string, error) {
-	kvs, err := s.List(ctx, netmapDir+"/"+host)
+	kvs, err := s.List(ctx, netmapOf(host))
 	if err != nil {
 		return nil, fmt.Errorf("networks of host %s: %w", host, err)
 	}

@@ -95,7 +95,7 @@ func TestOrphanedHostComesBack(t *testing.T) {
 	eventually(t, "host a programs c's endpoint", func() bool { return len(a.plane.peerIPs(vni)) == 1 })
 
 	c.stop()
-	eventually(t, "c's endpoint becomes an orphan", func() bool { return len(keys(t, s, orphansDir+"/"+lost)) == 1 })
+	eventually(t, "c's endpoint becomes an orphan", func() bool { return len(keys(t, s, orphansOf(lost))) == 1 })
 
 	gate := make(chan struct{})
 	var open sync.Once

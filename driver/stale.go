@@ -125,7 +125,7 @@ func goneHosts(ctx context.Context, s store.Store) ([]StaleHost, error) {
 	}
 	live := map[string]bool{}
 	for _, kv := range lists[hostsDir] {
-		live[strings.TrimPrefix(kv.Key, hostsDir+"/")] = true
+		live[hostOfKey(hostsDir, kv.Key)] = true
 	}
 	named := map[string]bool{}
 	for _, dir := range []string{netmapDir, orphansDir, seenDir} {
@@ -149,7 +149,7 @@ func goneHosts(ctx context.Context, s store.Store) ([]StaleHost, error) {
 	seen := map[string]time.Time{}
 	for _, kv := range lists[seenDir] {
 		if rec, err := decodeKV[seenRecord](kv); err == nil {
-			seen[strings.TrimPrefix(kv.Key, seenDir+"/")], _ = time.Parse(time.RFC3339, rec.Seen)
+			seen[hostOfKey(seenDir, kv.Key)], _ = time.Parse(time.RFC3339, rec.Seen)
 		}
 	}
 	var out []StaleHost
@@ -196,14 +196,14 @@ func purgeHost(ctx context.Context, s store.Store, host string, d *Driver) error
 			errs = append(errs, fmt.Errorf("purge host %s: %w", host, err))
 		}
 	}
-	orphans, err := s.List(ctx, orphansDir+"/"+host)
+	orphans, err := s.List(ctx, orphansOf(host))
 	if err != nil {
 		return fmt.Errorf("purge host %s: %w", host, err)
 	}
 	for _, kv := range orphans {
 		del(kv)
 	}
-	nets, err := s.List(ctx, netmapDir+"/"+host)
+	nets, err := s.List(ctx, netmapOf(host))
 	if err != nil {
 		return fmt.Errorf("purge host %s: %w", host, err)
 	}

@@ -79,10 +79,10 @@ func TestStaleHostIsPurged(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
-	eventually("c's endpoint is orphaned", func() bool { return len(keys(t, s, orphansDir+"/"+gone)) == 1 })
+	eventually("c's endpoint is orphaned", func() bool { return len(keys(t, s, orphansOf(gone))) == 1 })
 	eventually("c's records are purged after the grace period", func() bool {
 		_, err := s.Get(ctx, seenKey(gone)) // the purge's last step
-		return len(keys(t, s, netmapDir+"/"+gone)) == 0 && len(keys(t, s, orphansDir)) == 0 && errors.Is(err, store.ErrNotFound)
+		return len(keys(t, s, netmapOf(gone))) == 0 && len(keys(t, s, orphansDir)) == 0 && errors.Is(err, store.ErrNotFound)
 	})
 	eventually("overlay red, only c's, is gone with its VNI", func() bool {
 		_, err := s.Get(ctx, overlayKey("red"))
@@ -97,7 +97,7 @@ func TestStaleHostIsPurged(t *testing.T) {
 	if !slices.Equal(blue.Hosts, []string{"192.0.2.1"}) {
 		t.Errorf("overlay blue's hosts after the purge: %v", blue.Hosts)
 	}
-	for _, kv := range mustList(t, s, "ipam") {
+	for _, kv := range mustList(t, s, ipam.Dir) {
 		if strings.Contains(string(kv.Value), `"`+gone+`"`) {
 			t.Errorf("IPAM record still names the purged host: %s = %s", kv.Key, kv.Value)
 		}

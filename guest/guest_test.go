@@ -23,7 +23,7 @@ var greTests = []struct {
 	env       []string
 }{
 	// The overlay package's GRE data-plane tests (netlink, namespaces).
-	{"overlay", "./overlay", []string{"TestGRE", "TestGREMeshHasNoLoop", "TestTwoHostsPing", "TestSetPeersReconciles"}, nil},
+	{"overlay", "./overlay", []string{"TestGRE", "TestGREMeshHasNoLoop", "TestTwoHostsPing", "TestSetPeersReconciles", "TestVerifyNetwork"}, nil},
 	// Two Docker hosts, an encap=gre and a VXLAN overlay.
 	{"integration", "./integration", []string{"TestOverlayGRE"}, []string{"DNP_PLUGIN_BIN=" + guest.JobDir + "/docker-net-plugin",
 		harness.McastToolEnv + "=" + guest.JobDir + "/dnp-mcast"}},

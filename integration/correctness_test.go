@@ -92,7 +92,7 @@ func testTwoNetworksOneOverlay(t *testing.T, c *harness.Cluster, st store.Store,
 	}
 	// projB_blue still uses overlay shared: it keeps its record, and
 	// another host cannot take the name with another subnet.
-	if !storeHas(t, st, "overlays/shared") {
+	if !storeHas(t, st, driver.OverlayKey("shared")) {
 		t.Fatal("removing projA_blue removed overlay shared while projB_blue still uses it")
 	}
 	err := dnpNet(h2, "intruder", "10.91.0.0/24", "-o", "overlay=shared")
@@ -114,11 +114,11 @@ func testTwoNetworksOneOverlay(t *testing.T, c *harness.Cluster, st store.Store,
 
 	// The overlay goes with the last network of the last host.
 	removeAll(t, h1, []string{"keep1", "keep2"}, []string{"projB_blue"})
-	if !storeHas(t, st, "overlays/shared") {
+	if !storeHas(t, st, driver.OverlayKey("shared")) {
 		t.Fatal("overlay shared removed while h2's network still uses it")
 	}
 	removeAll(t, h2, []string{"other"}, []string{"blue"})
-	waitFor(t, 10*time.Second, "overlay shared removed from the store", func() bool { return !storeHas(t, st, "overlays/shared") })
+	waitFor(t, 10*time.Second, "overlay shared removed from the store", func() bool { return !storeHas(t, st, driver.OverlayKey("shared")) })
 }
 
 func testBadRecord(t *testing.T, c *harness.Cluster, url string, st store.Store, plugins map[*harness.Host]*plugin) {
@@ -147,7 +147,7 @@ func testBadRecord(t *testing.T, c *harness.Cluster, url string, st store.Store,
 	// does not exist. Its key sorts after m1's: m1 keeps the MAC.
 	netID2 := h2.MustDocker(t, "network", "inspect", "-f", "{{.Id}}", "macs")
 	bad := strings.Repeat("f", 64)
-	badKey := "endpoints/macs/" + bad
+	badKey := driver.EndpointKey("macs", bad)
 	rec, _ := json.Marshal(map[string]string{"network": netID2, "host": h2.UnderlayIP, "ipv4": "10.83.0.250/24", "mac": mac})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 	"github.com/dnplabs/docker-net-plugin/overlay/crypt"
@@ -306,7 +307,7 @@ func overlayVNI(t *testing.T, st store.Store, name string) uint32 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	kv, err := st.Get(ctx, "overlays/"+name)
+	kv, err := st.Get(ctx, driver.OverlayKey(name))
 	if err != nil {
 		t.Fatal(err)
 	}

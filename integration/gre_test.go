@@ -119,6 +119,16 @@ func TestOverlayGRE(t *testing.T) {
 	}
 	t.Logf("gre and vxlan overlays: containers on h1 and h2 ping each other")
 
+	// doctor checks the GRE overlay too: its tunnel port to the other host.
+	bin := harness.PluginBinary(t)
+	for _, h := range c.Hosts {
+		out, code := cli(t, h.Command(bin, "doctor", "--store", url, "--advertise-addr", h.UnderlayIP,
+			"--netns-prefix", c.Prefix+"-"+h.Name+"-"))
+		if code != 0 || !strings.Contains(out, "namespace, br0, 1 GRE tunnel port(s) and 1 endpoint port(s) as expected (MTU 1458)") {
+			t.Errorf("doctor on %s exited %d; want no problems and the GRE overlay's tunnel port checked:\n%s", h.Name, code, out)
+		}
+	}
+
 	// Isolation at layer 2: a route that puts the other overlay's subnet on
 	// eth0 makes the container ARP for those addresses on its own overlay;
 	// nothing there may answer.

@@ -5,7 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/ipam"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -90,7 +92,7 @@ func TestHostLoss(t *testing.T) {
 
 // hlAllocated says whether ip is allocated in the store's IPAM.
 func hlAllocated(t *testing.T, st store.Store, ip string) bool {
-	for _, k := range relKeys(t, st, "ipam/addrs") {
+	for _, k := range relKeys(t, st, ipam.AddrsDir) {
 		if strings.HasSuffix(k, "/"+ip) {
 			return true
 		}
@@ -101,5 +103,5 @@ func hlAllocated(t *testing.T, st store.Store, ip string) bool {
 // hlNoOrphans waits until no orphaned endpoint record is left.
 func hlNoOrphans(t *testing.T, st store.Store) {
 	t.Helper()
-	waitFor(t, relConverge, "no orphaned endpoint records left", func() bool { return len(relKeys(t, st, "orphans")) == 0 })
+	waitFor(t, relConverge, "no orphaned endpoint records left", func() bool { return len(relKeys(t, st, driver.OrphansDir)) == 0 })
 }

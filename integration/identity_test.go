@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 )
 
@@ -46,7 +47,7 @@ func TestSameAdvertiseAddress(t *testing.T) {
 	if why := lost(); why != "" {
 		t.Errorf("h2's plugin took h1's live key and its clean stop deleted it: %s", why)
 	}
-	kv, err := st.Get(t.Context(), "hosts/"+h1.UnderlayIP)
+	kv, err := st.Get(t.Context(), driver.HostKey(h1.UnderlayIP))
 	if err != nil || !strings.Contains(string(kv.Value), id1) {
 		t.Errorf("h1's live key after h2's plugin stopped: %s, %v; want h1's machine id %s", kv.Value, err, id1)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/mcast"
 	"github.com/dnplabs/docker-net-plugin/overlay"
@@ -202,7 +203,7 @@ func mcastKeys(t *testing.T, st store.Store) []string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	kvs, err := st.List(ctx, "mcast")
+	kvs, err := st.List(ctx, driver.McastDir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -214,7 +214,7 @@ func TestNames(t *testing.T) {
 	waitFor(t, 20*time.Second, "no names left in the store", func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		kvs, err := st.List(ctx, "names")
+		kvs, err := st.List(ctx, names.Dir)
 		return err == nil && len(kvs) == 0
 	})
 }

@@ -238,7 +238,7 @@ func TestOperatorTools(t *testing.T) {
 		t.Errorf("h1 metrics: hosts %v, reconcile runs %v, store transactions %v; want 3 and some",
 			after[`dnp_hosts_known`], after[`dnp_reconcile_runs_total{result="ok"}`], after[`dnp_store_operation_duration_seconds_count{op="txn"}`])
 	}
-	for _, dir := range []string{"endpoints", "hosts"} {
+	for _, dir := range []string{driver.EndpointsDir, driver.HostsDir} {
 		if v := after[fmt.Sprintf(`dnp_store_watch_reconnects_total{dir="%s"}`, dir)]; v != 0 {
 			t.Errorf("watch of %s reconnected %v times with etcd up all along", dir, v)
 		}

@@ -8,8 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
+	"github.com/dnplabs/docker-net-plugin/ipam"
 	"github.com/dnplabs/docker-net-plugin/store"
 	"github.com/dnplabs/docker-net-plugin/store/stores"
 )
@@ -79,7 +81,7 @@ func kvServerProc(t *testing.T, c *harness.Cluster, kind string) (*testenv.Serve
 func storeKeys(t *testing.T, st store.Store) []string {
 	t.Helper()
 	var out []string
-	for _, dir := range []string{"overlays", "vnis", "netmap", "endpoints", "macs", "addrs", "ipam"} {
+	for _, dir := range []string{driver.OverlaysDir, driver.VNIsDir, driver.NetmapDir, driver.EndpointsDir, driver.MACsDir, driver.AddrsDir, ipam.Dir} {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		kvs, err := st.List(ctx, dir)
 		cancel()

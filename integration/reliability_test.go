@@ -16,7 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/ipam"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -163,7 +165,7 @@ func TestReliabilityDockerdRestart(t *testing.T) {
 	b2 := runContainer(t, h2, "b2", "blue")
 	pingEventually(t, h1, "a1", b2)
 	relCheckHosts(t, c, st, c.Hosts...)
-	addrs := len(relKeys(t, st, "ipam/addrs"))
+	addrs := len(relKeys(t, st, ipam.AddrsDir))
 
 	comeBack := func(what string) {
 		t.Helper()
@@ -179,8 +181,8 @@ func TestReliabilityDockerdRestart(t *testing.T) {
 		pingEventually(t, h1, "x1", b2)
 		pingEventually(t, h2, "b2", a1)
 		relCheckHosts(t, c, st, c.Hosts...)
-		if n := len(relKeys(t, st, "ipam/addrs")); n != addrs {
-			t.Errorf("%s: %d addresses allocated in the store, %d before: %v", what, n, addrs, relKeys(t, st, "ipam/addrs"))
+		if n := len(relKeys(t, st, ipam.AddrsDir)); n != addrs {
+			t.Errorf("%s: %d addresses allocated in the store, %d before: %v", what, n, addrs, relKeys(t, st, ipam.AddrsDir))
 		}
 	}
 
@@ -380,10 +382,10 @@ func (r *pingRun) wait(t *testing.T) (sent, received int) {
 // it ever did ("" if never).
 func watchHostKey(t *testing.T, st store.Store, host string) func() string {
 	t.Helper()
-	key := "hosts/" + host
+	key := driver.HostKey(host)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	ch, err := st.Watch(ctx, "hosts")
+	ch, err := st.Watch(ctx, driver.HostsDir)
 	if err != nil {
 		t.Fatalf("watch hosts: %v", err)
 	}
@@ -546,7 +548,7 @@ func relCheckHosts(t *testing.T, c *harness.Cluster, st store.Store, hosts ...*h
 		settled := func() bool {
 			stored, gotLinks, hostLinks = nil, nil, nil
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			kvs, err := st.List(ctx, "endpoints")
+			kvs, err := st.List(ctx, driver.EndpointsDir)
 			cancel()
 			if err != nil {
 				t.Fatalf("list endpoints: %v", err)

@@ -4,13 +4,13 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/ipam"
 )
 
 // staleAfter is the grace period the plugins get in TestStaleRecords: long
@@ -47,7 +47,7 @@ func TestStaleRecords(t *testing.T) {
 	runContainer(t, h2, "r2", "red")
 	ip3 := runContainer(t, h3, "c3", "blue")
 	pingEventually(t, h1, "a1", ip3)
-	redVNI := strconv.FormatUint(uint64(overlayVNI(t, st, "red")), 10)
+	redVNI := overlayVNI(t, st, "red")
 
 	// h2 dies (everything of it, for good); h3 loses the store.
 	relCrashHost(t, h2, p2)
@@ -60,7 +60,7 @@ func TestStaleRecords(t *testing.T) {
 	})
 	gone := time.Now()
 	waitFor(t, hostLossBound, "h2's and h3's endpoints are orphaned", func() bool {
-		return len(relKeys(t, st, "orphans/"+h2.UnderlayIP)) == 2 && len(relKeys(t, st, "orphans/"+h3.UnderlayIP)) == 1
+		return len(relKeys(t, st, driver.HostOrphans(h2.UnderlayIP))) == 2 && len(relKeys(t, st, driver.HostOrphans(h3.UnderlayIP))) == 1
 	})
 	cs := statusJSON(t, url)
 	if len(cs.Orphans) != 3 {
@@ -118,26 +118,26 @@ func TestStaleRecords(t *testing.T) {
 
 	// h2 is purged once the grace period is over.
 	waitFor(t, staleAfter+20*time.Second, "every record of h2 purged", func() bool {
-		for _, dir := range []string{"netmap/" + h2.UnderlayIP, "orphans/" + h2.UnderlayIP} {
+		for _, dir := range []string{driver.HostNetworks(h2.UnderlayIP), driver.HostOrphans(h2.UnderlayIP)} {
 			if len(relKeys(t, st, dir)) > 0 {
 				return false
 			}
 		}
-		_, err := st.Get(t.Context(), "seen/"+h2.UnderlayIP)
+		_, err := st.Get(t.Context(), driver.SeenKey(h2.UnderlayIP))
 		return err != nil
 	})
 	t.Logf("h2 purged %s after it died (grace period %s)", time.Since(gone).Round(time.Second), staleAfter)
-	if _, err := st.Get(t.Context(), "overlays/red"); err == nil {
+	if _, err := st.Get(t.Context(), driver.OverlayKey("red")); err == nil {
 		t.Errorf("overlay red, used only by the purged h2, is still there")
 	}
-	if _, err := st.Get(t.Context(), "vnis/"+redVNI); err == nil {
-		t.Errorf("VNI %s of overlay red is still held", redVNI)
+	if _, err := st.Get(t.Context(), driver.VNIKey(redVNI)); err == nil {
+		t.Errorf("VNI %d of overlay red is still held", redVNI)
 	}
-	kv, err := st.Get(t.Context(), "overlays/blue")
+	kv, err := st.Get(t.Context(), driver.OverlayKey("blue"))
 	if err != nil || strings.Contains(string(kv.Value), `"`+h2.UnderlayIP+`"`) {
 		t.Errorf("overlay blue after the purge: %s, %v; want it without h2", kv.Value, err)
 	}
-	for _, k := range relKeys(t, st, "ipam") {
+	for _, k := range relKeys(t, st, ipam.Dir) {
 		kv, err := st.Get(t.Context(), k)
 		if err == nil && strings.Contains(string(kv.Value), `"`+h2.UnderlayIP+`"`) {
 			t.Errorf("IPAM record %s still names the purged h2: %s", k, kv.Value)
@@ -158,7 +158,7 @@ func TestStaleRecords(t *testing.T) {
 	}
 	pingEventually(t, h1, "a1", ip3b)
 	pingEventually(t, h3, "c3", ip3) // x1
-	waitFor(t, relConverge, "no orphans left", func() bool { return len(relKeys(t, st, "orphans")) == 0 })
+	waitFor(t, relConverge, "no orphans left", func() bool { return len(relKeys(t, st, driver.OrphansDir)) == 0 })
 }
 
 // statusJSON runs `status --json` and decodes it.

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 	"github.com/dnplabs/docker-net-plugin/ipam"
@@ -371,7 +372,7 @@ func checkClusterRecords(t *testing.T, c *harness.Cluster, st store.Store) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		kvs, err := st.List(ctx, "endpoints/blue")
+		kvs, err := st.List(ctx, driver.OverlayEndpoints("blue"))
 		if err != nil {
 			t.Fatalf("list endpoint records: %v", err)
 		}

@@ -449,7 +449,7 @@ func (d *Driver) allocateFromList(ctx context.Context, p poolSpec, from, first, 
 		}
 		taken := make(map[netip.Addr]bool, len(kvs))
 		for _, kv := range kvs {
-			a, err := netip.ParseAddr(strings.TrimPrefix(kv.Key, p.addrDir()+"/"))
+			a, err := p.addrOfKey(kv.Key)
 			if err == nil && a.Compare(first) >= 0 && a.Compare(last) <= 0 {
 				taken[a] = true
 			}

@@ -24,7 +24,7 @@ type Held struct {
 // Gateways and auxiliary addresses are shared and stay; the global space
 // is the swarm manager's and is left alone.
 func HostAddresses(ctx context.Context, s store.Store, host string) ([]Held, error) {
-	kvs, err := s.List(ctx, "ipam/addrs/"+LocalSpace)
+	kvs, err := s.List(ctx, spaceAddrs(LocalSpace))
 	if err != nil {
 		return nil, fmt.Errorf("list addresses of host %s: %w", host, err)
 	}
@@ -86,7 +86,7 @@ func Holder(ctx context.Context, s store.Store, rec Allocation) (string, error) 
 // many allocations and pool references it released.
 func PurgeHost(ctx context.Context, s store.Store, host string, log *slog.Logger) (int, error) {
 	d := New(s, Options{HostID: host, Logger: log})
-	kvs, err := s.List(ctx, "ipam/addrs/"+LocalSpace)
+	kvs, err := s.List(ctx, spaceAddrs(LocalSpace))
 	if err != nil {
 		return 0, fmt.Errorf("purge host %s: %w", host, err)
 	}

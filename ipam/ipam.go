@@ -6,21 +6,8 @@
 // gateway. Pools and shared reservations (gateway, auxiliary addresses) are
 // reference-counted per host; container addresses are exclusive.
 //
-// Key layout in the store:
-//
-//	ipam/spaces/<space>                 JSON, one per address space: its
-//	                                    subnets, each subnet's gateway and
-//	                                    pools, each pool's refs per host.
-//	                                    Changed only by pool and gateway
-//	                                    requests, always compare-and-swap.
-//	ipam/addrs/<space>/<subnet>/<ip>    JSON Allocation, one per allocated
-//	                                    address (subnet written 10.20.0.0_24):
-//	                                    kind, pool, host, endpoint, refs.
-//	                                    Created only if absent, so no address
-//	                                    is ever handed out twice.
-//	ipam/hints/<space>/<subnet>/<range> text: where the pool's next dynamic
-//	                                    allocation should start; written in
-//	                                    the same transaction as each one.
+// The records in the store: address spaces, allocated addresses and
+// allocation hints below ipam/ (schema.go).
 //
 // A dynamic allocation is one transaction (create the address key, move
 // the hint); it never reads or writes the whole pool. Hosts that collide

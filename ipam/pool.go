@@ -28,9 +28,6 @@ type poolSpec struct {
 	epoch int
 }
 
-// seg writes a prefix as one key segment: 10.20.0.0/24 -> 10.20.0.0_24.
-func seg(p netip.Prefix) string { return strings.Replace(p.String(), "/", "_", 1) }
-
 func makePool(space string, subnet, rng netip.Prefix) poolSpec {
 	id := space + "/" + seg(subnet)
 	if !rng.IsValid() || rng == subnet {
@@ -74,13 +71,6 @@ func (p poolSpec) String() string {
 	}
 	return p.Subnet.String()
 }
-
-func spaceKey(space string) string { return "ipam/spaces/" + space }
-func (p poolSpec) addrDir() string { return "ipam/addrs/" + p.Space + "/" + seg(p.Subnet) }
-func (p poolSpec) hintKey() string {
-	return "ipam/hints/" + p.Space + "/" + seg(p.Subnet) + "/" + seg(p.Range)
-}
-func (p poolSpec) addrKey(a netip.Addr) string { return p.addrDir() + "/" + a.String() }
 
 // bounds are the first and last address dynamic allocation hands out: the
 // ip-range without the subnet's own address and IPv4 broadcast.

@@ -64,7 +64,7 @@ func TestPurgeHost(t *testing.T) {
 	if _, err := ipam.PurgeHost(ctx, s, "192.0.2.2", nil); err != nil {
 		t.Fatal(err)
 	}
-	if kvs, _ := s.List(ctx, "ipam"); len(kvs) != 0 {
+	if kvs, _ := s.List(ctx, ipam.Dir); len(kvs) != 0 {
 		var keys []string
 		for _, kv := range kvs {
 			keys = append(keys, kv.Key)

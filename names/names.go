@@ -182,7 +182,7 @@ const debounce = 5 * time.Millisecond
 
 // run keeps the index and this host's records in the store up to date.
 func (s *Service) run(ctx context.Context) {
-	evs, err := s.cfg.Store.Watch(ctx, namesDir)
+	evs, err := s.cfg.Store.Watch(ctx, Dir)
 	if err != nil {
 		s.log.Error("cannot watch names in the store; names of other hosts stay unknown", "err", err)
 		return

@@ -12,30 +12,6 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
-// Store layout, below the store's own prefix and next to the driver's
-// (driver/records.go):
-//
-//	names/<overlay>/<endpoint id>   record: the names of one endpoint, written by its host
-//
-// A record is served only while the driver's endpoint record
-// (endpoints/<overlay>/<endpoint id>) exists and its host is live: names
-// go with their endpoints.
-const namesDir = "names"
-
-func recordKey(overlay, endpointID string) string {
-	return namesDir + "/" + overlay + "/" + endpointID
-}
-
-// splitKey splits names/<overlay>/<endpoint id>.
-func splitKey(key string) (overlay, endpointID string, ok bool) {
-	rest, ok := strings.CutPrefix(key, namesDir+"/")
-	if !ok {
-		return "", "", false
-	}
-	overlay, endpointID, ok = strings.Cut(rest, "/")
-	return overlay, endpointID, ok && overlay != "" && endpointID != "" && !strings.Contains(endpointID, "/")
-}
-
 // record is what one endpoint is called on its overlay.
 type record struct {
 	Host      string   `json:"host"`      // underlay address of the endpoint's host

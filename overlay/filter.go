@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -171,6 +172,35 @@ func (h *Host) ensureFilter(c *nftables.Conn) error {
 	return nil
 }
 
+// nftProbe is what filterProbe found: nil or errNoNftables, once known.
+var nftProbe struct {
+	sync.Mutex
+	done bool
+	err  error
+}
+
+// filterProbe reports whether this kernel can hold the filter table
+// (errNoNftables if it cannot), by making it in a throwaway namespace;
+// the answer is kept, as a kernel does not change while it runs.
+func (h *Host) filterProbe() error {
+	nftProbe.Lock()
+	defer nftProbe.Unlock()
+	if nftProbe.done {
+		return nftProbe.err
+	}
+	err := inNewNetNS(func() error {
+		c, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		return h.ensureFilter(c)
+	})
+	if err == nil || errors.Is(err, errNoNftables) {
+		nftProbe.done, nftProbe.err = true, err
+	}
+	return err
+}
+
 // filterAddVNI makes VXLAN packets of vni subject to the filter; its
 // members stay as they are (none for a new VNI: nothing passes).
 func (h *Host) filterAddVNI(s *handles, vni uint32) error {
@@ -304,6 +334,11 @@ func (h *Host) filterState(s *handles, vni uint32) (FilterState, error) {
 	_, err = c.ListTableOfFamily(t.Name, t.Family)
 	switch {
 	case errors.Is(err, unix.ENOENT):
+		// No table: none made yet, or none can be (a kernel that lists
+		// tables but cannot hold this one).
+		if errors.Is(h.filterProbe(), errNoNftables) {
+			st.Unavailable = errNoNftables.Error()
+		}
 		return st, nil
 	case h.noFilter(err):
 		st.Unavailable = errNoNftables.Error()

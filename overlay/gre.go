@@ -365,17 +365,9 @@ func setPeersGRE(s *handles, info netInfo, p peerPlan) (int, error) {
 	for _, l := range have {
 		isTunnel[l.Attrs().Index] = true
 	}
-	fdb, err := dump(func() ([]netlink.Neigh, error) { return s.ov.NeighList(0, unix.AF_BRIDGE) })
+	haveFDB, err := currentGREFDB(s.ov, isTunnel)
 	if err != nil {
-		return changes, fmt.Errorf("list FDB: %w", err)
-	}
-	haveFDB := table{}
-	for _, e := range fdb {
-		// Static entries of the bridge; not a port's own permanent entry,
-		// nor a device's own (self) address list.
-		if isTunnel[e.LinkIndex] && e.Flags&netlink.NTF_SELF == 0 && e.State&netlink.NUD_NOARP != 0 {
-			haveFDB[greFDBKey(e.HardwareAddr, e.LinkIndex)] = bridgeFDB(e.LinkIndex, e.HardwareAddr)
-		}
+		return changes, err
 	}
 	wantFDB := table{}
 	for _, m := range p.macs {
@@ -413,6 +405,24 @@ func setPeersGRE(s *handles, info netInfo, p peerPlan) (int, error) {
 		changes++
 	}
 	return changes, nil
+}
+
+// currentGREFDB reads the static bridge FDB entries on the tunnel ports
+// (by interface index) of a GRE network.
+func currentGREFDB(ov *netlink.Handle, isTunnel map[int]bool) (table, error) {
+	fdb, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(0, unix.AF_BRIDGE) })
+	if err != nil {
+		return nil, fmt.Errorf("list FDB: %w", err)
+	}
+	have := table{}
+	for _, e := range fdb {
+		// Static entries of the bridge; not a port's own permanent entry,
+		// nor a device's own (self) address list.
+		if isTunnel[e.LinkIndex] && e.Flags&netlink.NTF_SELF == 0 && e.State&netlink.NUD_NOARP != 0 {
+			have[greFDBKey(e.HardwareAddr, e.LinkIndex)] = bridgeFDB(e.LinkIndex, e.HardwareAddr)
+		}
+	}
+	return have, nil
 }
 
 // fixPort repairs what can go wrong with a fitting tunnel port without a

@@ -66,6 +66,18 @@ func (c *NetworkConfig) encap() string {
 	return c.Encap
 }
 
+// bridgeAlias is the alias of the network's bridge: what a restarted
+// process needs to know about the network (readInfo).
+func (c *NetworkConfig) bridgeAlias() string {
+	switch {
+	case c.encap() == EncapGRE:
+		return greAlias(c.VNI, c.LocalIP)
+	case c.Encrypted:
+		return encryptedAlias
+	}
+	return ""
+}
+
 // Network is an overlay network that exists on this host. It is a small
 // value describing the kernel objects; every method looks them up again.
 type Network struct {
@@ -184,13 +196,7 @@ func ensureDevices(s *handles, cfg NetworkConfig, mtu int) error {
 	if err := setUp(s.ov, "lo"); err != nil {
 		return err
 	}
-	alias := ""
-	if cfg.encap() == EncapGRE {
-		alias = greAlias(cfg.VNI, cfg.LocalIP)
-	} else if cfg.Encrypted {
-		alias = encryptedAlias
-	}
-	br, err := ensureBridge(s.ov, mtu, alias)
+	br, err := ensureBridge(s.ov, mtu, cfg.bridgeAlias())
 	if err != nil {
 		return err
 	}
@@ -363,26 +369,52 @@ func maxMTU(h *netlink.Handle, local netip.Addr, encap string, encrypted bool) (
 	return under - over, nil
 }
 
+// Underlay names the device of the host namespace that holds local (this
+// host's underlay address), with its MTU.
+func (h *Host) Underlay(local netip.Addr) (dev string, mtu int, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s, err := h.openHost()
+	if err != nil {
+		return "", 0, err
+	}
+	defer s.close()
+	l, err := underlayLink(s.host, local)
+	if err != nil {
+		return "", 0, err
+	}
+	return l.Attrs().Name, l.Attrs().MTU, nil
+}
+
 // underlayMTU is the MTU of the host device that holds addr.
 func underlayMTU(h *netlink.Handle, addr netip.Addr) (int, error) {
+	l, err := underlayLink(h, addr)
+	if err != nil {
+		return 0, err
+	}
+	return l.Attrs().MTU, nil
+}
+
+// underlayLink is the host device that holds addr.
+func underlayLink(h *netlink.Handle, addr netip.Addr) (netlink.Link, error) {
 	family := netlink.FAMILY_V4
 	if addr.Is6() {
 		family = netlink.FAMILY_V6
 	}
 	addrs, err := dump(func() ([]netlink.Addr, error) { return h.AddrList(nil, family) })
 	if err != nil {
-		return 0, fmt.Errorf("list host addresses: %w", err)
+		return nil, fmt.Errorf("list host addresses: %w", err)
 	}
 	for _, a := range addrs {
 		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == addr {
 			l, err := h.LinkByIndex(a.LinkIndex)
 			if err != nil {
-				return 0, fmt.Errorf("device of %s: %w", addr, err)
+				return nil, fmt.Errorf("device of %s: %w", addr, err)
 			}
-			return l.Attrs().MTU, nil
+			return l, nil
 		}
 	}
-	return 0, fmt.Errorf("local address %s is on no device of the host namespace (set the MTU, or fix the advertise address)", addr)
+	return nil, fmt.Errorf("local address %s is on no device of the host namespace (set the MTU, or fix the advertise address)", addr)
 }
 
 // encryptedAlias marks the bridge of an encrypted VXLAN network.
@@ -555,31 +587,34 @@ func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error 
 	return setUp(s.ov, vxlanName)
 }
 
-// vxlanMismatch says why an existing vxlan0 does not fit cfg ("" if it does).
+// vxlanMismatch says why an existing vxlan0 does not fit cfg ("" if it
+// does): EnsureNetwork then replaces it, VerifyNetwork reports it.
 func vxlanMismatch(s *handles, l netlink.Link, cfg NetworkConfig) string {
 	vx, ok := l.(*netlink.Vxlan)
 	switch {
 	case !ok:
-		return "not a vxlan device"
+		return fmt.Sprintf("%s is a %s device, not vxlan", vxlanName, l.Type())
 	case vx.VxlanId != int(cfg.VNI):
-		return fmt.Sprintf("VNI %d, want %d", vx.VxlanId, cfg.VNI)
+		return fmt.Sprintf("%s has VNI %d, want %d", vxlanName, vx.VxlanId, cfg.VNI)
 	case !vx.SrcAddr.Equal(net.IP(cfg.LocalIP.AsSlice())):
-		return fmt.Sprintf("local %s, want %s", vx.SrcAddr, cfg.LocalIP)
+		return fmt.Sprintf("%s sends from %s, want %s", vxlanName, vx.SrcAddr, cfg.LocalIP)
 	case vx.Port != VXLANPort:
-		return fmt.Sprintf("port %d, want %d", vx.Port, VXLANPort)
-	case vx.Learning || vx.Proxy || vx.L2miss || vx.L3miss || vx.FlowBased:
-		return "learning, proxy, miss or flow-based mode on"
+		return fmt.Sprintf("%s uses UDP port %d, want %d", vxlanName, vx.Port, VXLANPort)
+	case vx.Learning:
+		return vxlanName + " learns MACs from traffic; it must only have the entries the plugin programs"
+	case vx.Proxy || vx.L2miss || vx.L3miss || vx.FlowBased:
+		return vxlanName + " has proxy, miss or flow-based mode on"
 	case vx.Group != nil && !vx.Group.IsUnspecified():
-		return "has a multicast group"
+		return vxlanName + " has a multicast group"
 	}
 	// The socket must be in the host (crypt) namespace: the device's link
 	// namespace, as seen from the overlay namespace.
 	id, err := s.ov.GetNetNsIdByFd(int(s.sockNS))
 	if err != nil || id < 0 || vx.NetNsID != id {
 		if cfg.Encrypted {
-			return "its UDP socket is not in the crypt namespace"
+			return "the UDP socket of " + vxlanName + " is not in the crypt namespace"
 		}
-		return "its UDP socket is not in the host namespace"
+		return "the UDP socket of " + vxlanName + " is not in the host namespace"
 	}
 	return ""
 }

@@ -126,6 +126,9 @@ func (h *Host) dir() string {
 
 func (h *Host) nsPath(id string) string { return filepath.Join(h.dir(), h.prefix()+id) }
 
+// NamespacePath is where network id's namespace is (or would be) bound.
+func (h *Host) NamespacePath(id string) string { return h.nsPath(id) }
+
 // handles are the netlink handles one operation works with.
 type handles struct {
 	hostNS netns.NsHandle

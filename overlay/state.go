@@ -166,11 +166,7 @@ func readState(s *handles) (*State, error) {
 			return nil, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
 		}
 		for _, e := range fdb {
-			fe := FDBEntry{MAC: e.HardwareAddr, Self: e.Flags&netlink.NTF_SELF != 0, State: nudString(e.State), Dev: vxlanName}
-			if ip, ok := netip.AddrFromSlice(e.IP); ok {
-				fe.Dst = ip.Unmap()
-			}
-			st.addFDB(fe)
+			st.addFDB(fdbEntryOf(e, vxlanName, netip.Addr{}))
 		}
 	}
 	if br != nil && vx == nil {
@@ -188,8 +184,8 @@ func readState(s *handles) (*State, error) {
 				return nil, fmt.Errorf("list neighbours on %s: %w", bridgeName, err)
 			}
 			for _, e := range neighs {
-				if ip, ok := netip.AddrFromSlice(e.IP); ok {
-					st.Neigh = append(st.Neigh, NeighEntry{IP: ip.Unmap(), MAC: e.HardwareAddr, State: nudString(e.State)})
+				if ne, ok := neighEntryOf(e); ok {
+					st.Neigh = append(st.Neigh, ne)
 				}
 			}
 		}
@@ -241,14 +237,33 @@ func readTunnels(s *handles, st *State, tunnels []netlink.Link) error {
 		if !ok {
 			continue
 		}
-		fe := FDBEntry{MAC: e.HardwareAddr, Self: e.Flags&netlink.NTF_SELF != 0, State: nudString(e.State), Dev: name}
-		if !fe.Self && e.State&netlink.NUD_PERMANENT == 0 {
-			fe.Dst = remotes[e.LinkIndex]
+		var dst netip.Addr
+		if e.Flags&netlink.NTF_SELF == 0 && e.State&netlink.NUD_PERMANENT == 0 {
+			dst = remotes[e.LinkIndex]
 		}
-		st.addFDB(fe)
+		st.addFDB(fdbEntryOf(e, name, dst))
 	}
 	sort.Slice(st.Tunnels, func(i, j int) bool { return st.Tunnels[i].Name < st.Tunnels[j].Name })
 	return nil
+}
+
+// fdbEntryOf is the forwarding entry e on device dev. dst is the remote host
+// of an entry that does not name one itself (a GRE tunnel port's).
+func fdbEntryOf(e netlink.Neigh, dev string, dst netip.Addr) FDBEntry {
+	fe := FDBEntry{MAC: e.HardwareAddr, Dst: dst, Self: e.Flags&netlink.NTF_SELF != 0, State: nudString(e.State), Dev: dev}
+	if ip, ok := netip.AddrFromSlice(e.IP); ok {
+		fe.Dst = ip.Unmap()
+	}
+	return fe
+}
+
+// neighEntryOf is the neighbour entry e; false if it has no IP address.
+func neighEntryOf(e netlink.Neigh) (NeighEntry, bool) {
+	ip, ok := netip.AddrFromSlice(e.IP)
+	if !ok {
+		return NeighEntry{}, false
+	}
+	return NeighEntry{IP: ip.Unmap(), MAC: e.HardwareAddr, State: nudString(e.State)}, true
 }
 
 // addFDB adds e to st.FDB unless it is there already: some kernels (6.1)

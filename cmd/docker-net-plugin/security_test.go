@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/driver"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 	"github.com/dnplabs/docker-net-plugin/store"
 	"github.com/dnplabs/docker-net-plugin/store/stores"
@@ -126,7 +127,7 @@ func check(t *testing.T, cfg store.Config, good []string, bads ...[]string) {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		c, cc := context.WithTimeout(context.Background(), 3*time.Second)
-		_, err := client.Get(c, "hosts/127.0.0.1")
+		_, err := client.Get(c, driver.HostKey("127.0.0.1"))
 		cc()
 		if err == nil {
 			break

@@ -319,7 +319,7 @@ func firstIPv4(link netlink.Link) (netip.Addr, bool) {
 func checkAccess(ctx context.Context, st store.Store, log *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	_, err := st.List(ctx, "hosts")
+	_, err := st.List(ctx, driver.HostsDir)
 	switch {
 	case errors.Is(err, store.ErrDenied):
 		return fmt.Errorf("the store refuses this plugin: %w", err)

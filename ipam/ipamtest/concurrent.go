@@ -179,7 +179,7 @@ func runPhases(t *testing.T, e *env, hosts, per int, step func(cmd string) []rep
 	check(do(fmt.Sprintf("allocate %d", (per+1)/2)), per)
 	do("finish")
 	ctx := ctxT(t, time.Minute)
-	if left, err := s.List(ctx, "ipam"); err != nil || len(left) != 0 {
+	if left, err := s.List(ctx, dnpipam.Dir); err != nil || len(left) != 0 {
 		t.Fatalf("after every host left: %d keys remain (%v): %v", len(left), err, keys(left))
 	}
 }

@@ -126,7 +126,7 @@ func testSwarm(t *testing.T, e *env) {
 	releasePool(t, mgr, g6)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	left, err := e.b.Open(t, e.ns).List(ctx, "ipam")
+	left, err := e.b.Open(t, e.ns).List(ctx, dnpipam.Dir)
 	if err != nil {
 		t.Fatal(err)
 	}
