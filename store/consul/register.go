@@ -56,8 +56,8 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid,
 			fmt.Errorf("ttl %s is not positive", ttl))
 	}
-	if err := s.start(); err != nil {
-		return nil, s.fail(ctx, "register", key, err)
+	if s.life.Closed() {
+		return nil, s.fail(ctx, "register", key, store.ErrClosed)
 	}
 	r := &registration{
 		s:     s,
@@ -65,33 +65,16 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		value: value,
 		ttl:   sessionTTL(ttl),
 		may:   mayTakeOver,
-		done:  make(chan struct{}),
 	}
 	if err := r.first(ctx); err != nil {
-		s.wg.Done()
 		return nil, err
 	}
-	lctx, cancel := context.WithCancel(ctx)
-	r.cancel = cancel
-	go func() {
-		defer s.wg.Done()
-		defer close(r.done)
-		stop := context.AfterFunc(s.ctx, cancel)
-		defer stop()
-		r.keep(lctx)
-
-		r.mu.Lock()
-		released := r.released
-		r.mu.Unlock()
-		if !released {
-			dctx, dcancel := context.WithTimeout(context.Background(), releaseTimeout)
-			if err := r.destroy(dctx); err != nil {
-				r.s.logger().Warn("store registration could not destroy its session; the key goes when it expires",
-					"register", r.key, "err", err)
-			}
-			dcancel()
-		}
-	}()
+	k, err := s.life.KeepAlive(ctx, r.keep, r.lost)
+	if err != nil {
+		r.lost()
+		return nil, s.fail(ctx, "register", key, err)
+	}
+	r.k = k
 	return r, nil
 }
 
@@ -101,14 +84,10 @@ type registration struct {
 	value []byte
 	ttl   time.Duration // of the Consul session
 	may   store.TakeOver
+	k     *store.KeepAlive
 
-	cancel context.CancelFunc // stops keep
-	done   chan struct{}      // closed when keep has returned
-	once   sync.Once
-
-	mu       sync.Mutex
-	session  string // ID of the session holding the key; "" when lost
-	released bool   // Release destroys the session itself
+	mu      sync.Mutex
+	session string // ID of the session holding the key; "" when lost
 }
 
 // first writes the key for Register, bounded by the call's deadline.
@@ -303,20 +282,22 @@ func (r *registration) destroy(ctx context.Context) error {
 	})
 }
 
+// lost destroys the session when the registration ended without Release.
+func (r *registration) lost() {
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	if err := r.destroy(ctx); err != nil {
+		r.s.logger().Warn("store registration could not destroy its session; the key goes when it expires",
+			"register", r.key, "err", err)
+	}
+}
+
 // Release stops renewing the session and destroys it, deleting the key.
 func (r *registration) Release(ctx context.Context) error {
-	var err error
-	r.once.Do(func() {
-		r.mu.Lock()
-		r.released = true
-		r.mu.Unlock()
-		r.cancel()
-		<-r.done
-		ctx, cancel := store.WithTimeout(ctx)
-		defer cancel()
-		if e := r.destroy(ctx); e != nil {
-			err = r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", e))
+	return r.k.Release(ctx, func(ctx context.Context) error {
+		if err := r.destroy(ctx); err != nil {
+			return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
 		}
+		return nil
 	})
-	return err
 }

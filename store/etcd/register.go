@@ -42,7 +42,6 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		value: value,
 		ttl:   int64(math.Ceil(ttl.Seconds())),
 		may:   mayTakeOver,
-		done:  make(chan struct{}),
 	}
 	var refused *refusal
 	err := s.do(ctx, "register", key, func(ctx context.Context, cli *clientv3.Client) error {
@@ -59,19 +58,12 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 	if err != nil {
 		return nil, err
 	}
-	if err := s.start(); err != nil {
+	k, err := s.life.KeepAlive(ctx, r.keep, r.lost)
+	if err != nil {
 		r.revoke(context.Background())
 		return nil, s.fail(ctx, "register", key, err)
 	}
-	lctx, cancel := context.WithCancel(ctx)
-	r.cancel = cancel
-	go func() {
-		defer s.wg.Done()
-		defer close(r.done)
-		stop := context.AfterFunc(s.ctx, cancel)
-		defer stop()
-		r.keep(lctx)
-	}()
+	r.k = k
 	return r, nil
 }
 
@@ -81,15 +73,10 @@ type registration struct {
 	value []byte
 	ttl   int64 // seconds
 	may   store.TakeOver
+	k     *store.KeepAlive
 
-	cancel context.CancelFunc // stops keep
-	done   chan struct{}      // closed when keep has returned
-	once   sync.Once
-
-	mu       sync.Mutex
-	lease    clientv3.LeaseID
-	released bool // Release revokes the lease itself
-	revoked  bool // keep revoked it when ctx ended
+	mu    sync.Mutex
+	lease clientv3.LeaseID
 }
 
 // refusal is what mayTakeOver said about the key's current holder.
@@ -179,19 +166,14 @@ func (r *registration) keep(ctx context.Context) {
 		}
 		log.Info("store registration written again")
 	}
+}
 
-	r.mu.Lock()
-	released := r.released
-	r.mu.Unlock()
-	if !released {
-		rctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
-		if err := r.revoke(rctx); err != nil {
-			log.Warn("store registration could not revoke its lease; the key goes when it expires", "err", err)
-		}
-		cancel()
-		r.mu.Lock()
-		r.revoked = true
-		r.mu.Unlock()
+// lost revokes the lease when the registration ended without Release.
+func (r *registration) lost() {
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	if err := r.revoke(ctx); err != nil {
+		r.s.logger().Warn("store registration could not revoke its lease; the key goes when it expires", "register", r.key, "err", err)
 	}
 }
 
@@ -241,24 +223,10 @@ func (r *registration) revoke(ctx context.Context) error {
 
 // Release stops keeping the key alive and revokes its lease.
 func (r *registration) Release(ctx context.Context) error {
-	var err error
-	r.once.Do(func() {
-		r.mu.Lock()
-		r.released = true
-		r.mu.Unlock()
-		r.cancel()
-		<-r.done
-		r.mu.Lock()
-		revoked := r.revoked
-		r.mu.Unlock()
-		if revoked {
-			return
+	return r.k.Release(ctx, func(ctx context.Context) error {
+		if err := r.revoke(ctx); err != nil {
+			return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
 		}
-		ctx, cancel := store.WithTimeout(ctx)
-		defer cancel()
-		if e := r.revoke(ctx); e != nil {
-			err = r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", e))
-		}
+		return nil
 	})
-	return err
 }
