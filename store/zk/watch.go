@@ -345,21 +345,7 @@ func (w *watcher) emit(ctx context.Context, reset bool) bool {
 	if reset || w.sent == nil {
 		events = append(events, store.Event{Type: store.EventReset, Snapshot: sorted(cur)})
 	} else {
-		for _, kv := range sorted(cur) {
-			if old, ok := w.sent[kv.Key]; !ok || old.Version != kv.Version {
-				events = append(events, store.Event{Type: store.EventPut, KV: kv})
-			}
-		}
-		var gone []string
-		for key := range w.sent {
-			if _, ok := cur[key]; !ok {
-				gone = append(gone, key)
-			}
-		}
-		sort.Strings(gone)
-		for _, key := range gone {
-			events = append(events, store.Event{Type: store.EventDelete, KV: store.KV{Key: key}})
-		}
+		events = store.Diff(w.sent, sorted(cur))
 	}
 	w.sent = cur
 	for _, ev := range events {
