@@ -272,12 +272,8 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 
 // CompareAndSwap writes key if it is still at version (0: absent).
 func (s *Store) CompareAndSwap(ctx context.Context, key string, value []byte, version int64) (int64, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckCAS(key, version); err != nil {
 		return 0, store.Fail(ctx, "cas", key, s.endpoint, store.ErrInvalid, err)
-	}
-	if version < 0 {
-		return 0, store.Fail(ctx, "cas", key, s.endpoint, store.ErrInvalid,
-			fmt.Errorf("negative version %d", version))
 	}
 	op := store.Create(key, value)
 	if version > 0 {

@@ -49,12 +49,8 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 // store.Store). Destroying the session deletes the key only while this
 // registration's session holds it, so a key taken over since stays.
 func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckRegistration(key, ttl); err != nil {
 		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
-	}
-	if ttl <= 0 {
-		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid,
-			fmt.Errorf("ttl %s is not positive", ttl))
 	}
 	if s.life.Closed() {
 		return nil, s.fail(ctx, "register", key, store.ErrClosed)

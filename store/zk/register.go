@@ -38,11 +38,8 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 // Cleanup deletes the znode only while this registration's session owns it,
 // so a key taken over since stays.
 func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckRegistration(key, ttl); err != nil {
 		return nil, s.fail(ctx, "register", key, err)
-	}
-	if ttl <= 0 {
-		return nil, s.fail(ctx, "register", key, fmt.Errorf("%w: ttl %s must be positive", store.ErrInvalid, ttl))
 	}
 	sess, err := s.dial(ttl, nil)
 	if err != nil {

@@ -365,8 +365,8 @@ func (s *Store) Put(ctx context.Context, key string, value []byte) (int64, error
 
 // CompareAndSwap writes key if its version is still version (0: absent).
 func (s *Store) CompareAndSwap(ctx context.Context, key string, value []byte, version int64) (int64, error) {
-	if version < 0 {
-		return 0, s.fail(ctx, "cas", key, fmt.Errorf("%w: negative version %d", store.ErrInvalid, version))
+	if err := store.CheckCAS(key, version); err != nil {
+		return 0, s.fail(ctx, "cas", key, err)
 	}
 	op := store.Update(key, value, version)
 	if version == 0 {
