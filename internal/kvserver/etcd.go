@@ -57,7 +57,11 @@ func Etcd(bin, dir string, o Options) (*Server, error) {
 // healthy member (it has a leader and serves requests), not merely an
 // open port.
 func EtcdReady(clientURL string) func() error {
-	hc := &http.Client{Timeout: 500 * time.Millisecond}
+	return EtcdHealthy(&http.Client{Timeout: 500 * time.Millisecond}, clientURL)
+}
+
+// EtcdHealthy is EtcdReady through hc (which may dial in a namespace).
+func EtcdHealthy(hc *http.Client, clientURL string) func() error {
 	return func() error {
 		resp, err := hc.Get(clientURL + "/health")
 		if err != nil {

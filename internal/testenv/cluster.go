@@ -167,7 +167,7 @@ func StartEtcdCluster(t testing.TB, members []ServerOptions) *Cluster {
 				Name:  "etcd-" + name,
 				Args:  o.Command(args),
 				Dir:   dir,
-				Ready: etcdHealthy(hc, us[i].client),
+				Ready: kvserver.EtcdHealthy(hc, us[i].client),
 				Wait:  60 * time.Second,
 			}},
 			Name:  name,
@@ -182,25 +182,6 @@ func StartEtcdCluster(t testing.TB, members []ServerOptions) *Cluster {
 	}
 	c.startAll(t)
 	return c
-}
-
-// etcdHealthy is etcdReady through hc (which may dial in a namespace).
-func etcdHealthy(hc *http.Client, clientURL string) func() error {
-	return func() error {
-		resp, err := hc.Get(clientURL + "/health")
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		var h struct {
-			Health string `json:"health"`
-		}
-		if err := json.Unmarshal(body, &h); err != nil || h.Health != "true" {
-			return fmt.Errorf("/health answered %s %q", resp.Status, body)
-		}
-		return nil
-	}
 }
 
 // etcdIsLeader asks a member for its status (the v3 gateway's
