@@ -78,18 +78,19 @@ func (l *Lifecycle) Close() bool {
 	return true
 }
 
-// Watch is the frame of every backend's Store.Watch: it runs loop on a
-// goroutine of l and returns the channel loop sends on, which is closed
-// once loop has returned. loop's context ends with ctx or with Close; it
-// sends with Send. After Close it returns ErrClosed.
-func (l *Lifecycle) Watch(ctx context.Context, loop func(ctx context.Context, ch chan<- Event)) (<-chan Event, error) {
+// Watch is the frame of every backend's Store.Watch of dir (checked by
+// the caller): it runs loop on a goroutine of l and returns the channel
+// loop sends on, which is closed once loop has returned. loop's context
+// ends with ctx or with Close; it sends with Send. After Close it fails
+// with ErrUnavailable (naming endpoint).
+func (l *Lifecycle) Watch(ctx context.Context, endpoint, dir string, loop func(ctx context.Context, ch chan<- Event)) (<-chan Event, error) {
 	ch := make(chan Event, 16)
 	err := l.Go(ctx, func(ctx context.Context) {
 		defer close(ch)
 		loop(ctx, ch)
 	})
 	if err != nil {
-		return nil, err
+		return nil, Fail(ctx, "watch", dir, endpoint, ErrUnavailable, err)
 	}
 	return ch, nil
 }
@@ -105,28 +106,31 @@ func Send(ctx context.Context, ch chan<- Event, ev Event) bool {
 	}
 }
 
-// KeepAlive is the frame of a registration whose key a loop keeps alive
-// (an etcd lease, a Consul or ZooKeeper session, or the wait for the end
-// of the embedded store's registration): Lifecycle.KeepAlive starts the
-// loop, Release ends it.
-type KeepAlive struct {
-	cancel context.CancelFunc // ends the loop
-	done   chan struct{}      // closed once the loop (and lost) returned
-	once   sync.Once
+// keepAlive is a registration whose key a loop keeps alive (an etcd
+// lease, a Consul or ZooKeeper session, or the wait for the end of the
+// embedded store's registration); Lifecycle.KeepAlive makes it.
+type keepAlive struct {
+	cancel  context.CancelFunc // ends the loop
+	done    chan struct{}      // closed once the loop (and lost) returned
+	release func(ctx context.Context) error
+	once    sync.Once
 
 	mu       sync.Mutex
 	released bool // Release ended the loop
 	lost     bool // the loop ended by itself and lost ran
 }
 
-// KeepAlive runs keep, a registration's loop, on a goroutine of l until
-// ctx ends, the store is closed or Release is called. When the loop ends
-// without Release, lost runs next on that goroutine: the registration
-// removes its key itself, as well as it can. After Close it runs nothing
-// and returns ErrClosed.
-func (l *Lifecycle) KeepAlive(ctx context.Context, keep func(ctx context.Context), lost func()) (*KeepAlive, error) {
+// KeepAlive is the frame of a backend's registration: it runs keep, the
+// loop that keeps the key alive, on a goroutine of l until ctx ends, the
+// store is closed or the returned Registration is released. When the
+// loop ends without Release, lost runs next on that goroutine: the
+// registration removes its key itself, as well as it can. Release stops
+// the loop, waits for it and runs release (which removes the key) bounded
+// by its ctx, or by DefaultTimeout when that has no deadline. After Close
+// KeepAlive runs lost at once and returns ErrClosed.
+func (l *Lifecycle) KeepAlive(ctx context.Context, keep func(ctx context.Context), lost func(), release func(ctx context.Context) error) (Registration, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	k := &KeepAlive{cancel: cancel, done: make(chan struct{})}
+	k := &keepAlive{cancel: cancel, done: make(chan struct{}), release: release}
 	err := l.Go(ctx, func(ctx context.Context) {
 		defer close(k.done)
 		keep(ctx)
@@ -139,17 +143,16 @@ func (l *Lifecycle) KeepAlive(ctx context.Context, keep func(ctx context.Context
 	})
 	if err != nil {
 		cancel()
+		lost()
 		return nil, err
 	}
 	return k, nil
 }
 
-// Release stops the loop and waits for it, then runs release (which
-// removes the key) bounded by ctx, or by DefaultTimeout when ctx has no
-// deadline, and returns its error. Only the first call does anything, and
+// Release ends the registration. Only the first call does anything, and
 // when the loop had ended by itself, lost did the work: release does not
 // run.
-func (k *KeepAlive) Release(ctx context.Context, release func(ctx context.Context) error) error {
+func (k *keepAlive) Release(ctx context.Context) error {
 	var err error
 	k.once.Do(func() {
 		k.mu.Lock()
@@ -162,7 +165,7 @@ func (k *KeepAlive) Release(ctx context.Context, release func(ctx context.Contex
 		}
 		ctx, cancel := WithTimeout(ctx)
 		defer cancel()
-		err = release(ctx)
+		err = k.release(ctx)
 	})
 	return err
 }

@@ -13,7 +13,7 @@ import (
 func TestLifecycleWatchEndsWithClose(t *testing.T) {
 	var l Lifecycle
 	var running atomic.Bool
-	ch, err := l.Watch(context.Background(), func(ctx context.Context, ch chan<- Event) {
+	ch, err := l.Watch(context.Background(), "test://", "d", func(ctx context.Context, ch chan<- Event) {
 		running.Store(true)
 		defer running.Store(false)
 		if !Send(ctx, ch, Event{Type: EventReset}) {
@@ -44,8 +44,8 @@ func TestLifecycleWatchEndsWithClose(t *testing.T) {
 	if l.Close() {
 		t.Fatal("second Close did not report the first")
 	}
-	if _, err := l.Watch(context.Background(), func(context.Context, chan<- Event) {}); !errors.Is(err, ErrClosed) {
-		t.Fatalf("watch after Close: %v, want ErrClosed", err)
+	if _, err := l.Watch(context.Background(), "test://", "d", func(context.Context, chan<- Event) {}); !errors.Is(err, ErrUnavailable) || !errors.Is(err, ErrClosed) {
+		t.Fatalf("watch after Close: %v, want ErrUnavailable for ErrClosed", err)
 	}
 }
 
@@ -54,7 +54,7 @@ func TestLifecycleWatchEndsWithCtx(t *testing.T) {
 	var l Lifecycle
 	defer l.Close()
 	ctx, cancel := context.WithCancel(context.Background())
-	ch, err := l.Watch(ctx, func(ctx context.Context, ch chan<- Event) { <-ctx.Done() })
+	ch, err := l.Watch(ctx, "test://", "d", func(ctx context.Context, ch chan<- Event) { <-ctx.Done() })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,14 +77,16 @@ type keepAliveProbe struct {
 	lost, released atomic.Int32
 }
 
-func (p *keepAliveProbe) start(t *testing.T, l *Lifecycle, ctx context.Context) *KeepAlive {
+func (p *keepAliveProbe) start(t *testing.T, l *Lifecycle, ctx context.Context) Registration {
 	t.Helper()
-	k, err := l.KeepAlive(ctx, func(ctx context.Context) { <-ctx.Done() }, func() { p.lost.Add(1) })
+	reg, err := l.KeepAlive(ctx, func(ctx context.Context) { <-ctx.Done() }, p.lostRan, p.release)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return k
+	return reg
 }
+
+func (p *keepAliveProbe) lostRan() { p.lost.Add(1) }
 
 func (p *keepAliveProbe) release(ctx context.Context) error {
 	p.released.Add(1)
@@ -107,9 +109,9 @@ func TestKeepAliveRelease(t *testing.T) {
 	var l Lifecycle
 	defer l.Close()
 	var p keepAliveProbe
-	k := p.start(t, &l, context.Background())
+	reg := p.start(t, &l, context.Background())
 	for range 2 {
-		if err := k.Release(context.Background(), p.release); err != nil {
+		if err := reg.Release(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -117,7 +119,8 @@ func TestKeepAliveRelease(t *testing.T) {
 }
 
 // A registration whose context ends, or whose store closes, runs lost
-// (by the time Close returns); a Release after that does nothing.
+// (by the time Close returns); a Release after that does nothing. After
+// Close, KeepAlive runs lost at once and fails.
 func TestKeepAliveLost(t *testing.T) {
 	var l Lifecycle
 	var p keepAliveProbe
@@ -132,11 +135,12 @@ func TestKeepAliveLost(t *testing.T) {
 	p.want(t, 1, 0)
 	l.Close()
 	p.want(t, 2, 0)
-	if err := byCtx.Release(context.Background(), p.release); err != nil {
+	if err := byCtx.Release(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	p.want(t, 2, 0)
-	if _, err := l.KeepAlive(context.Background(), func(context.Context) {}, func() {}); !errors.Is(err, ErrClosed) {
+	if _, err := l.KeepAlive(context.Background(), func(context.Context) {}, p.lostRan, p.release); !errors.Is(err, ErrClosed) {
 		t.Fatalf("keepalive after Close: %v, want ErrClosed", err)
 	}
+	p.want(t, 3, 0)
 }

@@ -335,11 +335,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 	if err := store.ValidKey(dir); err != nil {
 		return nil, err
 	}
-	ch, err := s.life.Watch(ctx, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
-	if err != nil {
-		return nil, store.Fail(ctx, "watch", dir, s.url, store.ErrUnavailable, err)
-	}
-	return ch, nil
+	return s.life.Watch(ctx, s.url, dir, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
 }
 
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
@@ -424,29 +420,24 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 	}
 	r := &registration{s: s, key: key, version: version}
 	// Nothing to keep alive: the key stays until Release, ctx's end or Close.
-	k, err := s.life.KeepAlive(ctx, func(ctx context.Context) { <-ctx.Done() }, r.lost)
+	reg, err := s.life.KeepAlive(ctx, func(ctx context.Context) { <-ctx.Done() }, r.lost, r.remove)
 	if err != nil {
-		r.lost()
 		return nil, store.Fail(ctx, "register", key, s.url, store.ErrUnavailable, err)
 	}
-	r.k = k
-	return r, nil
+	return reg, nil
 }
 
 type registration struct {
 	s       *Store
 	key     string
 	version int64 // of the key as this registration wrote it
-	k       *store.KeepAlive
 }
-
-// Release deletes the key if it is still as this registration wrote it.
-func (r *registration) Release(ctx context.Context) error { return r.k.Release(ctx, r.remove) }
 
 // lost deletes the key when the registration ended without Release.
 func (r *registration) lost() { r.remove(context.Background()) }
 
-// remove deletes the key if it is still as this registration wrote it.
+// remove deletes the key if it is still as this registration wrote it
+// (Release).
 func (r *registration) remove(ctx context.Context) error {
 	err := r.s.Txn(ctx, store.Delete(r.key, r.version))
 	if errors.Is(err, store.ErrConflict) {

@@ -65,13 +65,11 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 	if err := r.first(ctx); err != nil {
 		return nil, err
 	}
-	k, err := s.life.KeepAlive(ctx, r.keep, r.lost)
+	reg, err := s.life.KeepAlive(ctx, r.keep, r.lost, r.release)
 	if err != nil {
-		r.lost()
 		return nil, s.fail(ctx, "register", key, err)
 	}
-	r.k = k
-	return r, nil
+	return reg, nil
 }
 
 type registration struct {
@@ -80,7 +78,6 @@ type registration struct {
 	value []byte
 	ttl   time.Duration // of the Consul session
 	may   store.TakeOver
-	k     *store.KeepAlive
 
 	mu      sync.Mutex
 	session string // ID of the session holding the key; "" when lost
@@ -288,12 +285,10 @@ func (r *registration) lost() {
 	}
 }
 
-// Release stops renewing the session and destroys it, deleting the key.
-func (r *registration) Release(ctx context.Context) error {
-	return r.k.Release(ctx, func(ctx context.Context) error {
-		if err := r.destroy(ctx); err != nil {
-			return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
-		}
-		return nil
-	})
+// release destroys the session, deleting the key (Release).
+func (r *registration) release(ctx context.Context) error {
+	if err := r.destroy(ctx); err != nil {
+		return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
+	}
+	return nil
 }

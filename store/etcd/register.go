@@ -54,13 +54,11 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 	if err != nil {
 		return nil, err
 	}
-	k, err := s.life.KeepAlive(ctx, r.keep, r.lost)
+	reg, err := s.life.KeepAlive(ctx, r.keep, r.lost, r.release)
 	if err != nil {
-		r.revoke(context.Background())
 		return nil, s.fail(ctx, "register", key, err)
 	}
-	r.k = k
-	return r, nil
+	return reg, nil
 }
 
 type registration struct {
@@ -69,7 +67,6 @@ type registration struct {
 	value []byte
 	ttl   int64 // seconds
 	may   store.TakeOver
-	k     *store.KeepAlive
 
 	mu    sync.Mutex
 	lease clientv3.LeaseID
@@ -217,12 +214,10 @@ func (r *registration) revoke(ctx context.Context) error {
 	return nil
 }
 
-// Release stops keeping the key alive and revokes its lease.
-func (r *registration) Release(ctx context.Context) error {
-	return r.k.Release(ctx, func(ctx context.Context) error {
-		if err := r.revoke(ctx); err != nil {
-			return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
-		}
-		return nil
-	})
+// release revokes the lease (Release).
+func (r *registration) release(ctx context.Context) error {
+	if err := r.revoke(ctx); err != nil {
+		return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
+	}
+	return nil
 }

@@ -25,11 +25,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 	if err := store.ValidKey(dir); err != nil {
 		return nil, store.Fail(ctx, "watch", dir, s.endpoint, store.ErrInvalid, err)
 	}
-	ch, err := s.life.Watch(ctx, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
-	if err != nil {
-		return nil, s.fail(ctx, "watch", dir, err)
-	}
-	return ch, nil
+	return s.life.Watch(ctx, s.endpoint, dir, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
 }
 
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {

@@ -25,7 +25,6 @@ type registration struct {
 	data []byte
 	may  store.TakeOver
 	sess *session
-	k    *store.KeepAlive
 }
 
 // Register writes key=value as an ephemeral znode; see store.Store.
@@ -69,18 +68,11 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		return nil, s.fail(opCtx, "register", key, err)
 	}
 
-	k, err := s.life.KeepAlive(ctx, r.keep, r.lost)
+	reg, err := s.life.KeepAlive(ctx, r.keep, r.lost, r.cleanup)
 	if err != nil {
-		sess.close()
 		return nil, s.fail(ctx, "register", key, err)
 	}
-	r.k = k
-	return r, nil
-}
-
-// Release deletes the key and closes the registration's session.
-func (r *registration) Release(ctx context.Context) error {
-	return r.k.Release(ctx, r.cleanup)
+	return reg, nil
 }
 
 // lost deletes the key and closes the session when the registration ended
@@ -211,7 +203,7 @@ func (r *registration) ensure(ctx context.Context) error {
 
 // cleanup deletes the znode if this session still owns it and the server
 // is reachable now, then closes the session (which removes the znode on
-// the server anyway).
+// the server anyway): Release.
 func (r *registration) cleanup(ctx context.Context) error {
 	defer r.sess.close()
 	if ready, _, _ := r.sess.status(); !ready {

@@ -69,7 +69,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 		wake:  make(chan struct{}, 1),
 		nodes: map[string]*wnode{},
 	}
-	ch, err := s.life.Watch(ctx, func(ctx context.Context, ch chan<- store.Event) {
+	return s.life.Watch(ctx, s.endpoint, dir, func(ctx context.Context, ch chan<- store.Event) {
 		w.out = ch
 		// Listening before the first watch is armed.
 		s.mu.Lock()
@@ -82,10 +82,6 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 		}()
 		w.run(ctx)
 	})
-	if err != nil {
-		return nil, s.fail(ctx, "watch", dir, err)
-	}
-	return ch, nil
 }
 
 // dispatch hands a client event to the watchers it concerns. It runs on
