@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/dnplabs/docker-net-plugin/guest"
-	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/internal/dockerhosts"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 )
 
@@ -25,8 +25,8 @@ var greTests = []struct {
 	// The overlay package's GRE data-plane tests (netlink, namespaces).
 	{"overlay", "./overlay", []string{"TestGRE", "TestGREMeshHasNoLoop", "TestTwoHostsPing", "TestSetPeersReconciles", "TestVerifyNetwork"}, nil},
 	// Two Docker hosts, an encap=gre and a VXLAN overlay.
-	{"integration", "./integration", []string{"TestOverlayGRE"}, []string{"DNP_PLUGIN_BIN=" + guest.JobDir + "/docker-net-plugin",
-		harness.McastToolEnv + "=" + guest.JobDir + "/dnp-mcast"}},
+	{"integration", "./integration", []string{"TestOverlayGRE"}, []string{dockerhosts.PluginBinEnv + "=" + guest.JobDir + "/docker-net-plugin",
+		dockerhosts.McastToolEnv + "=" + guest.JobDir + "/dnp-mcast"}},
 }
 
 // TestGREInGuest runs the GRE tests (and the VXLAN data plane beside them)

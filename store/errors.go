@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 )
 
 // The kinds of failure every backend reports; test with errors.Is.
@@ -106,6 +107,29 @@ func CheckOps(ops []Op) error {
 		default:
 			return fmt.Errorf("%w: unknown operation %d on %q", ErrInvalid, op.Kind, op.Key)
 		}
+	}
+	return nil
+}
+
+// CheckCAS validates a compare-and-swap before a backend runs it.
+func CheckCAS(key string, version int64) error {
+	if err := ValidKey(key); err != nil {
+		return err
+	}
+	if version < 0 {
+		return fmt.Errorf("%w: negative version %d", ErrInvalid, version)
+	}
+	return nil
+}
+
+// CheckRegistration validates a Register before a backend with liveness
+// runs it.
+func CheckRegistration(key string, ttl time.Duration) error {
+	if err := ValidKey(key); err != nil {
+		return err
+	}
+	if ttl <= 0 {
+		return fmt.Errorf("%w: ttl %s is not positive", ErrInvalid, ttl)
 	}
 	return nil
 }

@@ -1,7 +1,8 @@
 // Command dnp-demo shows the plugin working, on one machine, as a managed
-// Docker plugin: it starts Docker hosts in network namespaces (the
-// integration test harness), installs the plugin from a plugin directory
-// (make plugin) in each, and has containers ping each other:
+// Docker plugin: it starts Docker hosts in network namespaces (package
+// dockerhosts, which the integration tests use too), installs the plugin
+// from a plugin directory (make plugin) in each, and has containers ping
+// each other:
 //
 //   - one host on the embedded default store (bolt inside the plugin);
 //   - three hosts sharing a real etcd, one overlay across them, and a crash
@@ -18,6 +19,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -25,11 +27,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"testing"
 	"time"
 
-	"github.com/dnplabs/docker-net-plugin/integration/harness"
-	"github.com/dnplabs/docker-net-plugin/internal/testenv"
+	"github.com/dnplabs/docker-net-plugin/internal/dockerhosts"
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // pluginName is the managed plugin's NAME:TAG: the -d and --ipam-driver value.
@@ -38,12 +39,12 @@ const pluginName = "dnp:latest"
 var (
 	pluginDir   = flag.String("plugin-dir", "bin/plugin", "managed plugin directory (config.json and rootfs/), made by `make plugin`")
 	hostCount   = flag.Int("hosts", 3, "Docker hosts sharing etcd in part 2")
-	verbose     = flag.Bool("v", false, "show the harness's own log lines")
+	verbose     = flag.Bool("v", false, "show the Docker hosts' own log lines")
 	interrupted atomic.Bool
 	start       = time.Now()
 	// engine is the Docker engine every host runs: DNP_DOCKER's, else the
 	// newest installed.
-	engine harness.Engine
+	engine dockerhosts.Engine
 )
 
 func main() {
@@ -91,11 +92,11 @@ func check() bool {
 	}
 	var err error
 	how := "the newest installed"
-	if os.Getenv(harness.EngineEnv) != "" {
-		engine, err = harness.CurrentEngine()
-		how = "set by " + harness.EngineEnv
+	if os.Getenv(dockerhosts.EngineEnv) != "" {
+		engine, err = dockerhosts.CurrentEngine()
+		how = "set by " + dockerhosts.EngineEnv
 	} else {
-		engine, err = harness.NewestEngine()
+		engine, err = dockerhosts.NewestEngine()
 	}
 	if err != nil {
 		fmt.Printf("dnp-demo: %v\n", err)
@@ -109,7 +110,7 @@ func check() bool {
 // ends, however it ends.
 func part(title string, fn func(r *runner)) bool {
 	fmt.Printf("\n=== %s\n", title)
-	r := &runner{name: "dnp-demo", late: &runner{name: "dnp-demo"}}
+	r := &runner{late: &runner{}}
 	partStart := time.Now()
 	func() {
 		defer func() {
@@ -135,7 +136,7 @@ func part(title string, fn func(r *runner)) bool {
 // embedded: one host, the plugin with its defaults (no DNP_STORE).
 func embedded(r *runner) {
 	step("starting 1 Docker host (dockerd %s in its own network namespace)", engine.Version)
-	c := harness.New(r, 1, harness.Options{Engine: engine.Version})
+	c := r.hosts(1)
 	h := c.Hosts[0]
 	done("host %s up, underlay address %s", h.Name, h.UnderlayIP)
 
@@ -160,7 +161,7 @@ func embedded(r *runner) {
 // multiHost: n hosts, etcd in the root namespace on the underlay.
 func multiHost(r *runner) {
 	step("starting %d Docker hosts (dockerd %s), each in its own network namespace, on one underlay", *hostCount, engine.Version)
-	c := harness.New(r, *hostCount, harness.Options{Engine: engine.Version})
+	c := r.hosts(*hostCount)
 	for _, h := range c.Hosts {
 		done("host %s up, underlay address %s", h.Name, h.UnderlayIP)
 	}
@@ -170,7 +171,7 @@ func multiHost(r *runner) {
 		r.Fatalf("attach to the underlay: %v", err)
 	}
 	// Stopped after the hosts: their plugins need the store until the end.
-	srv := testenv.StartEtcd(r.late, testenv.ServerOptions{IP: c.RootIP})
+	srv := r.late.etcd(c.RootIP)
 	url := srv.URL("dnp-demo-" + c.ID)
 	done("etcd ready: DNP_STORE=%s", url)
 
@@ -218,7 +219,7 @@ func multiHost(r *runner) {
 }
 
 // install installs the plugin as a managed plugin on h.
-func install(r *runner, c *harness.Cluster, h *harness.Host, settings ...string) {
+func install(r *runner, c *dockerhosts.Cluster, h *dockerhosts.Host, settings ...string) {
 	r.abortIfInterrupted()
 	conf := filepath.Join(h.Dir, "dnp-config")
 	if err := os.MkdirAll(conf, 0o755); err != nil {
@@ -237,7 +238,7 @@ func install(r *runner, c *harness.Cluster, h *harness.Host, settings ...string)
 	}
 	step("%s: docker plugin create %s %s; plugin set %s; plugin enable", h.Name, pluginName, *pluginDir, shown)
 	t0 := time.Now()
-	p, err := harness.InstallManagedPlugin(h, *pluginDir, pluginName, settings...)
+	p, err := dockerhosts.InstallManagedPlugin(h, *pluginDir, pluginName, settings...)
 	if err != nil {
 		r.Fatalf("%v", err)
 	}
@@ -246,7 +247,7 @@ func install(r *runner, c *harness.Cluster, h *harness.Host, settings ...string)
 }
 
 // restart kills the plugin on h and waits until dockerd has restarted it.
-func restart(r *runner, h *harness.Host) {
+func restart(r *runner, h *dockerhosts.Host) {
 	r.abortIfInterrupted()
 	p := r.plugin(h)
 	old, err := p.Kill()
@@ -261,7 +262,7 @@ func restart(r *runner, h *harness.Host) {
 	done("%s: plugin pid %d killed; dockerd restarted it as pid %d in %s", h.Name, old, pid, since(t0))
 }
 
-func network(r *runner, h *harness.Host, name, subnet string) {
+func network(r *runner, h *dockerhosts.Host, name, subnet string) {
 	r.abortIfInterrupted()
 	args := []string{"network", "create", "-d", pluginName, "--ipam-driver", pluginName, "--subnet", subnet, "-o", "overlay=" + name, name}
 	step("%s: docker %s", h.Name, strings.Join(args, " "))
@@ -271,9 +272,9 @@ func network(r *runner, h *harness.Host, name, subnet string) {
 }
 
 // container starts a container on network and returns its address.
-func container(r *runner, h *harness.Host, name, network string) string {
+func container(r *runner, h *dockerhosts.Host, name, network string) string {
 	r.abortIfInterrupted()
-	if _, err := h.Docker("run", "-d", "--init", "--name", name, "--network", network, harness.Image, "sleep", "3600"); err != nil {
+	if _, err := h.Docker("run", "-d", "--init", "--name", name, "--network", network, dockerhosts.Image, "sleep", "3600"); err != nil {
 		r.Fatalf("%v", err)
 	}
 	ip, err := h.Docker("inspect", "-f", "{{(index .NetworkSettings.Networks \""+network+"\").IPAddress}}", name)
@@ -286,7 +287,7 @@ func container(r *runner, h *harness.Host, name, network string) string {
 
 // pingReport waits until container on h reaches ip (peers converge through
 // the store within moments), then sends 3 pings and prints the result.
-func pingReport(r *runner, h *harness.Host, container, ip string) {
+func pingReport(r *runner, h *dockerhosts.Host, container, ip string) {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		r.abortIfInterrupted()
@@ -326,7 +327,7 @@ func pingStats(out string) (sent, received int, avg string) {
 
 // removeAll removes the containers, the network and the plugin on h, as a
 // user would (teardown would force it all anyway).
-func removeAll(r *runner, h *harness.Host, network string) {
+func removeAll(r *runner, h *dockerhosts.Host, network string) {
 	r.abortIfInterrupted()
 	if ids, err := h.Docker("ps", "-aq"); err == nil && ids != "" {
 		if _, err := h.Docker(append([]string{"rm", "-f"}, strings.Fields(ids)...)...); err != nil {
@@ -355,33 +356,60 @@ func done(format string, args ...any) {
 
 func since(t time.Time) string { return time.Since(t).Round(100 * time.Millisecond).String() }
 
-// errAbort ends a part early (Fatalf, a skip, or Ctrl-C).
+// errAbort ends a part early (Fatalf, a missing dependency, or Ctrl-C).
 var errAbort = errors.New("demo step failed")
 
-// runner lets the demo use the test harness outside `go test`. It embeds
-// a nil testing.TB (the interface has an unexported method, so embedding is
-// the only way to satisfy it) and implements every method the harness and
-// testenv call; any other method would panic, which go vet cannot see, so
-// keep the list in step with what they use.
+// runner runs one part of the demo: it says what failed, and holds the
+// cleanups that undo the part, run last first when it ends, however it
+// ends.
 type runner struct {
-	testing.TB
-	name string
 	late *runner // cleanups that run after this runner's
 
 	mu       sync.Mutex
 	cleanups []func()
 	failed   bool
-	plugins  []*harness.ManagedPlugin
+	plugins  []*dockerhosts.ManagedPlugin
 }
 
-func (r *runner) Helper()      {}
-func (r *runner) Name() string { return r.name }
-func (r *runner) Log(args ...any) {
-	r.Logf("%s", fmt.Sprint(args...))
+// hosts starts n Docker hosts and registers their removal.
+func (r *runner) hosts(n int) *dockerhosts.Cluster {
+	c, err := dockerhosts.New(n, dockerhosts.Options{Engine: engine.Version, Logf: r.Logf})
+	var missing *dockerhosts.MissingError
+	if errors.As(err, &missing) {
+		r.Fatalf("cannot run: %v (run `make deps` as root)", err)
+	}
+	if err != nil {
+		r.Fatalf("Docker hosts: %v", err)
+	}
+	r.Cleanup(func() {
+		if err := c.Close(r.Failed()); err != nil {
+			r.Errorf("%v", err)
+		}
+	})
+	return c
 }
 
-// Logf shows the harness's log lines with -v, and after a failure (they
-// then hold the dockerd logs), but not after Ctrl-C.
+// etcd starts a one-member etcd listening on ip and registers its stop.
+func (r *runner) etcd(ip string) *kvserver.Server {
+	bin := "/usr/bin/etcd"
+	if _, err := os.Stat(bin); err != nil {
+		if bin, err = exec.LookPath("etcd"); err != nil {
+			r.Fatalf("cannot run: etcd not found (run `make deps` as root)")
+		}
+	}
+	srv, err := kvserver.Etcd(bin, r.TempDir(), kvserver.Options{IP: ip})
+	if err != nil {
+		r.Fatalf("etcd: %v", err)
+	}
+	r.Cleanup(srv.Stop)
+	if err := srv.Start(); err != nil {
+		r.Fatalf("start etcd: %v", err)
+	}
+	return srv
+}
+
+// Logf shows the Docker hosts' log lines with -v, and after a failure
+// (they then hold the dockerd logs), but not after Ctrl-C.
 func (r *runner) Logf(format string, args ...any) {
 	if *verbose || (r.Failed() && !interrupted.Load()) {
 		msg := strings.ReplaceAll(fmt.Sprintf(format, args...), "\n", "\n             ")
@@ -389,27 +417,22 @@ func (r *runner) Logf(format string, args ...any) {
 	}
 }
 
+// Errorf says what failed; the part fails but goes on.
 func (r *runner) Errorf(format string, args ...any) {
-	r.Fail()
+	r.mu.Lock()
+	r.failed = true
+	r.mu.Unlock()
 	if interrupted.Load() {
 		fmt.Printf("   stopped: %s\n", fmt.Sprintf(format, args...))
 		return
 	}
 	fmt.Printf("   ERROR %s\n", fmt.Sprintf(format, args...))
 }
-func (r *runner) Error(args ...any) { r.Errorf("%s", fmt.Sprint(args...)) }
 
+// Fatalf says what failed and ends the part (its cleanups still run).
 func (r *runner) Fatalf(format string, args ...any) {
 	r.Errorf(format, args...)
-	r.FailNow()
-}
-func (r *runner) Fatal(args ...any) { r.Fatalf("%s", fmt.Sprint(args...)) }
-func (r *runner) FailNow()          { r.Fail(); panic(errAbort) }
-
-func (r *runner) Fail() {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.failed = true
+	panic(errAbort)
 }
 
 func (r *runner) Failed() bool {
@@ -417,14 +440,6 @@ func (r *runner) Failed() bool {
 	defer r.mu.Unlock()
 	return r.failed
 }
-
-// A skip (a missing dependency, not root) ends the demo as a failure.
-func (r *runner) Skipf(format string, args ...any) {
-	r.Fatalf("cannot run: %s (run `make deps` as root)", fmt.Sprintf(format, args...))
-}
-func (r *runner) Skip(args ...any) { r.Skipf("%s", fmt.Sprint(args...)) }
-func (r *runner) SkipNow()         { r.Skipf("skipped") }
-func (r *runner) Skipped() bool    { return false }
 
 func (r *runner) Cleanup(fn func()) {
 	r.mu.Lock()
@@ -472,7 +487,7 @@ func (r *runner) abortIfInterrupted() {
 }
 
 // plugin returns the managed plugin installed on h.
-func (r *runner) plugin(h *harness.Host) *harness.ManagedPlugin {
+func (r *runner) plugin(h *dockerhosts.Host) *dockerhosts.ManagedPlugin {
 	for _, p := range r.plugins {
 		if p.Host == h {
 			return p

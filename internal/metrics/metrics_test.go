@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,36 +20,23 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store/storetest"
 )
 
-func TestMain(m *testing.M) {
-	storetest.Main(m, func(ctx context.Context, url string) (store.Store, error) {
-		s, err := bolt.Open(ctx, store.Config{URL: url})
+func TestMain(m *testing.M) { storetest.Main(m, instrumented(metrics.New())) }
+
+// instrumented opens bolt stores instrumented by m.
+func instrumented(m *metrics.Metrics) storetest.Opener {
+	return func(ctx context.Context, cfg store.Config) (store.Store, error) {
+		s, err := bolt.Open(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}
-		return metrics.New().Store(s), nil
-	})
-}
-
-func openBolt(t testing.TB, url string) store.Store {
-	t.Helper()
-	s, err := bolt.Open(context.Background(), store.Config{URL: url})
-	if err != nil {
-		t.Fatal(err)
+		return m.Store(s), nil
 	}
-	t.Cleanup(func() { s.Close() })
-	return s
 }
 
 // The instrumented store is still a store: it passes the conformance suite.
 func TestInstrumentedStoreConforms(t *testing.T) {
-	dir := t.TempDir()
-	url := func(ns string) string { return "bolt://" + filepath.Join(dir, ns+".db") }
 	m := metrics.New()
-	storetest.Run(t, storetest.Backend{
-		Name: "bolt+metrics",
-		URL:  url,
-		Open: func(t testing.TB, ns string) store.Store { return m.Store(openBolt(t, url(ns))) },
-	})
+	storetest.Run(t, storetest.NewBackend("bolt+metrics", instrumented(m), storetest.Files(t.TempDir())))
 	got := scrape(t, m)
 	if got[`dnp_store_operation_duration_seconds_count{op="put"}`] == 0 || got[`dnp_store_errors_total{kind="conflict",op="cas"}`] == 0 {
 		t.Errorf("the suite's puts and CAS conflicts were not counted: %v", got)
@@ -98,7 +84,7 @@ func scrape(t *testing.T, m *metrics.Metrics) map[string]float64 {
 
 func TestCountsWhatHappened(t *testing.T) {
 	m := metrics.New()
-	s := m.Store(openBolt(t, "bolt://"+filepath.Join(t.TempDir(), "s.db")))
+	s := storetest.Open(t, instrumented(m), store.Config{URL: storetest.Files(t.TempDir())("s")})
 	ctx := testenv.Context(t, 10*time.Second)
 
 	if _, err := s.Get(ctx, "nope"); !errors.Is(err, store.ErrNotFound) {

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // Cluster is a store cluster of several servers (members) started for a
@@ -136,8 +138,8 @@ func StartEtcdCluster(t testing.TB, members []ServerOptions) *Cluster {
 	for i, o := range members {
 		ports := freePorts(t, 2)
 		u := urls{
-			client: "http://" + net.JoinHostPort(o.ip(), strconv.Itoa(ports[0])),
-			peer:   "http://" + net.JoinHostPort(o.ip(), strconv.Itoa(ports[1])),
+			client: "http://" + net.JoinHostPort(o.Host(), strconv.Itoa(ports[0])),
+			peer:   "http://" + net.JoinHostPort(o.Host(), strconv.Itoa(ports[1])),
 		}
 		us = append(us, u)
 		peers = append(peers, fmt.Sprintf("m%d=%s", i+1, u.peer))
@@ -161,15 +163,15 @@ func StartEtcdCluster(t testing.TB, members []ServerOptions) *Cluster {
 		}
 		hc := httpClientIn(o.NetNS, time.Second)
 		m := &Member{
-			Process: &Process{
+			Process: &Process{&kvserver.Process{
 				Name:  "etcd-" + name,
-				Args:  o.wrap(args),
+				Args:  o.Command(args),
 				Dir:   dir,
-				Ready: etcdHealthy(hc, us[i].client),
+				Ready: kvserver.EtcdHealthy(hc, us[i].client),
 				Wait:  60 * time.Second,
-			},
+			}},
 			Name:  name,
-			IP:    o.ip(),
+			IP:    o.Host(),
 			NetNS: o.NetNS,
 			Addr:  strings.TrimPrefix(us[i].client, "http://"),
 		}
@@ -180,25 +182,6 @@ func StartEtcdCluster(t testing.TB, members []ServerOptions) *Cluster {
 	}
 	c.startAll(t)
 	return c
-}
-
-// etcdHealthy is etcdReady through hc (which may dial in a namespace).
-func etcdHealthy(hc *http.Client, clientURL string) func() error {
-	return func() error {
-		resp, err := hc.Get(clientURL + "/health")
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		var h struct {
-			Health string `json:"health"`
-		}
-		if err := json.Unmarshal(body, &h); err != nil || h.Health != "true" {
-			return fmt.Errorf("/health answered %s %q", resp.Status, body)
-		}
-		return nil
-	}
 }
 
 // etcdIsLeader asks a member for its status (the v3 gateway's
@@ -243,7 +226,7 @@ func StartZooKeeperEnsemble(t testing.TB, members []ServerOptions) *Cluster {
 	for i, o := range members {
 		ports := freePorts(t, 3)
 		clientPorts = append(clientPorts, ports[0])
-		servers = append(servers, fmt.Sprintf("server.%d=%s:%d:%d", i+1, o.ip(), ports[1], ports[2]))
+		servers = append(servers, fmt.Sprintf("server.%d=%s:%d:%d", i+1, o.Host(), ports[1], ports[2]))
 	}
 	for i, o := range members {
 		name := fmt.Sprintf("m%d", i+1)
@@ -263,7 +246,7 @@ func StartZooKeeperEnsemble(t testing.TB, members []ServerOptions) *Cluster {
 			"maxSessionTimeout=60000",
 			"dataDir=" + data,
 			"clientPort=" + strconv.Itoa(clientPorts[i]),
-			"clientPortAddress=" + o.ip(),
+			"clientPortAddress=" + o.Host(),
 			"maxClientCnxns=0",
 			"admin.enableServer=false",
 			"4lw.commands.whitelist=srvr,ruok,stat,mntr",
@@ -272,25 +255,25 @@ func StartZooKeeperEnsemble(t testing.TB, members []ServerOptions) *Cluster {
 		if err := os.WriteFile(filepath.Join(dir, "zoo.cfg"), []byte(strings.Join(cfg, "\n")+"\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		addr := net.JoinHostPort(o.ip(), strconv.Itoa(clientPorts[i]))
+		addr := net.JoinHostPort(o.Host(), strconv.Itoa(clientPorts[i]))
 		m := &Member{
-			Process: &Process{
+			Process: &Process{&kvserver.Process{
 				Name: "zookeeper-" + name,
 				// Three JVMs share two cores with everything else: the
 				// serial collector and the C1 compiler start them fast.
 				// A server that starts late must not find its peers
 				// waiting up to a minute between election rounds
 				// (the interval doubles from 200 ms): at most 1 s.
-				Args: o.wrap([]string{java, "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+				Args: o.Command([]string{java, "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
 					"-Dzookeeper.fastleader.maxNotificationInterval=1000",
 					"-cp", zkJar + ":" + slf4jJar,
 					"org.apache.zookeeper.server.quorum.QuorumPeerMain", "zoo.cfg"}),
 				Dir:   dir,
 				Ready: zkReady(addr, o.NetNS),
 				Wait:  60 * time.Second,
-			},
+			}},
 			Name:  name,
-			IP:    o.ip(),
+			IP:    o.Host(),
 			NetNS: o.NetNS,
 			Addr:  addr,
 		}
@@ -349,8 +332,8 @@ func StartConsulCluster(t testing.TB, members []ServerOptions) *Cluster {
 			"-bootstrap-expect", strconv.Itoa(len(members)),
 			"-node", name,
 			"-disable-host-node-id",
-			"-bind", o.ip(),
-			"-client", o.ip(),
+			"-bind", o.Host(),
+			"-client", o.Host(),
 			"-data-dir", filepath.Join(dir, "data"),
 			"-http-port", strconv.Itoa(ps[i].http),
 			"-serf-lan-port", strconv.Itoa(ps[i].serfLAN),
@@ -364,25 +347,25 @@ func StartConsulCluster(t testing.TB, members []ServerOptions) *Cluster {
 		}
 		for j, p := range members {
 			if j != i {
-				args = append(args, "-retry-join", net.JoinHostPort(p.ip(), strconv.Itoa(ps[j].serfLAN)))
+				args = append(args, "-retry-join", net.JoinHostPort(p.Host(), strconv.Itoa(ps[j].serfLAN)))
 			}
 		}
-		httpAddr := net.JoinHostPort(o.ip(), strconv.Itoa(ps[i].http))
+		httpAddr := net.JoinHostPort(o.Host(), strconv.Itoa(ps[i].http))
 		m := &Member{
-			Process: &Process{
+			Process: &Process{&kvserver.Process{
 				Name:  "consul-" + name,
-				Args:  o.wrap(args),
+				Args:  o.Command(args),
 				Dir:   dir,
 				Ready: consulWrites(httpClientIn(o.NetNS, time.Second), "http://"+httpAddr),
 				Wait:  60 * time.Second,
-			},
+			}},
 			Name:     name,
-			IP:       o.ip(),
+			IP:       o.Host(),
 			NetNS:    o.NetNS,
 			Addr:     httpAddr,
-			SerfAddr: net.JoinHostPort(o.ip(), strconv.Itoa(ps[i].serfLAN)),
+			SerfAddr: net.JoinHostPort(o.Host(), strconv.Itoa(ps[i].serfLAN)),
 		}
-		raftAddrs[m] = net.JoinHostPort(o.ip(), strconv.Itoa(ps[i].server))
+		raftAddrs[m] = net.JoinHostPort(o.Host(), strconv.Itoa(ps[i].server))
 		c.Members = append(c.Members, m)
 	}
 	c.isLeader = func(m *Member) (bool, error) {
@@ -444,7 +427,7 @@ func StartConsulAgent(t testing.TB, cluster *Cluster, name string, o ServerOptio
 	args := []string{bin, "agent",
 		"-node", name,
 		"-disable-host-node-id",
-		"-bind", o.ip(),
+		"-bind", o.Host(),
 		"-client", "127.0.0.1",
 		"-data-dir", filepath.Join(dir, "data"),
 		"-http-port", strconv.Itoa(httpPort),
@@ -458,13 +441,13 @@ func StartConsulAgent(t testing.TB, cluster *Cluster, name string, o ServerOptio
 		args = append(args, "-retry-join", m.SerfAddr)
 	}
 	srv := &Server{
-		Process: &Process{
+		Process: &Process{&kvserver.Process{
 			Name:  "consul-agent-" + name,
-			Args:  o.wrap(args),
+			Args:  o.Command(args),
 			Dir:   dir,
 			Ready: consulWrites(httpClientIn(o.NetNS, time.Second), "http://"+httpAddr),
 			Wait:  60 * time.Second,
-		},
+		}},
 		Scheme: "consul",
 		Addr:   httpAddr,
 	}

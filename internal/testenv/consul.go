@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // StartConsul runs a one-server Consul cluster on free ports of o.IP, with
@@ -46,7 +48,7 @@ func StartConsulWith(t testing.TB, o ServerOptions, cc ConsulConfig) *Server {
 	} else if _, err := os.Stat(bin); err != nil {
 		Missing(t, "CONSUL_BIN=%s: %v (run scripts/build-consul.sh)", bin, err)
 	}
-	ip := o.ip()
+	ip := o.Host()
 	ports := freePorts(t, 5)
 	httpPort, serfLAN, serfWAN, serverPort := ports[0], ports[1], ports[2], ports[3]
 	dir := t.TempDir()
@@ -79,12 +81,12 @@ func StartConsulWith(t testing.TB, o ServerOptions, cc ConsulConfig) *Server {
 		args = append(args, "-hcl", h)
 	}
 	srv := &Server{
-		Process: &Process{
+		Process: &Process{&kvserver.Process{
 			Name:  "consul",
-			Args:  o.wrap(args),
+			Args:  o.Command(args),
 			Dir:   dir,
 			Ready: consulReady("http://"+httpAddr, cc.Token),
-		},
+		}},
 		Scheme: "consul",
 		Addr:   addr,
 	}

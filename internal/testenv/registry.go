@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // Registry is an image registry started for a test: Debian's
@@ -29,7 +31,7 @@ func StartRegistry(t testing.TB, o ServerOptions) *Registry {
 	t.Helper()
 	bin := LookPath(t, "docker-registry", "/usr/bin")
 	dir := t.TempDir()
-	ip := o.ip()
+	ip := o.Host()
 	files := WriteCertsFor(t, dir, ip)
 	addr := net.JoinHostPort(ip, strconv.Itoa(FreePort(t)))
 	config := fmt.Sprintf(`version: 0.1
@@ -60,9 +62,9 @@ http:
 		TLSClientConfig: &tls.Config{RootCAs: pool},
 	}}
 	r := &Registry{
-		Process: &Process{
+		Process: &Process{&kvserver.Process{
 			Name: "docker-registry",
-			Args: o.wrap([]string{bin, "serve", configFile}),
+			Args: o.Command([]string{bin, "serve", configFile}),
 			Dir:  dir,
 			Ready: func() error {
 				// The API's version check: 200 without authentication.
@@ -76,7 +78,7 @@ http:
 				}
 				return nil
 			},
-		},
+		}},
 		Addr: addr,
 		CA:   ca,
 	}

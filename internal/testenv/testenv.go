@@ -13,10 +13,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // InCI reports whether the tests run in CI, where nothing may be skipped.
@@ -59,131 +59,38 @@ func LookPath(t testing.TB, name string, extra ...string) string {
 // FreePort returns a loopback TCP port that was free a moment ago.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := kvserver.FreePort()
 	if err != nil {
-		t.Fatalf("free port: %v", err)
+		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return port
 }
 
-// Process is a server the test started; it can be stopped and started again
-// with the same data (to test outages and watch resumption).
-type Process struct {
-	Name  string
-	Args  []string      // program and arguments
-	Env   []string      // extra environment
-	Dir   string        // working directory
-	Ready func() error  // nil once the server answers
-	Wait  time.Duration // how long Start waits for Ready (default 30s)
-
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
-	log  *os.File
-}
+// Process is a server the test started (a kvserver.Process); it can be
+// stopped and started again with the same data (to test outages and watch
+// resumption).
+type Process struct{ *kvserver.Process }
 
 // Start runs the server and waits until Ready succeeds.
 func (p *Process) Start(t testing.TB) {
 	t.Helper()
-	if err := p.start(); err != nil {
+	if err := p.Process.Start(); err != nil {
 		t.Fatalf("start %s: %v", p.Name, err)
 	}
 }
 
-func (p *Process) start() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.cmd != nil {
-		return fmt.Errorf("%s already running", p.Name)
-	}
-	logPath := filepath.Join(p.Dir, p.Name+".log")
-	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(p.Args[0], p.Args[1:]...)
-	cmd.Dir = p.Dir
-	cmd.Env = append(os.Environ(), p.Env...)
-	cmd.Stdout, cmd.Stderr = lf, lf
-	// Its own process group, so Stop reaches its children too. No
-	// Pdeathsig: it fires when the forking OS thread ends, and Go ends
-	// threads that netns code left locked, which would kill the server
-	// mid-test.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		return err
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	p.cmd, p.done, p.log = cmd, done, lf
-	wait := p.Wait
-	if wait == 0 {
-		wait = 30 * time.Second
-	}
-	deadline := time.Now().Add(wait)
-	var last error
-	for time.Now().Before(deadline) {
-		select {
-		case <-done:
-			out, _ := os.ReadFile(logPath)
-			return fmt.Errorf("%s exited during start; log:\n%s", p.Name, tail(out, 3000))
-		default:
-		}
-		if p.Ready == nil {
-			return nil
-		}
-		if last = p.Ready(); last == nil {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	out, _ := os.ReadFile(logPath)
-	return fmt.Errorf("%s not ready after %s: %v; log:\n%s", p.Name, wait, last, tail(out, 3000))
-}
+func (p *Process) start() error { return p.Process.Start() }
 
 // Stop ends the server (SIGTERM, then SIGKILL after 10s) and waits for it.
 func (p *Process) Stop(t testing.TB) {
 	t.Helper()
-	p.stop(syscall.SIGTERM)
+	p.Process.Stop()
 }
 
 // Kill ends the server at once with SIGKILL.
 func (p *Process) Kill(t testing.TB) {
 	t.Helper()
-	p.stop(syscall.SIGKILL)
-}
-
-func (p *Process) stop(sig syscall.Signal) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.cmd == nil {
-		return
-	}
-	syscall.Kill(-p.cmd.Process.Pid, sig)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-		<-p.done
-	}
-	p.log.Close()
-	p.cmd, p.done, p.log = nil, nil, nil
-}
-
-// Running reports whether the server process is up.
-func (p *Process) Running() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.cmd != nil
-}
-
-func tail(b []byte, n int) string {
-	if len(b) > n {
-		b = b[len(b)-n:]
-	}
-	return string(b)
+	p.Process.Kill()
 }
 
 // DialReady is a Ready check that succeeds once addr accepts TCP connections.
@@ -205,25 +112,7 @@ func Context(t testing.TB, d time.Duration) context.Context {
 }
 
 // ServerOptions says where a KV server listens.
-type ServerOptions struct {
-	IP    string // listen address; default 127.0.0.1
-	NetNS string // run inside this network namespace (a path such as /run/netns/x); default: the test's own
-}
-
-func (o ServerOptions) ip() string {
-	if o.IP == "" {
-		return "127.0.0.1"
-	}
-	return o.IP
-}
-
-// wrap prefixes args so the program runs inside o.NetNS, if set.
-func (o ServerOptions) wrap(args []string) []string {
-	if o.NetNS == "" {
-		return args
-	}
-	return append([]string{"nsenter", "--net=" + o.NetNS, "--"}, args...)
-}
+type ServerOptions = kvserver.Options
 
 // Server is a KV server started for a test: stop and start it with the
 // embedded Process; its data survives a restart.

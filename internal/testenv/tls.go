@@ -17,6 +17,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // TLSFiles are PEM files of a throwaway CA and the certificates it signed
@@ -117,7 +119,7 @@ func StartEtcdTLS(t testing.TB) (*Server, TLSFiles) {
 		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}},
 	}}
 	srv := &Server{
-		Process: &Process{
+		Process: &Process{&kvserver.Process{
 			Name: "etcd-tls",
 			Args: []string{bin, "--name", "tls", "--data-dir", filepath.Join(dir, "data"),
 				"--listen-client-urls", "https://" + addr, "--advertise-client-urls", "https://" + addr,
@@ -138,7 +140,7 @@ func StartEtcdTLS(t testing.TB) (*Server, TLSFiles) {
 				}
 				return nil
 			},
-		},
+		}},
 		Scheme: "etcd",
 		Addr:   addr,
 	}

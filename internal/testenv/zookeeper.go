@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/dnplabs/docker-net-plugin/internal/kvserver"
 )
 
 // ZooKeeper's jars as Debian's zookeeper and libslf4j-java packages install them.
@@ -54,7 +56,7 @@ func startZooKeeper(t testing.TB, o ServerOptions, extra []string) *Server {
 
 	dir := t.TempDir()
 	port := FreePort(t)
-	addr := net.JoinHostPort(o.ip(), strconv.Itoa(port))
+	addr := net.JoinHostPort(o.Host(), strconv.Itoa(port))
 	cfg := []string{
 		// A short tick lets tests use session timeouts (store TTLs) down
 		// to 400 ms; the maximum is raised to a minute.
@@ -63,7 +65,7 @@ func startZooKeeper(t testing.TB, o ServerOptions, extra []string) *Server {
 		"maxSessionTimeout=60000",
 		"dataDir=" + filepath.Join(dir, "data"),
 		"clientPort=" + strconv.Itoa(port),
-		"clientPortAddress=" + o.ip(),
+		"clientPortAddress=" + o.Host(),
 		"maxClientCnxns=0",
 		"admin.enableServer=false",
 		"4lw.commands.whitelist=srvr,ruok,stat,mntr",
@@ -73,14 +75,14 @@ func startZooKeeper(t testing.TB, o ServerOptions, extra []string) *Server {
 		t.Fatalf("write zoo.cfg: %v", err)
 	}
 
-	p := &Process{
+	p := &Process{&kvserver.Process{
 		Name: "zookeeper",
-		Args: o.wrap([]string{java, "-Xmx256m",
+		Args: o.Command([]string{java, "-Xmx256m",
 			"-cp", zkJar + ":" + slf4jJar,
 			"org.apache.zookeeper.server.quorum.QuorumPeerMain", "zoo.cfg"}),
 		Dir:   dir,
 		Ready: zkReady(addr, o.NetNS),
-	}
+	}}
 	p.Start(t)
 	t.Cleanup(func() { p.Stop(t) })
 	return &Server{Process: p, Scheme: "zk", Addr: addr}

@@ -39,8 +39,7 @@ type Store struct {
 
 	mu      sync.Mutex // serialises this process's opens of the file
 	changed chan struct{}
-	closed  chan struct{}
-	once    sync.Once
+	life    store.Lifecycle // watches and registrations
 }
 
 // Open returns the store kept in the file of cfg.URL (bolt:///path/file.db),
@@ -56,7 +55,7 @@ func Open(ctx context.Context, cfg store.Config) (*Store, error) {
 	if err := os.MkdirAll(filepath.Dir(loc.Path), 0o700); err != nil {
 		return nil, store.Fail(ctx, "open", "", cfg.URL, store.ErrUnavailable, err)
 	}
-	s := &Store{path: loc.Path, url: cfg.URL, changed: make(chan struct{}), closed: make(chan struct{})}
+	s := &Store{path: loc.Path, url: cfg.URL, changed: make(chan struct{})}
 	// The first write creates the buckets.
 	if err := s.update(ctx, "open", "", func(*bbolt.Tx) error { return nil }); err != nil {
 		return nil, err
@@ -70,7 +69,7 @@ func (s *Store) Endpoint() string { return s.url }
 // Close ends this client's watches and registrations. The file itself
 // stays usable: later calls simply open it again.
 func (s *Store) Close() error {
-	s.once.Do(func() { close(s.closed) })
+	s.life.Close()
 	return nil
 }
 
@@ -336,26 +335,14 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 	if err := store.ValidKey(dir); err != nil {
 		return nil, err
 	}
-	ch := make(chan store.Event, 16)
-	go s.watch(ctx, dir, ch)
-	return ch, nil
+	return s.life.Watch(ctx, s.url, dir, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
 }
 
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
-	defer close(ch)
 	var (
 		known   map[string]store.KV // nil until the first snapshot was sent
 		lastRev int64               = -1
 	)
-	send := func(ev store.Event) bool {
-		select {
-		case ch <- ev:
-			return true
-		case <-ctx.Done():
-		case <-s.closed:
-		}
-		return false
-	}
 	for {
 		s.mu.Lock()
 		wake := s.changed
@@ -375,13 +362,13 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 			// Unreadable for now: try again at the next poll, then resync.
 			known = nil
 		case known == nil:
-			if !send(store.Event{Type: store.EventReset, Snapshot: snap}) {
+			if !store.Send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: snap}) {
 				return
 			}
 			known, lastRev = store.ByKey(snap), rev
 		case rev != lastRev:
 			for _, ev := range store.Diff(known, snap) {
-				if !send(ev) {
+				if !store.Send(ctx, ch, ev) {
 					return
 				}
 			}
@@ -389,8 +376,6 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 		}
 		select {
 		case <-ctx.Done():
-			return
-		case <-s.closed:
 			return
 		case <-wake:
 		case <-time.After(PollInterval):
@@ -407,6 +392,9 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 // RegisterIf is Register that takes an existing key over only when
 // mayTakeOver allows it (see store.Store).
 func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
+	if s.life.Closed() {
+		return nil, store.Fail(ctx, "register", key, s.url, store.ErrUnavailable, store.ErrClosed)
+	}
 	var version int64
 	for try := 0; ; try++ {
 		op := store.Create(key, value)
@@ -430,37 +418,31 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 			return nil, err
 		}
 	}
-	r := &registration{s: s, key: key, version: version, done: make(chan struct{})}
-	go func() {
-		select {
-		case <-ctx.Done():
-		case <-s.closed:
-		case <-r.done:
-			return
-		}
-		r.Release(context.Background())
-	}()
-	return r, nil
+	r := &registration{s: s, key: key, version: version}
+	// Nothing to keep alive: the key stays until Release, ctx's end or Close.
+	reg, err := s.life.KeepAlive(ctx, func(ctx context.Context) { <-ctx.Done() }, r.lost, r.remove)
+	if err != nil {
+		return nil, store.Fail(ctx, "register", key, s.url, store.ErrUnavailable, err)
+	}
+	return reg, nil
 }
 
 type registration struct {
 	s       *Store
 	key     string
 	version int64 // of the key as this registration wrote it
-	once    sync.Once
-	done    chan struct{}
 }
 
-// Release deletes the key if it is still as this registration wrote it.
-func (r *registration) Release(ctx context.Context) error {
-	var err error
-	r.once.Do(func() {
-		close(r.done)
-		err = r.s.Txn(ctx, store.Delete(r.key, r.version))
-		if errors.Is(err, store.ErrConflict) {
-			err = nil // rewritten since, by another registration: theirs now
-		}
-	})
+// lost deletes the key when the registration ended without Release.
+func (r *registration) lost() { r.remove(context.Background()) }
+
+// remove deletes the key if it is still as this registration wrote it
+// (Release).
+func (r *registration) remove(ctx context.Context) error {
+	err := r.s.Txn(ctx, store.Delete(r.key, r.version))
+	if errors.Is(err, store.ErrConflict) {
+		return nil // rewritten since, by another registration: theirs now
+	}
 	return err
 }
 

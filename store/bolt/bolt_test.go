@@ -2,7 +2,6 @@ package bolt_test
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 
 	"github.com/dnplabs/docker-net-plugin/store"
@@ -10,25 +9,10 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store/storetest"
 )
 
-func TestMain(m *testing.M) {
-	storetest.Main(m, func(ctx context.Context, url string) (store.Store, error) {
-		return bolt.Open(ctx, store.Config{URL: url})
-	})
-}
+func TestMain(m *testing.M) { storetest.Main(m, open) }
+
+func open(ctx context.Context, cfg store.Config) (store.Store, error) { return bolt.Open(ctx, cfg) }
 
 func TestConformance(t *testing.T) {
-	dir := t.TempDir()
-	url := func(ns string) string { return "bolt://" + filepath.Join(dir, ns+".db") }
-	storetest.Run(t, storetest.Backend{
-		Name: "bolt",
-		URL:  url,
-		Open: func(t testing.TB, ns string) store.Store {
-			s, err := bolt.Open(context.Background(), store.Config{URL: url(ns)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { s.Close() })
-			return s
-		},
-	})
+	storetest.Run(t, storetest.NewBackend("bolt", open, storetest.Files(t.TempDir())))
 }

@@ -25,7 +25,6 @@ import (
 	"net/url"
 	"sort"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -49,12 +48,7 @@ type Store struct {
 	transports []*http.Transport
 	current    atomic.Int32 // index of the server that last answered
 
-	ctx    context.Context // ends with Close
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // running watches and registrations
-
-	mu     sync.Mutex
-	closed bool
+	life store.Lifecycle // running watches and registrations
 }
 
 // Open returns the Consul store named by cfg.URL. The ACL token is
@@ -103,7 +97,6 @@ func Open(ctx context.Context, cfg store.Config) (store.Store, error) {
 		s.clients = append(s.clients, c)
 		s.transports = append(s.transports, tr)
 	}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
 
@@ -113,32 +106,12 @@ func (s *Store) Endpoint() string { return s.endpoint }
 // Close ends the watches and registrations (destroying their sessions,
 // which deletes their keys). The watch channels are closed when it returns.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.life.Close() {
 		return nil
 	}
-	s.closed = true
-	s.mu.Unlock()
-
-	s.cancel()
-	s.wg.Wait()
 	for _, tr := range s.transports {
 		tr.CloseIdleConnections()
 	}
-	return nil
-}
-
-var errClosed = errors.New("store is closed")
-
-// start registers a goroutine that Close must wait for.
-func (s *Store) start() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return errClosed
-	}
-	s.wg.Add(1)
 	return nil
 }
 
@@ -171,7 +144,7 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 	kind := store.ErrUnavailable
 	var se api.StatusError
 	switch {
-	case errors.Is(err, errClosed):
+	case errors.Is(err, store.ErrClosed):
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		kind = store.ErrTimeout
 	case errors.As(err, &se):
@@ -299,12 +272,8 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 
 // CompareAndSwap writes key if it is still at version (0: absent).
 func (s *Store) CompareAndSwap(ctx context.Context, key string, value []byte, version int64) (int64, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckCAS(key, version); err != nil {
 		return 0, store.Fail(ctx, "cas", key, s.endpoint, store.ErrInvalid, err)
-	}
-	if version < 0 {
-		return 0, store.Fail(ctx, "cas", key, s.endpoint, store.ErrInvalid,
-			fmt.Errorf("negative version %d", version))
 	}
 	op := store.Create(key, value)
 	if version > 0 {

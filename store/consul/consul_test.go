@@ -29,11 +29,7 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store/storetest"
 )
 
-func TestMain(m *testing.M) {
-	storetest.Main(m, func(ctx context.Context, url string) (store.Store, error) {
-		return consul.Open(ctx, store.Config{URL: url})
-	})
-}
+func TestMain(m *testing.M) { storetest.Main(m, consul.Open) }
 
 // liveTTL is the shortest TTL Consul accepts for a session with its
 // default settings (session_ttl_min).
@@ -41,32 +37,14 @@ const liveTTL = 10 * time.Second
 
 func TestConformance(t *testing.T) {
 	t.Parallel() // with TestRegisterRenews, which mostly sleeps
-	srv := testenv.StartConsul(t, testenv.ServerOptions{})
-	storetest.Run(t, storetest.Backend{
-		Name:   "consul",
-		Open:   func(t testing.TB, ns string) store.Store { return open(t, store.Config{URL: srv.URL(ns)}) },
-		URL:    srv.URL,
-		Server: srv,
-		// Consul invalidates a session up to twice its TTL after the last
-		// renewal, and a 10s ttl cannot be halved below Consul's minimum.
-		LiveTTL:    liveTTL,
-		LiveExpiry: 2*liveTTL + 5*time.Second,
-	})
+	b := storetest.OnServer("consul", consul.Open, testenv.StartConsul(t, testenv.ServerOptions{}))
+	// Consul invalidates a session up to twice its TTL after the last
+	// renewal, and a 10s ttl cannot be halved below Consul's minimum.
+	b.LiveTTL, b.LiveExpiry = liveTTL, 2*liveTTL+5*time.Second
+	storetest.Run(t, b)
 }
 
-func open(t testing.TB, cfg store.Config) store.Store {
-	t.Helper()
-	s, err := consul.Open(context.Background(), cfg)
-	if err != nil {
-		t.Fatalf("open %s: %v", cfg.URL, err)
-	}
-	t.Cleanup(func() {
-		if err := s.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
-	return s
-}
+func open(t testing.TB, cfg store.Config) store.Store { return storetest.Open(t, consul.Open, cfg) }
 
 func ctxT(t testing.TB, d time.Duration) context.Context { return testenv.Context(t, d) }
 

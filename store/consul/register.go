@@ -49,15 +49,11 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 // store.Store). Destroying the session deletes the key only while this
 // registration's session holds it, so a key taken over since stays.
 func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckRegistration(key, ttl); err != nil {
 		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
 	}
-	if ttl <= 0 {
-		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid,
-			fmt.Errorf("ttl %s is not positive", ttl))
-	}
-	if err := s.start(); err != nil {
-		return nil, s.fail(ctx, "register", key, err)
+	if s.life.Closed() {
+		return nil, s.fail(ctx, "register", key, store.ErrClosed)
 	}
 	r := &registration{
 		s:     s,
@@ -65,34 +61,15 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		value: value,
 		ttl:   sessionTTL(ttl),
 		may:   mayTakeOver,
-		done:  make(chan struct{}),
 	}
 	if err := r.first(ctx); err != nil {
-		s.wg.Done()
 		return nil, err
 	}
-	lctx, cancel := context.WithCancel(ctx)
-	r.cancel = cancel
-	go func() {
-		defer s.wg.Done()
-		defer close(r.done)
-		stop := context.AfterFunc(s.ctx, cancel)
-		defer stop()
-		r.keep(lctx)
-
-		r.mu.Lock()
-		released := r.released
-		r.mu.Unlock()
-		if !released {
-			dctx, dcancel := context.WithTimeout(context.Background(), releaseTimeout)
-			if err := r.destroy(dctx); err != nil {
-				r.s.logger().Warn("store registration could not destroy its session; the key goes when it expires",
-					"register", r.key, "err", err)
-			}
-			dcancel()
-		}
-	}()
-	return r, nil
+	reg, err := s.life.KeepAlive(ctx, r.keep, r.lost, r.release)
+	if err != nil {
+		return nil, s.fail(ctx, "register", key, err)
+	}
+	return reg, nil
 }
 
 type registration struct {
@@ -102,13 +79,8 @@ type registration struct {
 	ttl   time.Duration // of the Consul session
 	may   store.TakeOver
 
-	cancel context.CancelFunc // stops keep
-	done   chan struct{}      // closed when keep has returned
-	once   sync.Once
-
-	mu       sync.Mutex
-	session  string // ID of the session holding the key; "" when lost
-	released bool   // Release destroys the session itself
+	mu      sync.Mutex
+	session string // ID of the session holding the key; "" when lost
 }
 
 // first writes the key for Register, bounded by the call's deadline.
@@ -303,20 +275,20 @@ func (r *registration) destroy(ctx context.Context) error {
 	})
 }
 
-// Release stops renewing the session and destroys it, deleting the key.
-func (r *registration) Release(ctx context.Context) error {
-	var err error
-	r.once.Do(func() {
-		r.mu.Lock()
-		r.released = true
-		r.mu.Unlock()
-		r.cancel()
-		<-r.done
-		ctx, cancel := store.WithTimeout(ctx)
-		defer cancel()
-		if e := r.destroy(ctx); e != nil {
-			err = r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", e))
-		}
-	})
-	return err
+// lost destroys the session when the registration ended without Release.
+func (r *registration) lost() {
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	if err := r.destroy(ctx); err != nil {
+		r.s.logger().Warn("store registration could not destroy its session; the key goes when it expires",
+			"register", r.key, "err", err)
+	}
+}
+
+// release destroys the session, deleting the key (Release).
+func (r *registration) release(ctx context.Context) error {
+	if err := r.destroy(ctx); err != nil {
+		return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
+	}
+	return nil
 }

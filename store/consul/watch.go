@@ -26,20 +26,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 	if err := store.ValidKey(dir); err != nil {
 		return nil, store.Fail(ctx, "watch", dir, s.endpoint, store.ErrInvalid, err)
 	}
-	if err := s.start(); err != nil {
-		return nil, s.fail(ctx, "watch", dir, err)
-	}
-	ch := make(chan store.Event, 16)
-	go func() {
-		defer s.wg.Done()
-		defer close(ch)
-		ctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		stop := context.AfterFunc(s.ctx, cancel)
-		defer stop()
-		s.watch(ctx, dir, ch)
-	}()
-	return ch, nil
+	return s.life.Watch(ctx, s.endpoint, dir, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
 }
 
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
@@ -90,12 +77,12 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 			continue
 		}
 		if known == nil {
-			if !send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: now}) {
+			if !store.Send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: now}) {
 				return
 			}
 		} else {
 			for _, ev := range store.Diff(known, now) {
-				if !send(ctx, ch, ev) {
+				if !store.Send(ctx, ch, ev) {
 					return
 				}
 			}
@@ -127,14 +114,4 @@ func (s *Store) poll(ctx context.Context, dir string, index uint64) ([]store.KV,
 		return nil, 0, s.fail(ctx, "watch", dir, errors.New("consul answered without an index"))
 	}
 	return s.kvs(pairs), meta.LastIndex, nil
-}
-
-// send delivers ev unless ctx ends first.
-func send(ctx context.Context, ch chan<- store.Event, ev store.Event) bool {
-	select {
-	case ch <- ev:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

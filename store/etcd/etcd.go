@@ -64,13 +64,10 @@ type Store struct {
 	cfg      clientv3.Config
 	auth     *tokenAuth // nil without a username
 
-	ctx    context.Context // ends with Close
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // running watches and registrations
+	life store.Lifecycle // running watches and registrations
 
-	mu     sync.Mutex
-	cli    *clientv3.Client // nil until first use
-	closed bool
+	mu  sync.Mutex
+	cli *clientv3.Client // nil until first use
 }
 
 // Open returns the etcd store named by cfg.URL. It checks the URL and TLS
@@ -134,7 +131,6 @@ func Open(ctx context.Context, cfg store.Config) (store.Store, error) {
 		s.auth = &tokenAuth{user: cfg.Username, password: cfg.Password}
 		s.cfg.DialOptions = append(s.cfg.DialOptions, s.auth.dialOptions()...)
 	}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
 
@@ -175,16 +171,9 @@ func (s *Store) Endpoint() string { return s.endpoint }
 // Close ends the watches and registrations (revoking their leases) and
 // releases the client. The watch channels are closed when it returns.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.life.Close() {
 		return nil
 	}
-	s.closed = true
-	s.mu.Unlock()
-
-	s.cancel()
-	s.wg.Wait()
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -199,16 +188,14 @@ func (s *Store) Close() error {
 	return nil
 }
 
-var errClosed = errors.New("store is closed")
-
 // client returns the etcd client, creating it on first use. That does
 // not contact the server: the connection (and the login, with a username)
 // happen with the first request.
 func (s *Store) client() (*clientv3.Client, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return nil, errClosed
+	if s.life.Closed() {
+		return nil, store.ErrClosed
 	}
 	if s.cli != nil {
 		return s.cli, nil
@@ -230,20 +217,9 @@ func (s *Store) clientForRelease() (*clientv3.Client, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cli == nil {
-		return nil, errClosed
+		return nil, store.ErrClosed
 	}
 	return s.cli, nil
-}
-
-// start registers a goroutine that Close must wait for.
-func (s *Store) start() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return errClosed
-	}
-	s.wg.Add(1)
-	return nil
 }
 
 // full is the etcd key of a store key.
@@ -261,7 +237,7 @@ func (s *Store) fail(ctx context.Context, op, key string, err error) error {
 			// Not an outage: the server refuses this client's certificate.
 			kind, err = store.ErrDenied, why
 		}
-	case errors.Is(err, errClosed):
+	case errors.Is(err, store.ErrClosed):
 	case isAuthErr(err):
 		// Wrong or missing credentials: the store is unusable as configured.
 		kind = store.ErrDenied
@@ -392,7 +368,7 @@ func awaitConn(ctx context.Context, cli *clientv3.Client) error {
 	defer cancel()
 	for st != connectivity.Ready {
 		if st == connectivity.Shutdown {
-			return errClosed
+			return store.ErrClosed
 		}
 		if st == connectivity.Idle {
 			conn.Connect()
@@ -487,12 +463,8 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 
 // CompareAndSwap writes key if it is still at version (0: absent).
 func (s *Store) CompareAndSwap(ctx context.Context, key string, value []byte, version int64) (int64, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckCAS(key, version); err != nil {
 		return 0, store.Fail(ctx, "cas", key, s.endpoint, store.ErrInvalid, err)
-	}
-	if version < 0 {
-		return 0, store.Fail(ctx, "cas", key, s.endpoint, store.ErrInvalid,
-			fmt.Errorf("negative version %d", version))
 	}
 	cmp := clientv3.Compare(clientv3.ModRevision(s.full(key)), "=", version)
 	if version == 0 {

@@ -16,43 +16,21 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store/storetest"
 )
 
-func TestMain(m *testing.M) {
-	storetest.Main(m, func(ctx context.Context, url string) (store.Store, error) {
-		return etcd.Open(ctx, store.Config{URL: url})
-	})
-}
+func TestMain(m *testing.M) { storetest.Main(m, etcd.Open) }
 
 // liveTTL is the shortest lease etcd grants with its default timings
 // (1.5 election timeouts, rounded up to whole seconds).
 const liveTTL = 2 * time.Second
 
 func TestConformance(t *testing.T) {
-	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
-	storetest.Run(t, storetest.Backend{
-		Name:   "etcd",
-		Open:   func(t testing.TB, ns string) store.Store { return open(t, store.Config{URL: srv.URL(ns)}) },
-		URL:    srv.URL,
-		Server: srv,
-		// A lease expires TTL after the last keepalive; etcd looks for
-		// expired leases every 500ms and then commits the revocation.
-		LiveTTL:    liveTTL,
-		LiveExpiry: liveTTL + 3*time.Second,
-	})
+	b := storetest.OnServer("etcd", etcd.Open, testenv.StartEtcd(t, testenv.ServerOptions{}))
+	// A lease expires TTL after the last keepalive; etcd looks for
+	// expired leases every 500ms and then commits the revocation.
+	b.LiveTTL, b.LiveExpiry = liveTTL, liveTTL+3*time.Second
+	storetest.Run(t, b)
 }
 
-func open(t testing.TB, cfg store.Config) store.Store {
-	t.Helper()
-	s, err := etcd.Open(context.Background(), cfg)
-	if err != nil {
-		t.Fatalf("open %s: %v", cfg.URL, err)
-	}
-	t.Cleanup(func() {
-		if err := s.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
-	return s
-}
+func open(t testing.TB, cfg store.Config) store.Store { return storetest.Open(t, etcd.Open, cfg) }
 
 func ctxT(t testing.TB, d time.Duration) context.Context { return testenv.Context(t, d) }
 

@@ -29,12 +29,8 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 // store.Store). Revoking the lease deletes the key only while it is still
 // attached to this registration's lease, so a key taken over since stays.
 func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckRegistration(key, ttl); err != nil {
 		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid, err)
-	}
-	if ttl <= 0 {
-		return nil, store.Fail(ctx, "register", key, s.endpoint, store.ErrInvalid,
-			fmt.Errorf("ttl %s is not positive", ttl))
 	}
 	r := &registration{
 		s:     s,
@@ -42,7 +38,6 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		value: value,
 		ttl:   int64(math.Ceil(ttl.Seconds())),
 		may:   mayTakeOver,
-		done:  make(chan struct{}),
 	}
 	var refused *refusal
 	err := s.do(ctx, "register", key, func(ctx context.Context, cli *clientv3.Client) error {
@@ -59,20 +54,11 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 	if err != nil {
 		return nil, err
 	}
-	if err := s.start(); err != nil {
-		r.revoke(context.Background())
+	reg, err := s.life.KeepAlive(ctx, r.keep, r.lost, r.release)
+	if err != nil {
 		return nil, s.fail(ctx, "register", key, err)
 	}
-	lctx, cancel := context.WithCancel(ctx)
-	r.cancel = cancel
-	go func() {
-		defer s.wg.Done()
-		defer close(r.done)
-		stop := context.AfterFunc(s.ctx, cancel)
-		defer stop()
-		r.keep(lctx)
-	}()
-	return r, nil
+	return reg, nil
 }
 
 type registration struct {
@@ -82,14 +68,8 @@ type registration struct {
 	ttl   int64 // seconds
 	may   store.TakeOver
 
-	cancel context.CancelFunc // stops keep
-	done   chan struct{}      // closed when keep has returned
-	once   sync.Once
-
-	mu       sync.Mutex
-	lease    clientv3.LeaseID
-	released bool // Release revokes the lease itself
-	revoked  bool // keep revoked it when ctx ended
+	mu    sync.Mutex
+	lease clientv3.LeaseID
 }
 
 // refusal is what mayTakeOver said about the key's current holder.
@@ -179,19 +159,14 @@ func (r *registration) keep(ctx context.Context) {
 		}
 		log.Info("store registration written again")
 	}
+}
 
-	r.mu.Lock()
-	released := r.released
-	r.mu.Unlock()
-	if !released {
-		rctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
-		if err := r.revoke(rctx); err != nil {
-			log.Warn("store registration could not revoke its lease; the key goes when it expires", "err", err)
-		}
-		cancel()
-		r.mu.Lock()
-		r.revoked = true
-		r.mu.Unlock()
+// lost revokes the lease when the registration ended without Release.
+func (r *registration) lost() {
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	if err := r.revoke(ctx); err != nil {
+		r.s.logger().Warn("store registration could not revoke its lease; the key goes when it expires", "register", r.key, "err", err)
 	}
 }
 
@@ -239,26 +214,10 @@ func (r *registration) revoke(ctx context.Context) error {
 	return nil
 }
 
-// Release stops keeping the key alive and revokes its lease.
-func (r *registration) Release(ctx context.Context) error {
-	var err error
-	r.once.Do(func() {
-		r.mu.Lock()
-		r.released = true
-		r.mu.Unlock()
-		r.cancel()
-		<-r.done
-		r.mu.Lock()
-		revoked := r.revoked
-		r.mu.Unlock()
-		if revoked {
-			return
-		}
-		ctx, cancel := store.WithTimeout(ctx)
-		defer cancel()
-		if e := r.revoke(ctx); e != nil {
-			err = r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", e))
-		}
-	})
-	return err
+// release revokes the lease (Release).
+func (r *registration) release(ctx context.Context) error {
+	if err := r.revoke(ctx); err != nil {
+		return r.s.fail(ctx, "register", r.key, fmt.Errorf("release: %w", err))
+	}
+	return nil
 }

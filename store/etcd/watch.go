@@ -25,20 +25,7 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 	if err := store.ValidKey(dir); err != nil {
 		return nil, store.Fail(ctx, "watch", dir, s.endpoint, store.ErrInvalid, err)
 	}
-	if err := s.start(); err != nil {
-		return nil, s.fail(ctx, "watch", dir, err)
-	}
-	ch := make(chan store.Event, 16)
-	go func() {
-		defer s.wg.Done()
-		defer close(ch)
-		ctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		stop := context.AfterFunc(s.ctx, cancel)
-		defer stop()
-		s.watch(ctx, dir, ch)
-	}()
-	return ch, nil
+	return s.life.Watch(ctx, s.endpoint, dir, func(ctx context.Context, ch chan<- store.Event) { s.watch(ctx, dir, ch) })
 }
 
 func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
@@ -64,7 +51,7 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 			log.Info("store watch reads the directory again")
 			failing = false
 		}
-		if !send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: snap}) {
+		if !store.Send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: snap}) {
 			return
 		}
 		started := time.Now()
@@ -143,7 +130,7 @@ func (s *Store) follow(ctx context.Context, dir string, rev int64, ch chan<- sto
 			default:
 				continue
 			}
-			if !send(ctx, ch, e) {
+			if !store.Send(ctx, ch, e) {
 				return lost.get()
 			}
 			rev = ev.Kv.ModRevision
@@ -171,14 +158,4 @@ func (l *lostReason) get() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.err
-}
-
-// send delivers ev unless ctx ends first.
-func send(ctx context.Context, ch chan<- store.Event, ev store.Event) bool {
-	select {
-	case ch <- ev:
-		return true
-	case <-ctx.Done():
-		return false
-	}
 }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"strconv"
 	"strings"
@@ -46,8 +47,56 @@ type Backend struct {
 	LiveExpiry time.Duration
 }
 
-// Opener opens a store from a URL; child processes use it.
-type Opener func(ctx context.Context, url string) (store.Store, error)
+// Opener opens a client of the backend under test (etcd.Open, say); the
+// suite's child processes use it too.
+type Opener func(ctx context.Context, cfg store.Config) (store.Store, error)
+
+// Open opens a client with open and closes it when the test ends; a Close
+// that fails fails the test.
+func Open(t testing.TB, open Opener, cfg store.Config) store.Store {
+	t.Helper()
+	s, err := open(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("open %s: %v", cfg.URL, err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("close %s: %v", cfg.URL, err)
+		}
+	})
+	return s
+}
+
+// NewBackend describes the backend whose namespace ns open opens at
+// url(ns), with neither a server to restart nor liveness.
+func NewBackend(name string, open Opener, url func(ns string) string) Backend {
+	return Backend{
+		Name: name,
+		Open: func(t testing.TB, ns string) store.Store { return Open(t, open, store.Config{URL: url(ns)}) },
+		URL:  url,
+	}
+}
+
+// Files is the URL of namespace ns for a backend that keeps each
+// namespace in a bolt file of its own in dir.
+func Files(dir string) func(ns string) string {
+	return func(ns string) string { return "bolt://" + filepath.Join(dir, ns+".db") }
+}
+
+// Server is a real store server the tests started (a *testenv.Server).
+type Server interface {
+	Restartable
+	// URL is the store URL of namespace prefix on this server.
+	URL(prefix string) string
+}
+
+// OnServer describes the backend open opens on srv; the suite may stop
+// and restart srv. Set LiveTTL and LiveExpiry for its liveness.
+func OnServer(name string, open Opener, srv Server) Backend {
+	b := NewBackend(name, open, srv.URL)
+	b.Server = srv
+	return b
+}
 
 const (
 	childURL = "DNP_STORETEST_CHILD_URL"
@@ -72,7 +121,7 @@ func child(url string, open Opener) int {
 		fmt.Fprintln(os.Stderr, "child: bad ttl:", err)
 		return 2
 	}
-	s, err := open(ctx, url)
+	s, err := open(ctx, store.Config{URL: url})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "child: open:", err)
 		return 2

@@ -19,15 +19,12 @@ import (
 // reconnection the loop checks the znode and writes it again if the
 // session that owned it expired.
 type registration struct {
-	s      *Store
-	key    string
-	path   string
-	data   []byte
-	may    store.TakeOver
-	sess   *session
-	cancel context.CancelFunc
-	done   chan struct{} // closed when the loop has cleaned up
-	err    error         // cleanup result, set before done is closed
+	s    *Store
+	key  string
+	path string
+	data []byte
+	may  store.TakeOver
+	sess *session
 }
 
 // Register writes key=value as an ephemeral znode; see store.Store.
@@ -40,11 +37,8 @@ func (s *Store) Register(ctx context.Context, key string, value []byte, ttl time
 // Cleanup deletes the znode only while this registration's session owns it,
 // so a key taken over since stays.
 func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl time.Duration, mayTakeOver store.TakeOver) (store.Registration, error) {
-	if err := store.ValidKey(key); err != nil {
+	if err := store.CheckRegistration(key, ttl); err != nil {
 		return nil, s.fail(ctx, "register", key, err)
-	}
-	if ttl <= 0 {
-		return nil, s.fail(ctx, "register", key, fmt.Errorf("%w: ttl %s must be positive", store.ErrInvalid, ttl))
 	}
 	sess, err := s.dial(ttl, nil)
 	if err != nil {
@@ -57,7 +51,6 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		data: encode(value),
 		may:  mayTakeOver,
 		sess: sess,
-		done: make(chan struct{}),
 	}
 
 	opCtx, cancel := store.WithTimeout(ctx)
@@ -75,45 +68,26 @@ func (s *Store) RegisterIf(ctx context.Context, key string, value []byte, ttl ti
 		return nil, s.fail(opCtx, "register", key, err)
 	}
 
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		sess.close()
-		return nil, s.fail(ctx, "register", key, errClosed)
+	reg, err := s.life.KeepAlive(ctx, r.keep, r.lost, r.cleanup)
+	if err != nil {
+		return nil, s.fail(ctx, "register", key, err)
 	}
-	s.loops.Add(1)
-	s.mu.Unlock()
-
-	loopCtx, loopCancel := context.WithCancel(ctx)
-	r.cancel = loopCancel
-	stop := context.AfterFunc(s.ctx, loopCancel)
-	go func() {
-		defer s.loops.Done()
-		defer stop()
-		r.keep(loopCtx)
-	}()
-	return r, nil
+	return reg, nil
 }
 
-// Release deletes the key and closes the registration's session.
-func (r *registration) Release(ctx context.Context) error {
-	r.cancel()
-	ctx, cancel := store.WithTimeout(ctx)
+// lost deletes the key and closes the session when the registration ended
+// without Release.
+func (r *registration) lost() {
+	ctx, cancel := context.WithTimeout(context.Background(), store.DefaultTimeout)
 	defer cancel()
-	select {
-	case <-r.done:
-		return r.err
-	case <-ctx.Done():
-		return r.s.fail(ctx, "release", r.key, ctx.Err())
+	if err := r.cleanup(ctx); err != nil {
+		slog.Warn("zookeeper: registration could not delete its key; it goes when its session expires",
+			"endpoint", r.s.endpoint, "key", r.key, "err", err)
 	}
 }
 
-// keep re-writes the znode after every reconnection until ctx ends, then
-// deletes it and closes the session.
+// keep re-writes the znode after every reconnection until ctx ends.
 func (r *registration) keep(ctx context.Context) {
-	defer close(r.done)
-	defer r.cleanup()
-
 	checked := false // the znode was checked since the last state change
 	backoff := minBackoff
 	for {
@@ -229,14 +203,12 @@ func (r *registration) ensure(ctx context.Context) error {
 
 // cleanup deletes the znode if this session still owns it and the server
 // is reachable now, then closes the session (which removes the znode on
-// the server anyway).
-func (r *registration) cleanup() {
+// the server anyway): Release.
+func (r *registration) cleanup(ctx context.Context) error {
 	defer r.sess.close()
 	if ready, _, _ := r.sess.status(); !ready {
-		return
+		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), store.DefaultTimeout)
-	defer cancel()
 	err := call(ctx, func() error {
 		conn := r.sess.conn
 		exists, st, err := conn.Exists(r.path)
@@ -250,6 +222,7 @@ func (r *registration) cleanup() {
 		return nil
 	})
 	if err != nil {
-		r.err = r.s.fail(ctx, "release", r.key, err)
+		return r.s.fail(ctx, "release", r.key, err)
 	}
+	return nil
 }

@@ -11,10 +11,9 @@ import (
 	"time"
 
 	"github.com/go-zookeeper/zk"
-)
 
-// errClosed is the cause reported after Close.
-var errClosed = errors.New("store closed")
+	"github.com/dnplabs/docker-net-plugin/store"
+)
 
 // session is one ZooKeeper client connection and what we know of its state.
 // The go-zookeeper client connects and reconnects in the background; session
@@ -109,7 +108,7 @@ func (s *session) waitReady(ctx context.Context, limit time.Duration) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.done:
-			return errClosed
+			return store.ErrClosed
 		}
 	}
 }

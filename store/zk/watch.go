@@ -36,7 +36,7 @@ const (
 type watcher struct {
 	s    *Store
 	root string // znode of the watched directory
-	out  chan store.Event
+	out  chan<- store.Event
 
 	mu      sync.Mutex
 	pending []zk.Event
@@ -66,34 +66,22 @@ func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, erro
 	w := &watcher{
 		s:     s,
 		root:  s.path(dir),
-		out:   make(chan store.Event),
 		wake:  make(chan struct{}, 1),
 		nodes: map[string]*wnode{},
 	}
-	s.mu.Lock()
-	if s.closed {
+	return s.life.Watch(ctx, s.endpoint, dir, func(ctx context.Context, ch chan<- store.Event) {
+		w.out = ch
+		// Listening before the first watch is armed.
+		s.mu.Lock()
+		s.watchers[w] = struct{}{}
 		s.mu.Unlock()
-		return nil, s.fail(ctx, "watch", dir, errClosed)
-	}
-	s.watchers[w] = struct{}{}
-	s.loops.Add(1)
-	s.mu.Unlock()
-
-	ctx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(s.ctx, cancel)
-	go func() {
 		defer func() {
-			stop()
-			cancel()
 			s.mu.Lock()
 			delete(s.watchers, w)
 			s.mu.Unlock()
-			close(w.out)
-			s.loops.Done()
 		}()
 		w.run(ctx)
-	}()
-	return w.out, nil
+	})
 }
 
 // dispatch hands a client event to the watchers it concerns. It runs on
@@ -353,27 +341,11 @@ func (w *watcher) emit(ctx context.Context, reset bool) bool {
 	if reset || w.sent == nil {
 		events = append(events, store.Event{Type: store.EventReset, Snapshot: sorted(cur)})
 	} else {
-		for _, kv := range sorted(cur) {
-			if old, ok := w.sent[kv.Key]; !ok || old.Version != kv.Version {
-				events = append(events, store.Event{Type: store.EventPut, KV: kv})
-			}
-		}
-		var gone []string
-		for key := range w.sent {
-			if _, ok := cur[key]; !ok {
-				gone = append(gone, key)
-			}
-		}
-		sort.Strings(gone)
-		for _, key := range gone {
-			events = append(events, store.Event{Type: store.EventDelete, KV: store.KV{Key: key}})
-		}
+		events = store.Diff(w.sent, sorted(cur))
 	}
 	w.sent = cur
 	for _, ev := range events {
-		select {
-		case w.out <- ev:
-		case <-ctx.Done():
+		if !store.Send(ctx, w.out, ev) {
 			return false
 		}
 	}

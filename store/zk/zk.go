@@ -57,13 +57,10 @@ type Store struct {
 	acl      []zk.ACL
 	sess     *session
 
-	ctx    context.Context // ends with Close
-	cancel context.CancelFunc
+	life store.Lifecycle // watch and registration goroutines
 
 	mu       sync.Mutex
 	watchers map[*watcher]struct{}
-	closed   bool
-	loops    sync.WaitGroup // watch and registration goroutines
 }
 
 var _ store.Store = (*Store)(nil)
@@ -100,10 +97,8 @@ func Open(ctx context.Context, cfg store.Config) (store.Store, error) {
 		// Only this user may read or change what we create.
 		s.acl = zk.DigestACL(zk.PermAll, cfg.Username, cfg.Password)
 	}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.sess, err = s.dial(sessionTimeout, s.dispatch)
 	if err != nil {
-		s.cancel()
 		return nil, store.Fail(ctx, "open", "", s.endpoint, store.ErrInvalid, err)
 	}
 	return s, nil
@@ -119,16 +114,9 @@ func (s *Store) Endpoint() string { return s.endpoint }
 // Close ends watches and registrations (their sessions close, so the
 // server removes their keys) and closes the client.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
+	if !s.life.Close() {
 		return nil
 	}
-	s.closed = true
-	s.mu.Unlock()
-
-	s.cancel()
-	s.loops.Wait()
 	s.sess.close()
 	return nil
 }
@@ -221,8 +209,8 @@ func waitLimit(ctx context.Context) time.Duration {
 func (s *Store) run(ctx context.Context, op, key string, fn func(ctx context.Context) error) error {
 	ctx, cancel := store.WithTimeout(ctx)
 	defer cancel()
-	if err := s.ctx.Err(); err != nil {
-		return s.fail(ctx, op, key, errClosed)
+	if s.life.Closed() {
+		return s.fail(ctx, op, key, store.ErrClosed)
 	}
 	if err := ctx.Err(); err != nil {
 		return s.fail(ctx, op, key, err)
@@ -377,8 +365,8 @@ func (s *Store) Put(ctx context.Context, key string, value []byte) (int64, error
 
 // CompareAndSwap writes key if its version is still version (0: absent).
 func (s *Store) CompareAndSwap(ctx context.Context, key string, value []byte, version int64) (int64, error) {
-	if version < 0 {
-		return 0, s.fail(ctx, "cas", key, fmt.Errorf("%w: negative version %d", store.ErrInvalid, version))
+	if err := store.CheckCAS(key, version); err != nil {
+		return 0, s.fail(ctx, "cas", key, err)
 	}
 	op := store.Update(key, value, version)
 	if version == 0 {

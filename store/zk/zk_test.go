@@ -20,41 +20,19 @@ import (
 	"github.com/dnplabs/docker-net-plugin/store/zk"
 )
 
-func TestMain(m *testing.M) {
-	storetest.Main(m, func(ctx context.Context, url string) (store.Store, error) {
-		return zk.Open(ctx, store.Config{URL: url})
-	})
-}
+func TestMain(m *testing.M) { storetest.Main(m, zk.Open) }
 
 // liveTTL: the test server's tick is 200ms, so sessions this short are
 // granted and expire within one tick of their timeout.
 const liveTTL = time.Second
 
 func TestConformance(t *testing.T) {
-	srv := testenv.StartZooKeeper(t, testenv.ServerOptions{})
-	storetest.Run(t, storetest.Backend{
-		Name:       "zk",
-		Open:       func(t testing.TB, ns string) store.Store { return open(t, store.Config{URL: srv.URL(ns)}) },
-		URL:        srv.URL,
-		Server:     srv,
-		LiveTTL:    liveTTL,
-		LiveExpiry: liveTTL + 2*time.Second,
-	})
+	b := storetest.OnServer("zk", zk.Open, testenv.StartZooKeeper(t, testenv.ServerOptions{}))
+	b.LiveTTL, b.LiveExpiry = liveTTL, liveTTL+2*time.Second
+	storetest.Run(t, b)
 }
 
-func open(t testing.TB, cfg store.Config) store.Store {
-	t.Helper()
-	s, err := zk.Open(context.Background(), cfg)
-	if err != nil {
-		t.Fatalf("open %s: %v", cfg.URL, err)
-	}
-	t.Cleanup(func() {
-		if err := s.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
-	return s
-}
+func open(t testing.TB, cfg store.Config) store.Store { return storetest.Open(t, zk.Open, cfg) }
 
 func ctxT(t testing.TB, d time.Duration) context.Context { return testenv.Context(t, d) }
 

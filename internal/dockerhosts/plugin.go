@@ -1,4 +1,4 @@
-package harness
+package dockerhosts
 
 import (
 	"context"
@@ -23,7 +23,7 @@ type ManagedPlugin struct {
 	Host   *Host
 	Name   string // NAME:TAG, the -d and --ipam-driver value
 	ID     string // dockerd's plugin ID
-	Socket string // the plugin socket as the test process sees it
+	Socket string // the plugin socket as this process sees it
 }
 
 // InstallManagedPlugin installs a managed plugin on h from dir, a plugin
@@ -133,7 +133,7 @@ func (p *ManagedPlugin) waitReady(ctx context.Context) error {
 	}
 }
 
-// PID returns the process ID of the plugin's process (as the test process
+// PID returns the process ID of the plugin's process (as this process
 // sees it): the child of the containerd shim that runs the plugin.
 func (p *ManagedPlugin) PID() (int, error) {
 	shims := procsWith(func(cmdline string) bool {
@@ -221,7 +221,7 @@ func (h *Host) DockerdPID() (int, error) {
 	return h.cmd.Process.Pid, nil
 }
 
-// DockerdPath returns where the test process finds path as the host's
+// DockerdPath returns where this process finds path as the host's
 // dockerd sees it (through /proc/<dockerd>/root): for what only dockerd's
 // mount namespace holds, such as the namespaces a managed plugin binds in
 // its propagated mount.

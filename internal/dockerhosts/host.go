@@ -1,4 +1,4 @@
-package harness
+package dockerhosts
 
 import (
 	"bytes"
@@ -14,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -55,8 +54,14 @@ func (h *Host) DockerCtx(ctx context.Context, args ...string) (string, error) {
 	return h.docker(ctx, nil, args...)
 }
 
-// MustDocker is Docker that fails the test on error.
-func (h *Host) MustDocker(t testing.TB, args ...string) string {
+// Fataler stops a caller that cannot go on: a *testing.T, say.
+type Fataler interface {
+	Helper()
+	Fatalf(format string, args ...any)
+}
+
+// MustDocker is Docker that stops t on error (t.Fatalf).
+func (h *Host) MustDocker(t Fataler, args ...string) string {
 	t.Helper()
 	out, err := h.Docker(args...)
 	if err != nil {
@@ -195,7 +200,7 @@ exec "$@"`
 	cmd := exec.Command("nsenter", args...)
 	cmd.Env = h.cluster.dockerEnv()
 	cmd.Stdout, cmd.Stderr = logf, logf
-	// Own process group; killed if the test binary dies.
+	// Own process group; killed if this process dies.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := startFromLockedThread(cmd); err != nil {
 		return fmt.Errorf("start dockerd: %w", err)
@@ -329,7 +334,7 @@ type spawnReq struct {
 }
 
 // startFromLockedThread starts cmd from one OS thread that lives as long as
-// the test binary. Pdeathsig fires when the thread that started the child
+// the process. Pdeathsig fires when the thread that started the child
 // ends, and Go ends threads that a goroutine left locked (netns code does
 // that), which would kill a dockerd in the middle of a test.
 func startFromLockedThread(cmd *exec.Cmd) error {

@@ -1,17 +1,21 @@
-// Package harness builds a cluster of Docker hosts on one machine for
-// integration tests: every host is a network namespace with its own dockerd,
-// and all hosts hang off one underlay "switch" (a Linux bridge in a namespace
-// of its own).
+// Package dockerhosts runs several Docker hosts on one machine: every host
+// is a network namespace with its own dockerd, and all hosts hang off one
+// underlay "switch" (a Linux bridge in a namespace of its own). The
+// integration tests, the benchmarks and the demo (cmd/dnp-demo) run on it;
+// the tests through integration/harness, which adds testing.TB
+// conveniences.
 //
-//	c := harness.New(t, 2, harness.Options{})
+//	c, err := dockerhosts.New(2, dockerhosts.Options{Logf: log.Printf})
+//	if err != nil { ... }
+//	defer c.Close(false)
 //	h1, h2 := c.Hosts[0], c.Hosts[1]
-//	out, err := h1.Docker("run", "--rm", "--init", "--network", "none", harness.Image, "true")
+//	out, err := h1.Docker("run", "--rm", "--init", "--network", "none", dockerhosts.Image, "true")
 //	_, err = h1.Exec("busybox", "ping", "-c1", h2.UnderlayIP)
 //
 // Everything New makes is named after a short random run id (dnpt-<id>-...),
-// lives under /tmp/dnpt-<id>, and is removed by t.Cleanup, also when the test
-// fails. Sweep removes what killed test runs left behind; New calls it once
-// per test binary.
+// lives under /tmp/dnpt-<id>, and is removed by Close, which also checks
+// that nothing is left. Sweep removes what killed runs left behind; New
+// calls it once per process.
 //
 // Layout of one cluster:
 //
@@ -25,7 +29,7 @@
 // The Docker engine is the one DNP_DOCKER names (see CurrentEngine): 20.10
 // (Debian 12's docker.io, the default), 26.1 or 28.5, always with the docker
 // CLI of the same version.
-package harness
+package dockerhosts
 
 import (
 	"context"
@@ -34,15 +38,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
-
-	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 )
 
 // Image is the busybox image New imports into every host (unless
@@ -81,6 +83,10 @@ type Options struct {
 	// Engine is the version of the Docker engine to run (see
 	// EngineVersion); empty: the one EngineEnv picks (CurrentEngine).
 	Engine string
+	// Logf receives what the cluster has to say: start and teardown times,
+	// leftovers it swept, and after a failure the ends of the logs. Nil:
+	// nothing is said.
+	Logf func(format string, args ...any)
 }
 
 // Cluster is a set of Docker hosts on one underlay. Its fields are read-only.
@@ -97,36 +103,45 @@ type Cluster struct {
 	// Engine is the Docker engine every host runs.
 	Engine Engine
 
-	t        testing.TB
 	opts     Options
 	mu       sync.Mutex
 	cleanups []func()
-	nodes    int // made by AddNode
+	nodes    int  // made by AddNode
+	failed   bool // Close was told the run failed
 
 	subnetLock *os.File // flock on the underlay subnet, released at teardown
 }
 
 var sweepOnce sync.Once
 
-// New starts a cluster of n Docker hosts and registers its teardown with
-// t.Cleanup. It skips the test (fails in CI) when not root or when dockerd,
-// docker, nsenter, unshare, ip or busybox are missing.
-func New(t testing.TB, n int, opts Options) *Cluster {
-	t.Helper()
-	testenv.NeedRoot(t)
+// MissingError says that something a cluster needs is missing from this
+// machine, or that the process is not root. Tests skip on it (fail in CI).
+type MissingError struct{ What string }
+
+func (e *MissingError) Error() string { return e.What }
+
+// New starts a cluster of n Docker hosts. The caller must Close it. On
+// error New has removed what it made; the error is a *MissingError when not
+// root or when dockerd, docker, nsenter, unshare, ip or busybox are missing.
+func New(n int, opts Options) (*Cluster, error) {
+	if os.Geteuid() != 0 {
+		return nil, &MissingError{"needs root (network namespaces, netlink)"}
+	}
 	if n < 1 || n > maxHosts {
-		t.Fatalf("harness.New: %d hosts; want 1..%d", n, maxHosts)
+		return nil, fmt.Errorf("%d hosts; want 1..%d", n, maxHosts)
 	}
 	engine, err := CurrentEngine()
 	if opts.Engine != "" {
 		engine, err = EngineVersion(opts.Engine)
 	}
 	if err != nil {
-		testenv.Missing(t, "%v", err)
+		return nil, &MissingError{err.Error()}
 	}
-	c := &Cluster{t: t, opts: opts, Engine: engine}
+	c := &Cluster{opts: opts, Engine: engine}
 	for _, prog := range []string{"nsenter", "unshare", "ip", "busybox"} {
-		testenv.LookPath(t, prog, "/usr/sbin", "/usr/bin", "/bin")
+		if !onPath(prog, "/usr/sbin", "/usr/bin", "/bin") {
+			return nil, &MissingError{prog + " not found on PATH (run scripts/install-deps.sh)"}
+		}
 	}
 	if c.opts.CommandTimeout == 0 {
 		c.opts.CommandTimeout = cmdTimeout
@@ -138,58 +153,80 @@ func New(t testing.TB, n int, opts Options) *Cluster {
 	sweepOnce.Do(func() {
 		removed, err := Sweep()
 		for _, r := range removed {
-			t.Logf("harness: removed leftover of a killed run: %s", r)
+			c.logf("dockerhosts: removed leftover of a killed run: %s", r)
 		}
 		if err != nil {
-			t.Logf("harness: sweeping leftovers: %v", err)
+			c.logf("dockerhosts: sweeping leftovers: %v", err)
 		}
 	})
 
 	start := time.Now()
 	if err := c.makeDir(); err != nil {
-		t.Fatalf("harness: %v", err)
+		return nil, err
 	}
-	// Registered before anything else is made, so a failure half way
-	// through New still removes what exists.
-	t.Cleanup(c.teardown)
+	// From here on a failure removes what exists.
+	fail := func(err error) (*Cluster, error) {
+		if cerr := c.Close(true); cerr != nil {
+			err = fmt.Errorf("%w; %v", err, cerr)
+		}
+		return nil, err
+	}
 
 	if c.Engine.Compose != "" {
 		// The CLI finds plugins in $DOCKER_CONFIG/cli-plugins.
 		plugins := filepath.Join(c.Dir, "docker-cli", "cli-plugins")
 		if err := os.MkdirAll(plugins, 0o755); err != nil {
-			t.Fatalf("harness: %v", err)
+			return fail(err)
 		}
 		if err := os.Symlink(c.Engine.Compose, filepath.Join(plugins, "docker-compose")); err != nil {
-			t.Fatalf("harness: %v", err)
+			return fail(err)
 		}
 	}
 
 	if err := c.makeNetwork(n); err != nil {
-		t.Fatalf("harness: cluster %s: underlay: %v", c.Prefix, err)
+		return fail(fmt.Errorf("cluster %s: underlay: %w", c.Prefix, err))
 	}
 	netDone := time.Now()
 
 	if err := c.forEachHost(func(h *Host) error { return h.StartDockerd() }); err != nil {
-		t.Fatalf("harness: cluster %s: %v", c.Prefix, err)
+		return fail(fmt.Errorf("cluster %s: %w", c.Prefix, err))
 	}
 	dockerDone := time.Now()
 
 	if !opts.NoImage {
 		if err := c.forEachHost(func(h *Host) error { return h.importImage() }); err != nil {
-			t.Fatalf("harness: cluster %s: %v", c.Prefix, err)
+			return fail(fmt.Errorf("cluster %s: %w", c.Prefix, err))
 		}
 	}
-	t.Logf("harness: cluster %s: %d hosts on Docker %s up in %s (underlay %s, dockerd %s, image %s)",
+	c.logf("dockerhosts: cluster %s: %d hosts on Docker %s up in %s (underlay %s, dockerd %s, image %s)",
 		c.Prefix, n, c.Engine.Version, time.Since(start).Round(time.Millisecond),
 		netDone.Sub(start).Round(time.Millisecond),
 		dockerDone.Sub(netDone).Round(time.Millisecond),
 		time.Since(dockerDone).Round(time.Millisecond))
-	return c
+	return c, nil
 }
 
-// Cleanup registers fn to run during teardown after containers, swarm state
+// onPath reports whether program name is on PATH or in one of the extra
+// directories.
+func onPath(name string, extra ...string) bool {
+	for _, dir := range extra {
+		if executable(filepath.Join(dir, name)) {
+			return true
+		}
+	}
+	_, err := exec.LookPath(name)
+	return err == nil
+}
+
+func (c *Cluster) logf(format string, args ...any) {
+	if c.opts.Logf != nil {
+		c.opts.Logf(format, args...)
+	}
+}
+
+// Cleanup registers fn to run during Close after containers, swarm state
 // and managed plugins are gone but while the dockerds still run. Use it to
-// stop a legacy plugin process: stopped by a plain t.Cleanup it would be gone
+// stop a legacy plugin process: stopped before Close it would be gone
 // before the containers that use it are removed, and each removal would wait
 // for dockerd's plugin retries. Functions run in reverse order of registration.
 func (c *Cluster) Cleanup(fn func()) {
@@ -328,12 +365,19 @@ func (c *Cluster) forEachHost(fn func(h *Host) error) error {
 	return nil
 }
 
-// teardown removes everything the cluster made. Problems are test errors:
-// leftovers would disturb later tests.
-func (c *Cluster) teardown() {
-	t := c.t
+// Close removes everything the cluster made: containers, swarm state and
+// plugins, then the Cleanup functions run, then dockerd, its processes,
+// cgroups, namespaces, mounts and files. failed says the run failed: the
+// end of every dockerd log is then shown (Options.Logf) and the logs are
+// kept in /tmp/dnpt-logs-<id> (also when KeepLogsEnv is set). It returns
+// what went wrong, including anything left behind: leftovers would disturb
+// later runs.
+func (c *Cluster) Close(failed bool) error {
 	start := time.Now()
-	if t.Failed() {
+	c.mu.Lock()
+	c.failed = failed
+	c.mu.Unlock()
+	if failed {
 		c.showLogs()
 	}
 
@@ -347,43 +391,52 @@ func (c *Cluster) teardown() {
 		cleanups[i]()
 	}
 
+	var errs []error
 	if err := c.forEachHost(func(h *Host) error { return h.StopDockerd() }); err != nil {
-		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
+		errs = append(errs, fmt.Errorf("dockerhosts: teardown %s: %w", c.Prefix, err))
 	}
-	if t.Failed() || os.Getenv(KeepLogsEnv) != "" {
+	if failed || len(errs) > 0 || os.Getenv(KeepLogsEnv) != "" {
 		c.keepLogs()
 	}
 	// Kill what dockerd left (shims, containers, plugins), drop cgroups,
 	// namespaces, mounts and files.
 	if err := removeRun(c.ID); err != nil {
-		t.Errorf("harness: teardown %s: %v", c.Prefix, err)
+		errs = append(errs, fmt.Errorf("dockerhosts: teardown %s: %w", c.Prefix, err))
 	}
 	if c.subnetLock != nil {
 		c.subnetLock.Close() // after the switch namespace (and any route to the subnet) is gone
 	}
 	if left := Leftovers(c.ID); len(left) > 0 {
-		t.Errorf("harness: teardown %s left behind:\n  %s", c.Prefix, strings.Join(left, "\n  "))
+		errs = append(errs, fmt.Errorf("dockerhosts: teardown %s left behind:\n  %s", c.Prefix, strings.Join(left, "\n  ")))
 	}
-	t.Logf("harness: cluster %s torn down in %s", c.Prefix, time.Since(start).Round(time.Millisecond))
+	c.logf("dockerhosts: cluster %s torn down in %s", c.Prefix, time.Since(start).Round(time.Millisecond))
+	return errors.Join(errs...)
+}
+
+// closingFailed reports whether Close was told that the run failed.
+func (c *Cluster) closingFailed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.failed
 }
 
 // showLogs prints the tail of every dockerd log.
 func (c *Cluster) showLogs() {
 	for _, h := range c.Hosts {
-		c.t.Logf("harness: %s: last lines of %s:\n%s", h.Name, h.LogFile, h.logTail(40))
+		c.logf("dockerhosts: %s: last lines of %s:\n%s", h.Name, h.LogFile, h.logTail(40))
 	}
 }
 
 // KeepLogsEnv names the environment variable that, when set, keeps the
-// dockerd logs of passing tests too (to look for warnings).
+// dockerd logs of passing runs too (to look for warnings).
 const KeepLogsEnv = "DNP_KEEP_LOGS"
 
-// keepLogs copies the dockerd logs to /tmp/dnpt-logs-<id>, which teardown
+// keepLogs copies the dockerd logs to /tmp/dnpt-logs-<id>, which Close
 // does not remove.
 func (c *Cluster) keepLogs() {
 	keep := filepath.Join(baseDir, "dnpt-logs-"+c.ID)
 	if err := os.MkdirAll(keep, 0o755); err != nil {
-		c.t.Logf("harness: keep logs: %v", err)
+		c.logf("dockerhosts: keep logs: %v", err)
 		return
 	}
 	for _, h := range c.Hosts {
@@ -393,11 +446,11 @@ func (c *Cluster) keepLogs() {
 		}
 		dst := filepath.Join(keep, h.Name+"-dockerd.log")
 		if err := os.WriteFile(dst, b, 0o644); err != nil {
-			c.t.Logf("harness: keep logs: %v", err)
+			c.logf("dockerhosts: keep logs: %v", err)
 			return
 		}
 	}
-	c.t.Logf("harness: full dockerd logs kept in %s", keep)
+	c.logf("dockerhosts: full dockerd logs kept in %s", keep)
 }
 
 func lastLines(s string, n int) string {

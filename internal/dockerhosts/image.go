@@ -1,4 +1,4 @@
-package harness
+package dockerhosts
 
 import (
 	"archive/tar"
@@ -43,7 +43,7 @@ const McastTool = "/usr/bin/dnp-mcast"
 // busyboxRootfs returns a tar of a minimal root filesystem: the static
 // busybox binary with a symlink for every applet at its usual path, the
 // multicast test tool (McastTool), plus the directories and files programs
-// expect. Built in memory, once per test binary.
+// expect. Built in memory, once per process.
 func busyboxRootfs() ([]byte, error) {
 	bin, err := exec.LookPath("busybox")
 	if err != nil {
@@ -139,7 +139,7 @@ func buildMcastTool() ([]byte, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	_, here, _, _ := runtime.Caller(0) // integration/harness/image.go
+	_, here, _, _ := runtime.Caller(0) // internal/dockerhosts/image.go
 	src := filepath.Join(filepath.Dir(here), "..", "..", "internal", "mcast", "dnp-mcast")
 	bin := filepath.Join(dir, "dnp-mcast")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)

@@ -1,4 +1,4 @@
-package harness
+package dockerhosts
 
 import (
 	"bufio"
@@ -17,8 +17,8 @@ import (
 // runName matches names that carry a run id: dnpt-<6 hex>[-...].
 var runName = regexp.MustCompile(`^dnpt-([0-9a-f]{6})(-|$)`)
 
-// Sweep removes the leftovers of runs whose test process is gone (killed
-// test binaries): their dockerd, containerd, shims and container processes,
+// Sweep removes the leftovers of runs whose process is gone (killed test
+// binaries or demos): their dockerd, containerd, shims and container processes,
 // cgroups, namespaces, mounts and /tmp/dnpt-<id> directories. Runs of live
 // processes are left alone, so it is safe to call at any time. It returns
 // the prefixes of the runs it removed.

@@ -1,4 +1,4 @@
-package harness
+package dockerhosts
 
 import (
 	"context"
@@ -10,13 +10,15 @@ import (
 	"runtime"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
 // PluginName is the name a legacy plugin gets on every host: the value of
 // -d and --ipam-driver.
 const PluginName = "dnp"
+
+// PluginBinEnv names a prebuilt plugin binary for PluginBinary to use.
+const PluginBinEnv = "DNP_PLUGIN_BIN"
 
 var (
 	pluginBuild    sync.Once
@@ -25,18 +27,17 @@ var (
 )
 
 // PluginBinary is $DNP_PLUGIN_BIN when set, else cmd/docker-net-plugin
-// built once per test binary (RemovePluginBinary deletes it).
-func PluginBinary(t testing.TB) string {
-	t.Helper()
-	if p := os.Getenv("DNP_PLUGIN_BIN"); p != "" {
+// built once per process (RemovePluginBinary deletes it).
+func PluginBinary() (string, error) {
+	if p := os.Getenv(PluginBinEnv); p != "" {
 		abs, err := filepath.Abs(p)
 		if err == nil {
 			_, err = os.Stat(abs)
 		}
 		if err != nil {
-			t.Fatalf("DNP_PLUGIN_BIN=%s: %v", p, err)
+			return "", fmt.Errorf("%s=%s: %w", PluginBinEnv, p, err)
 		}
-		return abs
+		return abs, nil
 	}
 	pluginBuild.Do(func() {
 		dir, err := os.MkdirTemp("", "dnp-bin-")
@@ -44,7 +45,7 @@ func PluginBinary(t testing.TB) string {
 			pluginBuildErr = err
 			return
 		}
-		_, here, _, _ := runtime.Caller(0) // integration/harness/legacy.go
+		_, here, _, _ := runtime.Caller(0) // internal/dockerhosts/legacy.go
 		src := filepath.Join(filepath.Dir(here), "..", "..", "cmd", "docker-net-plugin")
 		pluginBin = filepath.Join(dir, "docker-net-plugin")
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -56,13 +57,11 @@ func PluginBinary(t testing.TB) string {
 			pluginBuildErr = fmt.Errorf("go build %s: %v\n%s", src, err, out)
 		}
 	})
-	if pluginBuildErr != nil {
-		t.Fatal(pluginBuildErr)
-	}
-	return pluginBin
+	return pluginBin, pluginBuildErr
 }
 
-// RemovePluginBinary deletes what PluginBinary built; call it from TestMain.
+// RemovePluginBinary deletes what PluginBinary built; call it at the end
+// (TestMain).
 func RemovePluginBinary() {
 	if pluginBin != "" {
 		os.RemoveAll(filepath.Dir(pluginBin))
@@ -75,18 +74,19 @@ type LegacyPlugin struct {
 	Host *Host
 	Log  string // its log file
 
+	bin  string
 	args []string
 	cmd  *exec.Cmd
 	done chan struct{} // closed when cmd has exited
 }
 
-// StartLegacyPlugin runs the plugin on h against storeURL and stops it in
-// the cluster's teardown, after the containers are gone (so dockerd can
-// still reach it). extra flags come last and so win over the defaults
-// (--live-ttl 10s, --log-level debug). On failure it prints the log's end.
-func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra ...string) *LegacyPlugin {
-	t.Helper()
-	p := &LegacyPlugin{Host: h, Log: filepath.Join(h.Dir, "plugin.log")}
+// StartLegacyPlugin runs the plugin binary bin (see PluginBinary) on h
+// against storeURL and stops it in Close, after the containers are gone
+// (so dockerd can still reach it). extra flags come last and so win over
+// the defaults (--live-ttl 10s, --log-level debug). If Close is told the
+// run failed, it shows the end of the plugin's log (Options.Logf).
+func (c *Cluster) StartLegacyPlugin(h *Host, bin, storeURL string, extra ...string) (*LegacyPlugin, error) {
+	p := &LegacyPlugin{Host: h, Log: filepath.Join(h.Dir, "plugin.log"), bin: bin}
 	p.args = append([]string{"serve",
 		"--store", storeURL,
 		"--name", PluginName,
@@ -100,36 +100,37 @@ func StartLegacyPlugin(t testing.TB, c *Cluster, h *Host, storeURL string, extra
 		// The host's own machine id, key and encryption data path socket.
 		"--state-dir", filepath.Join(h.Dir, "state"),
 	}, extra...)
-	p.Start(t)
+	if err := p.Start(); err != nil {
+		return nil, err
+	}
 	c.Cleanup(func() {
 		p.Stop()
 		// The lock file the plugin and doctor --fix share (overlay.Host.LockPath).
 		os.Remove(filepath.Join("/run", "."+c.Prefix+"-"+h.Name+"-lock"))
-		if t.Failed() {
+		if c.closingFailed() {
 			out, _ := os.ReadFile(p.Log)
 			if len(out) > 6000 {
 				out = out[len(out)-6000:]
 			}
-			t.Logf("plugin log of %s (end):\n%s", h.Name, out)
+			c.logf("plugin log of %s (end):\n%s", h.Name, out)
 		}
 	})
-	return p
+	return p, nil
 }
 
 func (p *LegacyPlugin) socket() string { return filepath.Join(p.Host.PluginDir, PluginName+".sock") }
 
 // Start runs the plugin (again) and waits until its socket answers.
-func (p *LegacyPlugin) Start(t testing.TB) {
-	t.Helper()
+func (p *LegacyPlugin) Start() error {
 	lf, err := os.OpenFile(p.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
-	p.cmd = p.Host.Command(PluginBinary(t), p.args...)
+	p.cmd = p.Host.Command(p.bin, p.args...)
 	p.cmd.Stdout, p.cmd.Stderr = lf, lf
 	if err := p.cmd.Start(); err != nil {
 		lf.Close()
-		t.Fatalf("start the plugin on %s: %v", p.Host.Name, err)
+		return fmt.Errorf("start the plugin on %s: %w", p.Host.Name, err)
 	}
 	done := make(chan struct{})
 	p.done = done
@@ -138,16 +139,16 @@ func (p *LegacyPlugin) Start(t testing.TB) {
 	for {
 		if conn, err := net.Dial("unix", p.socket()); err == nil {
 			conn.Close()
-			return
+			return nil
 		}
 		select {
 		case <-done:
 			out, _ := os.ReadFile(p.Log)
-			t.Fatalf("plugin on %s exited at start:\n%s", p.Host.Name, out)
+			return fmt.Errorf("plugin on %s exited at start:\n%s", p.Host.Name, out)
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("plugin socket %s not there after 15s", p.socket())
+			return fmt.Errorf("plugin socket %s not there after 15s", p.socket())
 		}
 	}
 }
@@ -168,12 +169,12 @@ func (p *LegacyPlugin) Stop() {
 }
 
 // Crash kills the plugin at once (SIGKILL), as a crash would.
-func (p *LegacyPlugin) Crash(t testing.TB) {
-	t.Helper()
+func (p *LegacyPlugin) Crash() error {
 	if err := p.cmd.Process.Kill(); err != nil {
-		t.Fatalf("kill the plugin on %s: %v", p.Host.Name, err)
+		return fmt.Errorf("kill the plugin on %s: %w", p.Host.Name, err)
 	}
 	<-p.done
+	return nil
 }
 
 // Pid is the plugin's process id (nsenter execs the plugin in place).

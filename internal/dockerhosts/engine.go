@@ -1,4 +1,4 @@
-package harness
+package dockerhosts
 
 import (
 	"fmt"
@@ -32,7 +32,7 @@ type Engine struct {
 	Compose string
 }
 
-// Engines are the engine versions the harness knows, newest first.
+// Engines are the engine versions this package knows, newest first.
 var Engines = []string{"28.5", "26.1", "20.10"}
 
 // NewestEngine returns the newest of Engines that is installed.
