@@ -170,7 +170,12 @@ func (d *Driver) newAllocation(p poolSpec, a netip.Addr, kind string) Allocation
 
 // getAllocation reads the record of a (store.ErrNotFound if free).
 func (d *Driver) getAllocation(ctx context.Context, p poolSpec, a netip.Addr) (Allocation, int64, error) {
-	kv, err := d.s.Get(ctx, p.addrKey(a))
+	return readAllocation(ctx, d.s, p, a)
+}
+
+// readAllocation reads the record of a in s (store.ErrNotFound if free).
+func readAllocation(ctx context.Context, s store.Store, p poolSpec, a netip.Addr) (Allocation, int64, error) {
+	kv, err := s.Get(ctx, p.addrKey(a))
 	if err != nil {
 		return Allocation{}, 0, fmt.Errorf("read allocation of %s in pool %s: %w", a, p.ID, err)
 	}

@@ -67,8 +67,7 @@ func Holder(ctx context.Context, s store.Store, rec Allocation) (string, error) 
 	if err != nil {
 		return "", err
 	}
-	d := &Driver{s: s}
-	cur, _, err := d.getAllocation(ctx, p, a)
+	cur, _, err := readAllocation(ctx, s, p, a)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
 			return "", nil
