@@ -30,8 +30,10 @@ build:
 deps:
 	bash scripts/install-deps.sh
 
+# go vet, staticcheck (pinned in go.mod as a tool) and gofmt.
 vet:
 	$(GO) vet $(PKGS)
+	$(GO) tool staticcheck $(PKGS)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 
 # Everything: unit tests, store conformance against real servers, and the

@@ -53,7 +53,6 @@ type MulticastPlane interface {
 type mcastSync struct {
 	d     *Driver
 	plane MulticastPlane
-	kickc chan struct{}
 
 	// Mirrors of the store, owned by run's goroutine.
 	records   map[string]groupsRecord // by key
@@ -67,15 +66,8 @@ type mcastSync struct {
 
 func newMcastSync(d *Driver) *mcastSync {
 	mp, _ := d.cfg.Plane.(MulticastPlane)
-	return &mcastSync{d: d, plane: mp, kickc: make(chan struct{}, 1),
+	return &mcastSync{d: d, plane: mp,
 		records: map[string]groupsRecord{}, hosts: map[string]bool{}, published: map[string]string{}}
-}
-
-func (m *mcastSync) kick() {
-	select {
-	case m.kickc <- struct{}{}:
-	default:
-	}
 }
 
 func (m *mcastSync) run(ctx context.Context) {
@@ -118,7 +110,6 @@ func (m *mcastSync) run(ctx context.Context) {
 				return
 			}
 			m.applyHost(ev)
-		case <-m.kickc:
 		case <-tick.C:
 			m.sync(ctx)
 			continue

@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 
@@ -272,13 +271,3 @@ func boolOption(v interface{}) bool {
 // validName says whether s is an overlay name: 1-64 letters, digits, '.',
 // '_' or '-', starting with a letter or digit (so never "." or "..").
 func validName(s string) bool { return namePattern.MatchString(s) }
-
-// sortedKeys is for stable messages.
-func sortedKeys(m map[string]string) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
-}

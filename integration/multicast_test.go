@@ -69,8 +69,7 @@ func TestMulticast(t *testing.T) {
 		name  string
 		group string
 		count int
-		recv  []*harness.Host  // receivers r-<host>
-		check func(*testing.T) // extra checks while the receivers listen
+		recv  []*harness.Host // receivers r-<host>
 	}
 	g4, g6 := "239.61.0.1:6101", "[ff0e::61:1]:6102"
 	streams := []stream{

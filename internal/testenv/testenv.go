@@ -8,7 +8,6 @@ package testenv
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -91,17 +90,6 @@ func (p *Process) Stop(t testing.TB) {
 func (p *Process) Kill(t testing.TB) {
 	t.Helper()
 	p.Process.Kill()
-}
-
-// DialReady is a Ready check that succeeds once addr accepts TCP connections.
-func DialReady(addr string) func() error {
-	return func() error {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			return err
-		}
-		return c.Close()
-	}
 }
 
 // Context returns a context that ends with the test, bounded by d.
