@@ -17,61 +17,6 @@ import (
 
 // What operators see: the cluster as the store records it (status), and
 // what this host's kernel should hold (doctor).
-//
-// A registered host rewrites its last-seen time (seen/<host>) every
-// seenInterval and once more when it stops; it goes when a host stops
-// with no Docker network left.
-
-// seenInterval is how often a registered host writes its last-seen time
-// (less with a short grace period before stale hosts are purged: seenEvery).
-const seenInterval = 30 * time.Second
-
-type seenRecord struct {
-	Addr string `json:"addr"`
-	Name string `json:"name"`
-	Seen string `json:"seen"` // RFC 3339, UTC
-}
-
-// heartbeat writes this host's last-seen time now and every seenEvery
-// until ctx ends.
-func (p *peerSync) heartbeat(ctx context.Context, rec hostRecord) {
-	t := time.NewTicker(p.d.seenEvery())
-	defer t.Stop()
-	for {
-		wctx, cancel := context.WithTimeout(ctx, store.DefaultTimeout)
-		if err := p.writeSeen(wctx, rec); err != nil && ctx.Err() == nil {
-			p.d.log.Debug("cannot write last-seen time", "host", p.d.host, "err", err)
-		}
-		cancel()
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
-
-func (p *peerSync) writeSeen(ctx context.Context, rec hostRecord) error {
-	seen := seenRecord{Addr: rec.Addr, Name: rec.Name, Seen: time.Now().UTC().Format(time.RFC3339)}
-	_, err := p.d.cfg.Store.Put(ctx, seenKey(p.d.host), encode(seen))
-	return err
-}
-
-// lastSeen records a clean stop: the last-seen time of a host that still
-// has Docker networks, or no trace at all of one that has none.
-func (p *peerSync) lastSeen(ctx context.Context, rec hostRecord) {
-	nets, err := p.d.cfg.Store.List(ctx, netmapOf(p.d.host))
-	switch {
-	case err != nil:
-	case len(nets) == 0:
-		err = p.d.cfg.Store.Delete(ctx, seenKey(p.d.host))
-	default:
-		err = p.writeSeen(ctx, rec)
-	}
-	if err != nil {
-		p.d.log.Debug("cannot record the last-seen time", "host", p.d.host, "err", err)
-	}
-}
 
 // ClusterState is the cluster as the store records it.
 type ClusterState struct {
