@@ -45,9 +45,25 @@ type holding struct{ id, host string }
 // underlay address (invalid: no host's view). It returns the peers, by
 // MAC, and the skipped records, self's included.
 func pickPeers(ov Overlay, recs []keyedRecord, self string, under netip.Addr) ([]Peer, []RecordProblem) {
+	picked, skipped := pick(ov, recs, self, under)
+	return sortedPeers(picked), skipped
+}
+
+// sortedPeers are the peers by MAC.
+func sortedPeers(picked map[string]Peer) []Peer {
+	peers := make([]Peer, 0, len(picked))
+	for _, p := range picked {
+		peers = append(peers, p)
+	}
+	sort.Slice(peers, func(i, j int) bool { return bytes.Compare(peers[i].MAC, peers[j].MAC) < 0 })
+	return peers
+}
+
+// pick is pickPeers with the peers by record key.
+func pick(ov Overlay, recs []keyedRecord, self string, under netip.Addr) (map[string]Peer, []RecordProblem) {
 	overlay := ov.Name
 	held := map[string]holding{}
-	var peers []Peer
+	peers := map[string]Peer{}
 	var skipped []RecordProblem
 	for _, k := range recs {
 		skip := func(kind, reason string, with holding) {
@@ -77,10 +93,9 @@ func pickPeers(ov Overlay, recs []keyedRecord, self string, under netip.Addr) ([
 			held[c.Key] = holding{k.id(), k.rec.Host}
 		}
 		if k.rec.Host != self {
-			peers = append(peers, peer)
+			peers[k.key] = peer
 		}
 	}
-	sort.Slice(peers, func(i, j int) bool { return peers[i].MAC.String() < peers[j].MAC.String() })
 	return peers, skipped
 }
 

@@ -236,7 +236,7 @@ func (d *Driver) restoreOrphan(ctx context.Context, kv store.KV) (uint32, error)
 		// host's before the watch brings it, or it removes the overlay
 		// the endpoint's interface is in. (This runs on the peer sync's
 		// goroutine, which owns the mirror.)
-		d.peers.endpoints[endpointKey(o.Overlay, o.ID)] = o.Endpoint
+		d.peers.setEndpoint(endpointKey(o.Overlay, o.ID), &o.Endpoint)
 		return 0, nil
 	}
 	if !errors.Is(err, store.ErrConflict) {

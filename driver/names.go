@@ -2,6 +2,7 @@ package driver
 
 import (
 	"net/netip"
+	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
 )
@@ -63,6 +64,7 @@ func (p *peerSync) observeNames() {
 	if ns == nil {
 		return
 	}
+	p.namesSeen = time.Now()
 	eps := make([]KnownEndpoint, 0, len(p.endpoints))
 	for key, rec := range p.endpoints {
 		ke := KnownEndpoint{Overlay: overlayOfKey(key), ID: idOfKey(key), Network: rec.Network, Host: rec.Host}

@@ -20,6 +20,8 @@ type plannedOverlay struct {
 	endpoints []*localEndpoint // its endpoints on this host
 	peers     []Peer           // its endpoints on other live hosts, by MAC
 	skipped   []RecordProblem  // its records of live hosts skipped (conflicts.go)
+	recs      []keyedRecord    // its records of live hosts (this one's included), by key
+	picked    map[string]Peer  // peers, by record key
 }
 
 // plan computes from the mirrors what this host's kernel should hold:
@@ -92,7 +94,9 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			recs = append(recs, keyedRecord{endpointKey(name, ep.ID), ep.Rec})
 		}
 		sortKeyed(recs)
-		po.peers, po.skipped = pickPeers(overlayOf(po.net), recs, d.host, d.cfg.HostAddr)
+		po.recs = recs
+		po.picked, po.skipped = pick(overlayOf(po.net), recs, d.host, d.cfg.HostAddr)
+		po.peers = sortedPeers(po.picked)
 	}
 	return planned, errors.Join(errs...)
 }
@@ -144,10 +148,14 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	defer unlock()
 	wanted := map[uint32]bool{}
 	changes := 0
-	for _, po := range planned {
+	// The views the deltas start from: of the overlays programmed in full.
+	p.views = map[string]*overlayView{}
+	clear(p.dirtyViews)
+	for name, po := range planned {
 		vni := po.net.Overlay.VNI
 		wanted[vni] = true
-		if err := d.ensureOverlay(overlayOf(po.net)); err != nil {
+		ov := overlayOf(po.net)
+		if err := d.ensureOverlay(ov); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -155,7 +163,9 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 		changes += c
 		if err != nil {
 			errs = append(errs, err)
+			continue
 		}
+		p.views[name] = newView(ov, po.recs, po.picked, d.cfg.HostAddr)
 	}
 	// Orphaned endpoints of this host are not in the plan until restored
 	// (restoreOrphans): removing their overlay first would delete the very

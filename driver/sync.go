@@ -36,14 +36,32 @@ type peerSync struct {
 	// kept are the VNIs of this host's orphaned endpoints whose interface
 	// is still there (hostloss.go): their overlays stay.
 	kept map[uint32]bool
+
+	// Deltas (delta.go): the next pass is a full reconciliation when full
+	// is set or views is nil (none done yet); otherwise it programs the
+	// overlays in dirtyViews from their views.
+	full       bool
+	views      map[string]*overlayView // by overlay name
+	dirtyViews map[string]bool
+	// local and remote count the endpoint records in the mirror.
+	local, remote int
+	// namesSeen: when the name service was last given the mirror.
+	namesSeen time.Time
 }
 
-// debounce lets a burst of store events become one reconciliation.
-const debounce = 20 * time.Millisecond
+const (
+	// debounce lets a burst of store events become one pass.
+	debounce = 20 * time.Millisecond
+	// resyncEvery is how often a full reconciliation runs anyway.
+	resyncEvery = 10 * time.Minute
+	// namesEvery is how often, at most, the name service is given the
+	// whole mirror between full reconciliations.
+	namesEvery = time.Second
+)
 
 func newPeerSync(d *Driver) *peerSync {
 	return &peerSync{d: d, kickc: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
-		skipped: map[string]RecordProblem{}}
+		skipped: map[string]RecordProblem{}, dirtyViews: map[string]bool{}}
 }
 
 // restoreLater asks for another look at this host's orphaned endpoints
@@ -53,7 +71,7 @@ func (p *peerSync) restoreLater() {
 	time.AfterFunc(100*time.Millisecond, p.kick)
 }
 
-// kick asks for a reconciliation soon.
+// kick asks for a full reconciliation soon.
 func (p *peerSync) kick() {
 	select {
 	case p.kickc <- struct{}{}:
@@ -88,7 +106,9 @@ func (p *peerSync) run(ctx context.Context) {
 	}()
 	purge := time.NewTicker(p.d.purgeEvery())
 	defer purge.Stop()
-	var timer <-chan time.Time
+	resync := time.NewTicker(resyncEvery)
+	defer resync.Stop()
+	var timer, names <-chan time.Time
 	dirty := func() {
 		if timer == nil {
 			timer = time.After(debounce)
@@ -111,50 +131,91 @@ func (p *peerSync) run(ctx context.Context) {
 			p.applyHost(ev)
 			dirty()
 		case <-p.kickc:
+			p.full = true
+			dirty()
+		case <-resync.C:
+			p.full = true
 			dirty()
 		case <-purge.C:
-			if p.haveEPs && p.haveHosts && p.d.id.ours() {
+			if p.ready() {
 				if err := p.purgeStale(ctx); err != nil {
 					log.Warn("purging the records of hosts gone longer than the grace period failed; retrying later", "err", err)
 				}
 			}
+		case <-names:
+			names = nil
+			if p.ready() {
+				p.observeNames()
+			}
 		case <-timer:
 			timer = nil
-			// Only once the live key is this machine's: until then the
-			// records under this host's address may be another machine's.
-			if p.haveEPs && p.haveHosts && p.d.id.ours() {
-				if p.restoreDue && p.hosts[p.d.host] {
-					p.restoreDue = false
-					if err := p.restoreOrphans(ctx); err != nil {
-						log.Warn("restoring orphaned endpoints failed; retrying", "err", err)
-						p.restoreDue = true
-						time.AfterFunc(time.Second, p.kick)
-					}
-				}
-				if !p.claimsDone && p.hosts[p.d.host] {
-					if err := p.backfillClaims(ctx); err != nil {
-						log.Warn("claiming the MACs and addresses of endpoints recorded by an earlier version failed; retrying", "err", err)
-						time.AfterFunc(time.Second, p.kick)
-					} else {
-						p.claimsDone = true
-					}
-				}
-				if err := p.collectLost(ctx); err != nil {
-					log.Warn("releasing a lost host's endpoints failed; retrying", "err", err)
-					time.AfterFunc(time.Second, p.kick)
-				}
+			if !p.ready() {
+				continue
+			}
+			up, ok := p.d.cfg.Plane.(peerUpdater)
+			if !ok || p.full || p.views == nil {
+				p.fullPass(ctx)
+				continue
+			}
+			changes, err := p.flush(ctx, up)
+			if m := p.d.cfg.Metrics; m != nil {
+				m.Reconciled(changes, err)
+				m.Known(p.known())
+			}
+			if err != nil {
+				log.Warn("applying a change failed; reconciling in full", "err", err)
+				dirty()
+			}
+			if wait := namesEvery - time.Since(p.namesSeen); wait <= 0 {
 				p.observeNames()
-				changes, err := p.reconcile(ctx)
-				if m := p.d.cfg.Metrics; m != nil {
-					m.Reconciled(changes, err)
-					m.Known(p.known())
-				}
-				if err != nil {
-					log.Warn("reconcile failed; retrying", "err", err)
-					time.AfterFunc(time.Second, p.kick)
-				}
+			} else if names == nil {
+				names = time.After(wait)
 			}
 		}
+	}
+}
+
+// ready: both mirrors are loaded and the live key is this machine's (until
+// then the records under this host's address may be another machine's).
+func (p *peerSync) ready() bool {
+	return p.haveEPs && p.haveHosts && p.d.id.ours()
+}
+
+// fullPass looks after this host's orphaned endpoints, the claims of
+// endpoints an earlier version recorded and the endpoints of lost hosts,
+// then reconciles the kernel in full.
+func (p *peerSync) fullPass(ctx context.Context) {
+	log := p.d.log
+	p.full = false
+	if p.restoreDue && p.hosts[p.d.host] {
+		p.restoreDue = false
+		if err := p.restoreOrphans(ctx); err != nil {
+			log.Warn("restoring orphaned endpoints failed; retrying", "err", err)
+			p.restoreDue = true
+			time.AfterFunc(time.Second, p.kick)
+		}
+	}
+	if !p.claimsDone && p.hosts[p.d.host] {
+		if err := p.backfillClaims(ctx); err != nil {
+			log.Warn("claiming the MACs and addresses of endpoints recorded by an earlier version failed; retrying", "err", err)
+			time.AfterFunc(time.Second, p.kick)
+		} else {
+			p.claimsDone = true
+		}
+	}
+	if err := p.collectLost(ctx); err != nil {
+		log.Warn("releasing a lost host's endpoints failed; retrying", "err", err)
+		time.AfterFunc(time.Second, p.kick)
+	}
+	p.observeNames()
+	changes, err := p.reconcile(ctx)
+	if m := p.d.cfg.Metrics; m != nil {
+		m.Reconciled(changes, err)
+		m.Known(p.known())
+	}
+	if err != nil {
+		log.Warn("reconcile failed; retrying", "err", err)
+		time.AfterFunc(time.Second, p.kick)
 	}
 }
 
@@ -162,28 +223,71 @@ func (p *peerSync) applyEndpoint(ev store.Event) {
 	switch ev.Type {
 	case store.EventReset:
 		p.endpoints = map[string]endpointRecord{}
+		p.local, p.remote = 0, 0
 		for _, kv := range ev.Snapshot {
-			p.putEndpoint(kv)
+			if rec, ok := p.decodeEndpoint(kv); ok {
+				p.setEndpoint(kv.Key, &rec)
+			}
 		}
 		p.haveEPs = true
 		p.restoreDue = true
+		p.full = true
 	case store.EventPut:
-		p.putEndpoint(ev.KV)
-	case store.EventDelete:
-		if p.endpoints[ev.KV.Key].Host == p.d.host {
-			p.restoreDue = true // perhaps orphaned by another host
+		rec, ok := p.decodeEndpoint(ev.KV)
+		if !ok {
+			p.deleteEndpoint(ev.KV.Key)
+			return
 		}
-		delete(p.endpoints, ev.KV.Key)
+		var old *endpointRecord
+		if o, ok := p.endpoints[ev.KV.Key]; ok {
+			old = &o
+		}
+		p.noteEndpoint(ev.KV.Key, old, &rec)
+		p.setEndpoint(ev.KV.Key, &rec)
+	case store.EventDelete:
+		p.deleteEndpoint(ev.KV.Key)
 	}
 }
 
-func (p *peerSync) putEndpoint(kv store.KV) {
+func (p *peerSync) decodeEndpoint(kv store.KV) (endpointRecord, bool) {
 	rec, err := decodeKV[endpointRecord](kv)
 	if err != nil {
 		p.d.log.Warn("skipping endpoint record", "err", err)
+		return rec, false
+	}
+	return rec, true
+}
+
+func (p *peerSync) deleteEndpoint(key string) {
+	old, ok := p.endpoints[key]
+	if !ok {
 		return
 	}
-	p.endpoints[kv.Key] = rec
+	if old.Host == p.d.host {
+		p.restoreDue = true // perhaps orphaned by another host
+	}
+	p.noteEndpoint(key, &old, nil)
+	p.setEndpoint(key, nil)
+}
+
+// setEndpoint puts (rec nil: deletes) a record in the mirror.
+func (p *peerSync) setEndpoint(key string, rec *endpointRecord) {
+	if old, ok := p.endpoints[key]; ok {
+		p.countEndpoint(old, -1)
+		delete(p.endpoints, key)
+	}
+	if rec != nil {
+		p.endpoints[key] = *rec
+		p.countEndpoint(*rec, 1)
+	}
+}
+
+func (p *peerSync) countEndpoint(rec endpointRecord, n int) {
+	if rec.Host == p.d.host {
+		p.local += n
+	} else {
+		p.remote += n
+	}
 }
 
 func (p *peerSync) applyHost(ev store.Event) {
@@ -196,26 +300,28 @@ func (p *peerSync) applyHost(ev store.Event) {
 		p.haveHosts = true
 		p.hostsLoaded = time.Now()
 		p.restoreDue = true
+		p.full = true
 	case store.EventPut:
 		h := strings.TrimPrefix(ev.KV.Key, hostsDir+"/")
+		if !p.hosts[h] {
+			p.full = true // its endpoints are peers now
+		}
 		p.hosts[h] = true
 		if h == p.d.host {
 			p.restoreDue = true // registered (again)
+			p.full = true
 			p.checkOwnKey(ev.KV.Value)
 		}
 	case store.EventDelete:
-		delete(p.hosts, strings.TrimPrefix(ev.KV.Key, hostsDir+"/"))
+		h := strings.TrimPrefix(ev.KV.Key, hostsDir+"/")
+		if p.hosts[h] {
+			p.full = true // its endpoints are peers no more
+		}
+		delete(p.hosts, h)
 	}
 }
 
 // known counts the endpoints (here and elsewhere) and live hosts in the mirrors.
 func (p *peerSync) known() (local, remote, hosts int) {
-	for _, rec := range p.endpoints {
-		if rec.Host == p.d.host {
-			local++
-		} else {
-			remote++
-		}
-	}
-	return local, remote, len(p.hosts)
+	return p.local, p.remote, len(p.hosts)
 }

@@ -1,0 +1,231 @@
+package driver
+
+import (
+	"bytes"
+	"context"
+	"net/netip"
+	"slices"
+)
+
+// Changes one at a time. The full reconciliation (plan.go) reads every
+// record and the kernel's tables, so its cost grows with the cluster. It
+// runs on start, after a watch reset, when this host's own endpoints or the
+// live hosts change, on a slow timer, and whenever a change cannot be
+// applied on its own. Every other store event (an endpoint of another live
+// host added, changed or removed on an overlay this host has) is applied
+// as a delta: only its own entries are added or removed, at a cost that
+// does not depend on how many are programmed.
+//
+// A change is applied on its own only when it can make no other record win
+// or lose: the record is well-formed and no other record of the overlay
+// claims its MAC or any of its addresses (conflicts.go), before or after.
+// Otherwise the overlay needs the full rules, and the next pass is full.
+
+// PeerDelta is a change to an overlay's peers: the peers to remove, the
+// peers to add (or replace), and the remote hosts that now have peers on
+// it or no longer have any.
+type PeerDelta struct {
+	Add, Remove           []Peer
+	AddHosts, RemoveHosts []netip.Addr
+}
+
+// Empty reports whether the delta changes nothing.
+func (d PeerDelta) Empty() bool {
+	return len(d.Add)+len(d.Remove)+len(d.AddHosts)+len(d.RemoveHosts) == 0
+}
+
+// peerUpdater is a DataPlane that applies a PeerDelta without reading what
+// the overlay holds. A plane without it gets full reconciliations only.
+type peerUpdater interface {
+	UpdatePeers(vni uint32, d PeerDelta) (int, error)
+}
+
+// overlayView is what the last full reconciliation programmed of one
+// overlay, kept up to date by the deltas since.
+type overlayView struct {
+	ov     Overlay
+	peers  map[string]Peer     // the peers the kernel should hold, by record key
+	claims map[string]int      // per MAC and address claim: well-formed records of live hosts making it
+	hosts  map[netip.Addr]int  // peers per remote host
+	before map[string]*Peer    // records changed since the last flush: the peer the kernel held (nil: none)
+	seen   map[netip.Addr]bool // hosts touched since the last flush: whether the kernel had them
+}
+
+// newView builds the view of an overlay from its records of live hosts
+// (this host's included) and what pick chose of them.
+func newView(ov Overlay, recs []keyedRecord, picked map[string]Peer, under netip.Addr) *overlayView {
+	v := &overlayView{ov: ov, peers: picked, claims: map[string]int{}, hosts: map[netip.Addr]int{},
+		before: map[string]*Peer{}, seen: map[netip.Addr]bool{}}
+	for _, k := range recs {
+		if _, err := validPeer(k.rec, ov, under); err != nil {
+			continue
+		}
+		for _, c := range claimsOf(ov.Name, k.rec) {
+			v.claims[c.Key]++
+		}
+	}
+	for _, p := range picked {
+		v.hosts[p.Host]++
+	}
+	return v
+}
+
+// noteEndpoint is called for every endpoint record put or deleted (old
+// and now are nil when there was or is no record), before the mirror
+// changes. It applies the change to its overlay's view, or, when the
+// change needs the full rules, asks for a full pass.
+func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
+	if p.full || p.views == nil {
+		return
+	}
+	v := p.views[overlayOfKey(key)]
+	self := p.d.host
+	if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
+		p.full = true // this host's own endpoints: overlays may come or go
+		return
+	}
+	if v == nil {
+		return // an overlay this host does not have
+	}
+	if _, ok := p.skipped[key]; ok {
+		p.full = true // another record may win what it was refused
+		return
+	}
+	oldPeer, had := v.peers[key]
+	if old != nil && p.hosts[old.Host] {
+		if _, err := validPeer(*old, v.ov, p.d.cfg.HostAddr); err == nil {
+			if !had || v.contested(*old, 1) {
+				p.full = true
+				return
+			}
+			v.count(*old, -1)
+		}
+	}
+	var newPeer Peer
+	accepted := false
+	if now != nil && p.hosts[now.Host] {
+		peer, err := validPeer(*now, v.ov, p.d.cfg.HostAddr)
+		if err != nil || v.contested(*now, 0) {
+			p.full = true // to be skipped, and said so, by the full rules
+			return
+		}
+		v.count(*now, 1)
+		newPeer, accepted = peer, true
+	}
+	if !had && !accepted {
+		return
+	}
+	if _, ok := v.before[key]; !ok {
+		if had {
+			v.before[key] = &oldPeer
+		} else {
+			v.before[key] = nil
+		}
+	}
+	if had {
+		v.touch(oldPeer.Host)
+		v.hosts[oldPeer.Host]--
+		delete(v.peers, key)
+	}
+	if accepted {
+		v.touch(newPeer.Host)
+		v.hosts[newPeer.Host]++
+		v.peers[key] = newPeer
+	}
+	p.dirtyViews[v.ov.Name] = true
+}
+
+// contested reports whether a claim of rec is made by more than mine
+// records of the overlay (mine: 1 when rec is counted already, else 0).
+func (v *overlayView) contested(rec endpointRecord, mine int) bool {
+	for _, c := range claimsOf(v.ov.Name, rec) {
+		if v.claims[c.Key] > mine {
+			return true
+		}
+	}
+	return false
+}
+
+func (v *overlayView) count(rec endpointRecord, n int) {
+	for _, c := range claimsOf(v.ov.Name, rec) {
+		if v.claims[c.Key] += n; v.claims[c.Key] <= 0 {
+			delete(v.claims, c.Key)
+		}
+	}
+}
+
+// touch remembers whether the kernel had host before this flush's changes.
+func (v *overlayView) touch(host netip.Addr) {
+	if _, ok := v.seen[host]; !ok {
+		v.seen[host] = v.hosts[host] > 0
+	}
+}
+
+// delta is what changed in the view since the last flush, and starts the next.
+func (v *overlayView) delta() PeerDelta {
+	var d PeerDelta
+	for key, was := range v.before {
+		now, ok := v.peers[key]
+		if was != nil && ok && samePeer(*was, now) {
+			continue
+		}
+		if was != nil {
+			d.Remove = append(d.Remove, *was)
+		}
+		if ok {
+			d.Add = append(d.Add, now)
+		}
+	}
+	for host, had := range v.seen {
+		switch has := v.hosts[host] > 0; {
+		case has && !had:
+			d.AddHosts = append(d.AddHosts, host)
+		case !has && had:
+			d.RemoveHosts = append(d.RemoveHosts, host)
+		}
+		if v.hosts[host] <= 0 {
+			delete(v.hosts, host)
+		}
+	}
+	clear(v.before)
+	clear(v.seen)
+	return d
+}
+
+func samePeer(a, b Peer) bool {
+	return a.Host == b.Host && bytes.Equal(a.MAC, b.MAC) && slices.Equal(a.IPs, b.IPs)
+}
+
+// flush programs the deltas of the overlays changed since the last pass.
+// It returns how many kernel entries changed; on an error the next pass is
+// full.
+func (p *peerSync) flush(ctx context.Context, up peerUpdater) (int, error) {
+	if len(p.dirtyViews) == 0 {
+		return 0, nil
+	}
+	unlock, err := p.d.lockHost(ctx)
+	if err != nil {
+		p.full = true
+		return 0, err
+	}
+	defer unlock()
+	changes := 0
+	for name := range p.dirtyViews {
+		delete(p.dirtyViews, name)
+		v := p.views[name]
+		if v == nil {
+			continue
+		}
+		d := v.delta()
+		if d.Empty() {
+			continue
+		}
+		n, err := up.UpdatePeers(v.ov.VNI, d)
+		changes += n
+		if err != nil {
+			p.full = true
+			return changes, err
+		}
+	}
+	return changes, nil
+}
