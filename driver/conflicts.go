@@ -38,6 +38,30 @@ func (k keyedRecord) id() string { return k.key[strings.LastIndex(k.key, "/")+1:
 // holding is who holds a MAC or address while peers are picked.
 type holding struct{ id, host string }
 
+// claimKey is a MAC (ip invalid) or an address (mac zero) an endpoint
+// claims in its overlay.
+type claimKey struct {
+	mac [6]byte
+	ip  netip.Addr
+}
+
+func (k claimKey) String() string {
+	if k.ip.IsValid() {
+		return "address " + k.ip.String()
+	}
+	return "MAC " + net.HardwareAddr(k.mac[:]).String()
+}
+
+// peerClaims are the MAC and addresses of a valid peer.
+func peerClaims(p Peer) []claimKey {
+	out := make([]claimKey, 0, 1+len(p.IPs))
+	out = append(out, claimKey{mac: [6]byte(p.MAC)})
+	for _, ip := range p.IPs {
+		out = append(out, claimKey{ip: ip})
+	}
+	return out
+}
+
 // pickPeers chooses the peers of overlay ov from its records of live
 // hosts, sorted by key: the records of hosts other than self that are
 // well-formed and claim no MAC or address a record before them claims.
@@ -45,7 +69,7 @@ type holding struct{ id, host string }
 // underlay address (invalid: no host's view). It returns the peers, by
 // MAC, and the skipped records, self's included.
 func pickPeers(ov Overlay, recs []keyedRecord, self string, under netip.Addr) ([]Peer, []RecordProblem) {
-	picked, skipped := pick(ov, recs, self, under)
+	picked, skipped, _ := pick(ov, recs, self, under)
 	return sortedPeers(picked), skipped
 }
 
@@ -59,11 +83,13 @@ func sortedPeers(picked map[string]Peer) []Peer {
 	return peers
 }
 
-// pick is pickPeers with the peers by record key.
-func pick(ov Overlay, recs []keyedRecord, self string, under netip.Addr) (map[string]Peer, []RecordProblem) {
+// pick is pickPeers with the peers by record key. It also counts, for
+// every MAC and address claim, the well-formed records making it.
+func pick(ov Overlay, recs []keyedRecord, self string, under netip.Addr) (map[string]Peer, []RecordProblem, map[claimKey]int) {
 	overlay := ov.Name
-	held := map[string]holding{}
-	peers := map[string]Peer{}
+	held := make(map[claimKey]holding, 2*len(recs))
+	counts := make(map[claimKey]int, 2*len(recs))
+	peers := make(map[string]Peer, len(recs))
 	var skipped []RecordProblem
 	for _, k := range recs {
 		skip := func(kind, reason string, with holding) {
@@ -77,11 +103,14 @@ func pick(ov Overlay, recs []keyedRecord, self string, under netip.Addr) (map[st
 			skip(SkipInvalid, err.Error(), holding{})
 			continue
 		}
-		claims := claimsOf(overlay, k.rec)
+		claims := peerClaims(peer)
+		for _, c := range claims {
+			counts[c]++
+		}
 		conflict := false
 		for _, c := range claims {
-			if h, ok := held[c.Key]; ok {
-				skip(SkipConflict, fmt.Sprintf("%s is held by endpoint %.12s on host %s", c.What, h.id, h.host), h)
+			if h, ok := held[c]; ok {
+				skip(SkipConflict, fmt.Sprintf("%s is held by endpoint %.12s on host %s", c, h.id, h.host), h)
 				conflict = true
 				break
 			}
@@ -90,13 +119,13 @@ func pick(ov Overlay, recs []keyedRecord, self string, under netip.Addr) (map[st
 			continue
 		}
 		for _, c := range claims {
-			held[c.Key] = holding{k.id(), k.rec.Host}
+			held[c] = holding{k.id(), k.rec.Host}
 		}
 		if k.rec.Host != self {
 			peers[k.key] = peer
 		}
 	}
-	return peers, skipped
+	return peers, skipped, counts
 }
 
 // validPeer turns an endpoint record of another host into a Peer, or says

@@ -45,25 +45,17 @@ type peerUpdater interface {
 type overlayView struct {
 	ov     Overlay
 	peers  map[string]Peer     // the peers the kernel should hold, by record key
-	claims map[string]int      // per MAC and address claim: well-formed records of live hosts making it
+	claims map[claimKey]int    // per MAC and address claim: well-formed records of live hosts making it
 	hosts  map[netip.Addr]int  // peers per remote host
 	before map[string]*Peer    // records changed since the last flush: the peer the kernel held (nil: none)
 	seen   map[netip.Addr]bool // hosts touched since the last flush: whether the kernel had them
 }
 
-// newView builds the view of an overlay from its records of live hosts
-// (this host's included) and what pick chose of them.
-func newView(ov Overlay, recs []keyedRecord, picked map[string]Peer, under netip.Addr) *overlayView {
-	v := &overlayView{ov: ov, peers: picked, claims: map[string]int{}, hosts: map[netip.Addr]int{},
+// newView is the view of an overlay programmed with picked, its records'
+// claims counted in claims (pick).
+func newView(ov Overlay, picked map[string]Peer, claims map[claimKey]int) *overlayView {
+	v := &overlayView{ov: ov, peers: picked, claims: claims, hosts: map[netip.Addr]int{},
 		before: map[string]*Peer{}, seen: map[netip.Addr]bool{}}
-	for _, k := range recs {
-		if _, err := validPeer(k.rec, ov, under); err != nil {
-			continue
-		}
-		for _, c := range claimsOf(ov.Name, k.rec) {
-			v.claims[c.Key]++
-		}
-	}
 	for _, p := range picked {
 		v.hosts[p.Host]++
 	}
@@ -93,23 +85,23 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 	}
 	oldPeer, had := v.peers[key]
 	if old != nil && p.hosts[old.Host] {
-		if _, err := validPeer(*old, v.ov, p.d.cfg.HostAddr); err == nil {
-			if !had || v.contested(*old, 1) {
+		if peer, err := validPeer(*old, v.ov, p.d.cfg.HostAddr); err == nil {
+			if !had || v.contested(peer, 1) {
 				p.full = true
 				return
 			}
-			v.count(*old, -1)
+			v.count(peer, -1)
 		}
 	}
 	var newPeer Peer
 	accepted := false
 	if now != nil && p.hosts[now.Host] {
 		peer, err := validPeer(*now, v.ov, p.d.cfg.HostAddr)
-		if err != nil || v.contested(*now, 0) {
+		if err != nil || v.contested(peer, 0) {
 			p.full = true // to be skipped, and said so, by the full rules
 			return
 		}
-		v.count(*now, 1)
+		v.count(peer, 1)
 		newPeer, accepted = peer, true
 	}
 	if !had && !accepted {
@@ -135,21 +127,21 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 	p.dirtyViews[v.ov.Name] = true
 }
 
-// contested reports whether a claim of rec is made by more than mine
-// records of the overlay (mine: 1 when rec is counted already, else 0).
-func (v *overlayView) contested(rec endpointRecord, mine int) bool {
-	for _, c := range claimsOf(v.ov.Name, rec) {
-		if v.claims[c.Key] > mine {
+// contested reports whether a claim of peer is made by more than mine
+// records of the overlay (mine: 1 when peer's is counted already, else 0).
+func (v *overlayView) contested(peer Peer, mine int) bool {
+	for _, c := range peerClaims(peer) {
+		if v.claims[c] > mine {
 			return true
 		}
 	}
 	return false
 }
 
-func (v *overlayView) count(rec endpointRecord, n int) {
-	for _, c := range claimsOf(v.ov.Name, rec) {
-		if v.claims[c.Key] += n; v.claims[c.Key] <= 0 {
-			delete(v.claims, c.Key)
+func (v *overlayView) count(peer Peer, n int) {
+	for _, c := range peerClaims(peer) {
+		if v.claims[c] += n; v.claims[c] <= 0 {
+			delete(v.claims, c)
 		}
 	}
 }

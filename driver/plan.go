@@ -20,8 +20,8 @@ type plannedOverlay struct {
 	endpoints []*localEndpoint // its endpoints on this host
 	peers     []Peer           // its endpoints on other live hosts, by MAC
 	skipped   []RecordProblem  // its records of live hosts skipped (conflicts.go)
-	recs      []keyedRecord    // its records of live hosts (this one's included), by key
 	picked    map[string]Peer  // peers, by record key
+	claims    map[claimKey]int // per MAC and address claim, the well-formed records making it
 }
 
 // plan computes from the mirrors what this host's kernel should hold:
@@ -94,8 +94,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			recs = append(recs, keyedRecord{endpointKey(name, ep.ID), ep.Rec})
 		}
 		sortKeyed(recs)
-		po.recs = recs
-		po.picked, po.skipped = pick(overlayOf(po.net), recs, d.host, d.cfg.HostAddr)
+		po.picked, po.skipped, po.claims = pick(overlayOf(po.net), recs, d.host, d.cfg.HostAddr)
 		po.peers = sortedPeers(po.picked)
 	}
 	return planned, errors.Join(errs...)
@@ -165,7 +164,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 			errs = append(errs, err)
 			continue
 		}
-		p.views[name] = newView(ov, po.recs, po.picked, d.cfg.HostAddr)
+		p.views[name] = newView(ov, po.picked, po.claims)
 	}
 	// Orphaned endpoints of this host are not in the plan until restored
 	// (restoreOrphans): removing their overlay first would delete the very
