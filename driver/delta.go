@@ -71,7 +71,7 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 		return
 	}
 	v := p.views[overlayOfKey(key)]
-	self := p.d.host
+	self := p.host
 	if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
 		p.full = true // this host's own endpoints: overlays may come or go
 		return
@@ -85,7 +85,7 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 	}
 	oldPeer, had := v.peers[key]
 	if old != nil && p.hosts[old.Host] {
-		if peer, err := validPeer(*old, v.ov, p.d.cfg.HostAddr); err == nil {
+		if peer, err := validPeer(*old, v.ov, p.under); err == nil {
 			if !had || v.contested(peer, 1) {
 				p.full = true
 				return
@@ -96,7 +96,7 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 	var newPeer Peer
 	accepted := false
 	if now != nil && p.hosts[now.Host] {
-		peer, err := validPeer(*now, v.ov, p.d.cfg.HostAddr)
+		peer, err := validPeer(*now, v.ov, p.under)
 		if err != nil || v.contested(peer, 0) {
 			p.full = true // to be skipped, and said so, by the full rules
 			return
@@ -195,7 +195,7 @@ func (p *peerSync) flush(ctx context.Context, up peerUpdater) (int, error) {
 	if len(p.dirtyViews) == 0 {
 		return 0, nil
 	}
-	unlock, err := p.d.lockHost(ctx)
+	unlock, err := p.local.lockHost(ctx)
 	if err != nil {
 		p.full = true
 		return 0, err

@@ -667,14 +667,6 @@ func (d *Driver) RevokeExternalConnectivity(ctx context.Context, r *network.Revo
 	return nil
 }
 
-// lockHost takes Config.HostLock, if any.
-func (d *Driver) lockHost(ctx context.Context) (func(), error) {
-	if d.cfg.HostLock == nil {
-		return func() {}, nil
-	}
-	return d.cfg.HostLock(ctx)
-}
-
 func short(id string) string {
 	if len(id) > 12 {
 		return id[:12]

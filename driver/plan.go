@@ -30,16 +30,15 @@ type plannedOverlay struct {
 // endpoints of the other live hosts as its peers. Overlays whose network
 // cannot be read are left out and named in the error.
 func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error) {
-	d := p.d
 	planned := map[string]*plannedOverlay{}
 	var errs []error
 	add := func(netID string) *plannedOverlay {
-		n, err := d.network(ctx, netID)
+		n, err := p.local.network(ctx, netID)
 		if err != nil {
-			if _, gerr := d.cfg.Store.Get(ctx, netmapKey(d.host, netID)); errors.Is(gerr, store.ErrNotFound) {
+			if _, gerr := p.st.Get(ctx, netmapKey(p.host, netID)); errors.Is(gerr, store.ErrNotFound) {
 				// A stale endpoint record of a network this host no longer
 				// has: nothing to build for it, and no reason to hold back.
-				d.log.Debug("endpoint record names a network this host does not have", "network", short(netID))
+				p.log.Debug("endpoint record names a network this host does not have", "network", short(netID))
 				return nil
 			}
 			errs = append(errs, err)
@@ -57,7 +56,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 	}
 	seen := map[string]bool{}
 	for key, rec := range p.endpoints {
-		if rec.Host != d.host {
+		if rec.Host != p.host {
 			continue
 		}
 		if po := add(rec.Network); po != nil {
@@ -66,13 +65,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			seen[id] = true
 		}
 	}
-	d.mu.Lock()
-	var local []*localEndpoint
-	for _, ep := range d.endpoints {
-		local = append(local, ep)
-	}
-	d.mu.Unlock()
-	for _, ep := range local {
+	for _, ep := range p.local.localEndpoints() {
 		if po := add(ep.Network); po != nil && !seen[ep.ID] {
 			po.endpoints = append(po.endpoints, ep)
 		}
@@ -81,7 +74,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 	records := map[string][]keyedRecord{}
 	for key, rec := range p.endpoints {
 		name := overlayOfKey(key)
-		if rec.Host == d.host || !p.hosts[rec.Host] || planned[name] == nil {
+		if rec.Host == p.host || !p.hosts[rec.Host] || planned[name] == nil {
 			continue
 		}
 		records[name] = append(records[name], keyedRecord{key, rec})
@@ -94,7 +87,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			recs = append(recs, keyedRecord{endpointKey(name, ep.ID), ep.Rec})
 		}
 		sortKeyed(recs)
-		po.picked, po.skipped, po.claims = pick(overlayOf(po.net), recs, d.host, d.cfg.HostAddr)
+		po.picked, po.skipped, po.claims = pick(overlayOf(po.net), recs, p.host, p.under)
 		po.peers = sortedPeers(po.picked)
 	}
 	return planned, errors.Join(errs...)
@@ -111,18 +104,18 @@ func (p *peerSync) noteSkipped(planned map[string]*plannedOverlay) {
 			now[key] = sk
 			counts[sk.Kind]++
 			if prev, ok := p.skipped[key]; !ok || prev.Reason != sk.Reason {
-				p.d.log.Warn("endpoint record skipped: the rest of the overlay is programmed without it",
+				p.log.Warn("endpoint record skipped: the rest of the overlay is programmed without it",
 					"overlay", sk.Overlay, "endpoint", short(sk.Endpoint), "host", sk.Host, "ip", sk.IPv4, "mac", sk.MAC, "reason", sk.Reason)
 			}
 		}
 	}
 	for key, sk := range p.skipped {
 		if _, ok := now[key]; !ok {
-			p.d.log.Info("endpoint record no longer skipped", "overlay", sk.Overlay, "endpoint", short(sk.Endpoint), "host", sk.Host)
+			p.log.Info("endpoint record no longer skipped", "overlay", sk.Overlay, "endpoint", short(sk.Endpoint), "host", sk.Host)
 		}
 	}
 	p.skipped = now
-	if m := p.d.cfg.Metrics; m != nil {
+	if m := p.metrics; m != nil {
 		m.Skipped(counts[SkipInvalid], counts[SkipConflict])
 	}
 }
@@ -133,14 +126,13 @@ func (p *peerSync) noteSkipped(planned map[string]*plannedOverlay) {
 // this host are still to be looked at). It returns how many kernel changes
 // it made.
 func (p *peerSync) reconcile(ctx context.Context) (int, error) {
-	d := p.d
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 
 	planned, planErr := p.plan(ctx)
 	p.noteSkipped(planned)
 	errs := []error{planErr}
-	unlock, err := d.lockHost(ctx)
+	unlock, err := p.local.lockHost(ctx)
 	if err != nil {
 		return 0, errors.Join(planErr, err)
 	}
@@ -154,11 +146,11 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 		vni := po.net.Overlay.VNI
 		wanted[vni] = true
 		ov := overlayOf(po.net)
-		if err := d.ensureOverlay(ov); err != nil {
+		if err := p.local.ensureOverlay(ov); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		c, err := d.cfg.Plane.SetPeers(vni, po.peers)
+		c, err := p.plane.SetPeers(vni, po.peers)
 		changes += c
 		if err != nil {
 			errs = append(errs, err)
@@ -172,27 +164,26 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 	if planErr == nil && !p.orphansPending(ctx) {
 		// A Join may have built an overlay since the plan was made: hold
 		// Joins off while removing, and keep what local endpoints use now.
-		d.planeMu.Lock()
-		defer d.planeMu.Unlock()
-		present, err := d.cfg.Plane.Overlays()
+		defer p.local.holdJoins()()
+		present, err := p.plane.Overlays()
 		if err != nil {
 			errs = append(errs, err)
 		}
-		inUse := d.localVNIs()
+		inUse := p.local.localVNIs()
 		for _, vni := range present {
 			if wanted[vni] || inUse[vni] || p.kept[vni] {
 				continue
 			}
-			if err := d.removeOverlay(vni); err != nil {
+			if err := p.local.removeOverlay(vni); err != nil {
 				errs = append(errs, err)
 			} else {
 				changes++
-				d.log.Info("overlay removed from this host", "vni", vni)
+				p.log.Info("overlay removed from this host", "vni", vni)
 			}
 		}
 	}
 	if changes > 0 {
-		d.log.Debug("reconciled", "overlays", len(planned), "changes", changes)
+		p.log.Debug("reconciled", "overlays", len(planned), "changes", changes)
 	}
 	return changes, errors.Join(errs...)
 }
@@ -203,21 +194,8 @@ func (p *peerSync) orphansPending(ctx context.Context) bool {
 	if !p.restoreDue {
 		return false
 	}
-	kvs, err := p.d.cfg.Store.List(ctx, orphansDir+"/"+p.d.host)
+	kvs, err := p.st.List(ctx, orphansDir+"/"+p.host)
 	return err != nil || len(kvs) > 0
-}
-
-// localVNIs are the VNIs of the overlays this process's local endpoints are on.
-func (d *Driver) localVNIs() map[uint32]bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	vnis := map[uint32]bool{}
-	for _, ep := range d.endpoints {
-		if n := d.networks[ep.Network]; n != nil {
-			vnis[n.Overlay.VNI] = true
-		}
-	}
-	return vnis
 }
 
 func peerOf(rec endpointRecord) (Peer, error) {

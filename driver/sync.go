@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"log/slog"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -13,8 +15,21 @@ import (
 // forwarding and neighbour entry per endpoint on another live host. It
 // registers this host's live key and watches endpoints/ and hosts/.
 type peerSync struct {
+	// The driver around it, for this host's networks and endpoints and
+	// its share of the kernel (local), and for looking after lost hosts,
+	// orphans and claims (hostloss.go, claims.go, stale.go), the live key
+	// (heartbeat.go) and the name service (names.go).
 	d     *Driver
-	kickc chan struct{}
+	local localHost
+	id    *identity // whether the live key is this machine's
+	// From the driver's Config.
+	st      store.Store
+	plane   DataPlane
+	host    string     // this host's underlay address, as records name it
+	under   netip.Addr // the same, parsed
+	log     *slog.Logger
+	metrics Metrics // nil: none
+	kickc   chan struct{}
 
 	// Mirrors of the store, owned by run's goroutine.
 	endpoints map[string]endpointRecord // by store key
@@ -43,8 +58,8 @@ type peerSync struct {
 	full       bool
 	views      map[string]*overlayView // by overlay name
 	dirtyViews map[string]bool
-	// local and remote count the endpoint records in the mirror.
-	local, remote int
+	// nLocal and nRemote count the endpoint records in the mirror.
+	nLocal, nRemote int
 	// namesSeen: when the name service was last given the mirror.
 	namesSeen time.Time
 }
@@ -59,8 +74,31 @@ const (
 	namesEvery = time.Second
 )
 
+// localHost is what the peer sync's reconciliations need of the driver:
+// this host's Docker networks and endpoints as this process knows them
+// (the watch may lag behind its own writes), and the kernel as Join and
+// Leave share it.
+type localHost interface {
+	// network is this host's Docker network id, from memory or the store.
+	network(ctx context.Context, id string) (*localNetwork, error)
+	// localEndpoints are the endpoints this process created and has not
+	// deleted.
+	localEndpoints() []*localEndpoint
+	// localVNIs are the VNIs of the overlays of localEndpoints.
+	localVNIs() map[uint32]bool
+	// lockHost keeps other processes (doctor --fix) off this host's
+	// overlays until the returned func is called.
+	lockHost(ctx context.Context) (func(), error)
+	// holdJoins keeps Joins from building overlays until the returned
+	// func is called.
+	holdJoins() func()
+	ensureOverlay(ov Overlay) error
+	removeOverlay(vni uint32) error
+}
+
 func newPeerSync(d *Driver) *peerSync {
-	return &peerSync{d: d, kickc: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
+	return &peerSync{d: d, local: d, id: &d.id, st: d.cfg.Store, plane: d.cfg.Plane, host: d.host, under: d.cfg.HostAddr, log: d.log, metrics: d.cfg.Metrics,
+		kickc: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
 		skipped: map[string]RecordProblem{}, dirtyViews: map[string]bool{}}
 }
 
@@ -80,11 +118,11 @@ func (p *peerSync) kick() {
 }
 
 func (p *peerSync) run(ctx context.Context) {
-	log := p.d.log
+	log := p.log
 	registered := make(chan struct{})
 	go func() { defer close(registered); p.register(ctx) }()
 	defer func() { <-registered }()
-	eps, err := p.d.cfg.Store.Watch(ctx, endpointsDir)
+	eps, err := p.st.Watch(ctx, endpointsDir)
 	if err != nil {
 		log.Error("cannot watch endpoints", "err", err)
 		return
@@ -95,7 +133,7 @@ func (p *peerSync) run(ctx context.Context) {
 		for range eps {
 		}
 	}()
-	hosts, err := p.d.cfg.Store.Watch(ctx, hostsDir)
+	hosts, err := p.st.Watch(ctx, hostsDir)
 	if err != nil {
 		log.Error("cannot watch hosts", "err", err)
 		return
@@ -104,7 +142,7 @@ func (p *peerSync) run(ctx context.Context) {
 		for range hosts {
 		}
 	}()
-	purge := time.NewTicker(p.d.purgeEvery())
+	purge := time.NewTicker(p.d.purgeEvery()) // stale.go
 	defer purge.Stop()
 	resync := time.NewTicker(resyncEvery)
 	defer resync.Stop()
@@ -152,13 +190,13 @@ func (p *peerSync) run(ctx context.Context) {
 			if !p.ready() {
 				continue
 			}
-			up, ok := p.d.cfg.Plane.(peerUpdater)
+			up, ok := p.plane.(peerUpdater)
 			if !ok || p.full || p.views == nil {
 				p.fullPass(ctx)
 				continue
 			}
 			changes, err := p.flush(ctx, up)
-			if m := p.d.cfg.Metrics; m != nil {
+			if m := p.metrics; m != nil {
 				m.Reconciled(changes, err)
 				m.Known(p.known())
 			}
@@ -178,16 +216,16 @@ func (p *peerSync) run(ctx context.Context) {
 // ready: both mirrors are loaded and the live key is this machine's (until
 // then the records under this host's address may be another machine's).
 func (p *peerSync) ready() bool {
-	return p.haveEPs && p.haveHosts && p.d.id.ours()
+	return p.haveEPs && p.haveHosts && p.id.ours()
 }
 
 // fullPass looks after this host's orphaned endpoints, the claims of
 // endpoints an earlier version recorded and the endpoints of lost hosts,
 // then reconciles the kernel in full.
 func (p *peerSync) fullPass(ctx context.Context) {
-	log := p.d.log
+	log := p.log
 	p.full = false
-	if p.restoreDue && p.hosts[p.d.host] {
+	if p.restoreDue && p.hosts[p.host] {
 		p.restoreDue = false
 		if err := p.restoreOrphans(ctx); err != nil {
 			log.Warn("restoring orphaned endpoints failed; retrying", "err", err)
@@ -195,7 +233,7 @@ func (p *peerSync) fullPass(ctx context.Context) {
 			time.AfterFunc(time.Second, p.kick)
 		}
 	}
-	if !p.claimsDone && p.hosts[p.d.host] {
+	if !p.claimsDone && p.hosts[p.host] {
 		if err := p.backfillClaims(ctx); err != nil {
 			log.Warn("claiming the MACs and addresses of endpoints recorded by an earlier version failed; retrying", "err", err)
 			time.AfterFunc(time.Second, p.kick)
@@ -209,7 +247,7 @@ func (p *peerSync) fullPass(ctx context.Context) {
 	}
 	p.observeNames()
 	changes, err := p.reconcile(ctx)
-	if m := p.d.cfg.Metrics; m != nil {
+	if m := p.metrics; m != nil {
 		m.Reconciled(changes, err)
 		m.Known(p.known())
 	}
@@ -223,7 +261,7 @@ func (p *peerSync) applyEndpoint(ev store.Event) {
 	switch ev.Type {
 	case store.EventReset:
 		p.endpoints = map[string]endpointRecord{}
-		p.local, p.remote = 0, 0
+		p.nLocal, p.nRemote = 0, 0
 		for _, kv := range ev.Snapshot {
 			if rec, ok := p.decodeEndpoint(kv); ok {
 				p.setEndpoint(kv.Key, &rec)
@@ -252,7 +290,7 @@ func (p *peerSync) applyEndpoint(ev store.Event) {
 func (p *peerSync) decodeEndpoint(kv store.KV) (endpointRecord, bool) {
 	rec, err := decodeKV[endpointRecord](kv)
 	if err != nil {
-		p.d.log.Warn("skipping endpoint record", "err", err)
+		p.log.Warn("skipping endpoint record", "err", err)
 		return rec, false
 	}
 	return rec, true
@@ -263,7 +301,7 @@ func (p *peerSync) deleteEndpoint(key string) {
 	if !ok {
 		return
 	}
-	if old.Host == p.d.host {
+	if old.Host == p.host {
 		p.restoreDue = true // perhaps orphaned by another host
 	}
 	p.noteEndpoint(key, &old, nil)
@@ -283,10 +321,10 @@ func (p *peerSync) setEndpoint(key string, rec *endpointRecord) {
 }
 
 func (p *peerSync) countEndpoint(rec endpointRecord, n int) {
-	if rec.Host == p.d.host {
-		p.local += n
+	if rec.Host == p.host {
+		p.nLocal += n
 	} else {
-		p.remote += n
+		p.nRemote += n
 	}
 }
 
@@ -307,7 +345,7 @@ func (p *peerSync) applyHost(ev store.Event) {
 			p.full = true // its endpoints are peers now
 		}
 		p.hosts[h] = true
-		if h == p.d.host {
+		if h == p.host {
 			p.restoreDue = true // registered (again)
 			p.full = true
 			p.checkOwnKey(ev.KV.Value)
@@ -323,5 +361,5 @@ func (p *peerSync) applyHost(ev store.Event) {
 
 // known counts the endpoints (here and elsewhere) and live hosts in the mirrors.
 func (p *peerSync) known() (local, remote, hosts int) {
-	return p.local, p.remote, len(p.hosts)
+	return p.nLocal, p.nRemote, len(p.hosts)
 }
