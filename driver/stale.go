@@ -232,6 +232,15 @@ func purgeHost(ctx context.Context, s store.Store, host string, d *Driver) error
 		}
 		left = append(left, rec.Name)
 	}
+	groups, err := s.List(ctx, mcastDir)
+	if err != nil {
+		return fmt.Errorf("purge host %s: %w", host, err)
+	}
+	for _, kv := range groups {
+		if _, h, ok := splitMcastKey(kv.Key); ok && h == host {
+			del(kv)
+		}
+	}
 	released, err := ipam.PurgeHost(ctx, s, host, d.log)
 	if err != nil {
 		errs = append(errs, err)
@@ -239,7 +248,7 @@ func purgeHost(ctx context.Context, s store.Store, host string, d *Driver) error
 	if seenErr == nil {
 		del(seenKV)
 	}
-	log.Info("stale host purged: gone longer than the grace period; its networks, overlays, orphaned endpoints and addresses released",
+	log.Info("stale host purged: gone longer than the grace period; its networks, overlays, orphaned endpoints, multicast groups and addresses released",
 		"grace", d.staleAfter().String(), "networks", len(nets), "orphaned_endpoints", len(orphans), "overlays_left", left, "ipam_released", released)
 	return errors.Join(errs...)
 }

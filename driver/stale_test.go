@@ -64,6 +64,12 @@ func TestStaleHostIsPurged(t *testing.T) {
 	}
 	joinEP(t, c, "netC", "epc1cccc", "10.20.0.3/24")
 	red, _ := c.d.network(ctx, "netCred")
+	// Multicast groups joined on overlay blue, as each host's plugin records them.
+	for _, h := range []string{gone, "192.0.2.1"} {
+		if _, err := s.Put(ctx, mcastKey("blue", h), []byte(`{"groups":["239.1.1.1"]}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	// c dies and never comes back (its live key expires; a clean stop
 	// would remove it at once).
@@ -104,6 +110,9 @@ func TestStaleHostIsPurged(t *testing.T) {
 	}
 	if _, err := s.Get(ctx, netmapKey("192.0.2.1", "netA")); err != nil {
 		t.Errorf("the live host's network went with the purge: %v", err)
+	}
+	if got := keys(t, s, mcastDir); !slices.Equal(got, []string{mcastKey("blue", "192.0.2.1")}) {
+		t.Errorf("multicast records after the purge: %v; want only the live host's", got)
 	}
 }
 
