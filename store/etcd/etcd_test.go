@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
+	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -417,4 +420,63 @@ func TestDownFailsFastWithLongDeadline(t *testing.T) {
 		}
 		t.Logf("%s, server down: failed in %s: %v", op, took.Round(time.Millisecond), err)
 	}
+}
+
+// A directory larger than one range request (1,000 keys) is listed, and
+// snapshotted by a watch, whole and sorted.
+func TestListInPages(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("pages")})
+	ctx := ctxT(t, time.Minute)
+	const n = 2345
+	var want []string
+	var ops []store.Op
+	for i := range n {
+		// Keys with a key-and-directory pair among them ("d/k7" and
+		// "d/k7/sub"), which a page may split.
+		k := fmt.Sprintf("d/k%d", i)
+		if i%100 == 7 {
+			k += "/sub"
+		}
+		want = append(want, k)
+		ops = append(ops, store.Put(k, []byte(strconv.Itoa(i))))
+		if len(ops) == store.MaxTxnOps || i == n-1 {
+			if err := s.Txn(ctx, ops...); err != nil {
+				t.Fatal(err)
+			}
+			ops = nil
+		}
+	}
+	if _, err := s.Put(ctx, "d/k7", []byte("key and directory")); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, "d/k7")
+	sort.Strings(want)
+	if _, err := s.Put(ctx, "e/outside", nil); err != nil {
+		t.Fatal(err)
+	}
+
+	got, err := s.List(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(keysOf(got), want) {
+		t.Fatalf("list of %d keys returned %d, or out of order", len(want), len(got))
+	}
+	ch, err := s.Watch(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := next(t, ch, 10*time.Second)
+	if ev.Type != store.EventReset || !reflect.DeepEqual(keysOf(ev.Snapshot), want) {
+		t.Fatalf("watch snapshot: %s with %d keys, want a reset with the %d keys in order", ev.Type, len(ev.Snapshot), len(want))
+	}
+}
+
+func keysOf(kvs []store.KV) []string {
+	var out []string
+	for _, kv := range kvs {
+		out = append(out, kv.Key)
+	}
+	return out
 }
