@@ -422,9 +422,13 @@ func (s *Store) List(ctx context.Context, dir string) ([]store.KV, error) {
 }
 
 // listPage is how many keys one range request of a List (or of a watch's
-// snapshot) returns: a directory of 100,000 records is read in 100
-// requests of about 300 KB instead of one answer of 30 MB.
-const listPage = 1000
+// snapshot) returns: a directory of 100,000 records of 200 bytes is read in
+// 20 answers of about 1.5 MB instead of one of 30 MB. Smaller pages cost
+// more than they save: etcd walks its index over the whole rest of the
+// range for every page (to count it), so the time grows with the number
+// of pages (100,000 keys: about 2.5 s in pages of 1,000, 1 s in pages of
+// 5,000, on a loaded 2-core machine).
+const listPage = 5000
 
 // listAttempts bounds how often list starts over when the revision its
 // first page was read at is compacted before the last page is read.

@@ -422,13 +422,13 @@ func TestDownFailsFastWithLongDeadline(t *testing.T) {
 	}
 }
 
-// A directory larger than one range request (1,000 keys) is listed, and
+// A directory larger than one range request (5,000 keys) is listed, and
 // snapshotted by a watch, whole and sorted.
 func TestListInPages(t *testing.T) {
 	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
 	s := open(t, store.Config{URL: srv.URL("pages")})
 	ctx := ctxT(t, time.Minute)
-	const n = 2345
+	const n = 12345
 	var want []string
 	var ops []store.Op
 	for i := range n {
