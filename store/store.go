@@ -93,8 +93,9 @@ const (
 	EventDelete
 	// EventReset: Snapshot holds the whole current content of the watched
 	// directory; the receiver replaces whatever it had. Every watch starts
-	// with one, and sends another whenever it lost track of changes (etcd
-	// compaction, Consul index reset, ZooKeeper session expiry, reconnect).
+	// with one, and sends another whenever it lost track of changes and
+	// cannot replay them (etcd compaction, Consul index reset, ZooKeeper
+	// session expiry, or any reconnect on Consul and ZooKeeper).
 	EventReset
 )
 
@@ -142,10 +143,13 @@ type Store interface {
 	Txn(ctx context.Context, ops ...Op) error
 	// Watch streams the changes below dir, starting with an EventReset
 	// that holds the current content. It reconnects by itself after the
-	// store was unreachable and then sends a fresh EventReset. Events for
-	// one key come in the order they happened, but delivery is at least
-	// once: an event may repeat, so receivers must be idempotent. The
-	// channel is closed when ctx is done or the store is closed.
+	// store was unreachable; then it either resumes with every change it
+	// missed, as ordinary events, or, when the store cannot replay them,
+	// sends a fresh EventReset. Either way no change is lost across an
+	// outage. Events for one key come in the order they happened, but
+	// delivery is at least once: an event may repeat, so receivers must be
+	// idempotent. The channel is closed when ctx is done or the store is
+	// closed.
 	Watch(ctx context.Context, dir string) (<-chan Event, error)
 	// Register writes key=value bound to this client's liveness: the key
 	// disappears within ttl after the process dies or loses the store

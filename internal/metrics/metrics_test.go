@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
 	"github.com/dnplabs/docker-net-plugin/internal/metrics"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 	"github.com/dnplabs/docker-net-plugin/store"
@@ -151,11 +154,15 @@ func TestCountsWhatHappened(t *testing.T) {
 	}
 }
 
-// A watch that loses its server and comes back sends a second reset: that
-// is one reconnect. The first reset, which every watch starts with, is not.
+// A watch that has to re-read its directory sends a second reset: that is
+// one reconnect. The first reset, which every watch starts with, is not,
+// nor is an outage the watch resumes from without re-reading (etcd keeps
+// the history across a server restart); an outage during which that
+// history was compacted is.
 func TestWatchReconnectsCounted(t *testing.T) {
 	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
-	raw, err := etcd.Open(context.Background(), store.Config{URL: srv.URL("m")})
+	p := testenv.StartProxy(t, srv.Addr)
+	raw, err := etcd.Open(context.Background(), store.Config{URL: "etcd://" + p.Addr() + "/m"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,6 +189,7 @@ func TestWatchReconnectsCounted(t *testing.T) {
 		}
 		return store.Event{}
 	}
+	reconnects := func() float64 { return scrape(t, m)[`dnp_store_watch_reconnects_total{dir="dir"}`] }
 	if ev := next("the first reset"); ev.Type != store.EventReset {
 		t.Fatalf("first event %v, want reset", ev.Type)
 	}
@@ -191,19 +199,44 @@ func TestWatchReconnectsCounted(t *testing.T) {
 	if ev := next("the put"); ev.Type != store.EventPut {
 		t.Fatalf("event %v, want put", ev.Type)
 	}
-	if got := scrape(t, m)[`dnp_store_watch_reconnects_total{dir="dir"}`]; got != 0 {
+	if got := reconnects(); got != 0 {
 		t.Fatalf("reconnects %v before any reconnect", got)
 	}
 
 	srv.Stop(t)
 	srv.Start(t)
+	if _, err := s.Put(ctx, "dir/a", []byte("2")); err != nil {
+		t.Fatal(err)
+	}
+	if ev := next("the put after the restart"); ev.Type != store.EventPut || string(ev.KV.Value) != "2" {
+		t.Fatalf("after the restart: %v %+v, want the put of dir/a=2", ev.Type, ev.KV)
+	}
+	if got := reconnects(); got != 0 {
+		t.Fatalf("reconnects %v after a restart the watch resumed from, want 0", got)
+	}
+
+	other, err := etcd.Open(context.Background(), store.Config{URL: srv.URL("m")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	p.Cut()
+	// Compacting at the current revision keeps that revision's change:
+	// write two, so that the first is lost.
+	for _, v := range []string{"3", "4"} {
+		if _, err := other.Put(ctx, "dir/a", []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	compact(t, srv)
+	p.Heal()
 	for {
-		if ev := next("the reset after the restart"); ev.Type == store.EventReset {
+		if ev := next("the reset after the compaction"); ev.Type == store.EventReset {
 			break
 		}
 	}
-	if got := scrape(t, m)[`dnp_store_watch_reconnects_total{dir="dir"}`]; got != 1 {
-		t.Errorf("reconnects %v after one server restart, want 1", got)
+	if got := reconnects(); got != 1 {
+		t.Errorf("reconnects %v after one re-read, want 1", got)
 	}
 
 	// Ending the watch closes the instrumented channel too.
@@ -218,5 +251,24 @@ func TestWatchReconnectsCounted(t *testing.T) {
 		case <-deadline:
 			t.Fatal("watch channel still open 10s after its context ended")
 		}
+	}
+}
+
+// compact compacts srv's history up to its current revision, as an
+// operator (or etcd's auto-compaction) would.
+func compact(t *testing.T, srv *testenv.Server) {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + srv.Addr}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx := testenv.Context(t, 10*time.Second)
+	resp, err := cli.Get(ctx, "compact")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Compact(ctx, resp.Header.Revision); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -37,7 +37,9 @@ const liveTTL = 10 * time.Second
 
 func TestConformance(t *testing.T) {
 	t.Parallel() // with TestRegisterRenews, which mostly sleeps
-	b := storetest.OnServer("consul", consul.Open, testenv.StartConsul(t, testenv.ServerOptions{}))
+	srv := testenv.StartConsul(t, testenv.ServerOptions{})
+	b := storetest.OnServer("consul", consul.Open, srv)
+	b.Partitioned = storetest.Partition(consul.Open, srv.Scheme, srv.Addr)
 	// Consul invalidates a session up to twice its TTL after the last
 	// renewal, and a 10s ttl cannot be halved below Consul's minimum.
 	b.LiveTTL, b.LiveExpiry = liveTTL, 2*liveTTL+5*time.Second

@@ -3,8 +3,10 @@
 // Keys live under "/<prefix>/" (the prefix comes from the URL
 // etcd://h1:2379,h2:2379/prefix). A key's version is its etcd ModRevision;
 // compare-and-swap and transactions are etcd transactions comparing
-// ModRevision (or CreateRevision == 0 for "must not exist"). Watches follow
-// etcd's revision stream and re-read the directory whenever they lose it.
+// ModRevision (or CreateRevision == 0 for "must not exist"). Directories
+// are read in pages at one revision. Watches follow etcd's revision stream,
+// resume it from the last revision seen after an outage, and re-read the
+// directory only when etcd no longer has that history (compaction).
 // Registrations are keys attached to a lease kept alive by this client.
 //
 // Open does not contact the server: the client connects on first use and
@@ -419,18 +421,70 @@ func (s *Store) List(ctx context.Context, dir string) ([]store.KV, error) {
 	return out, err
 }
 
-// list reads dir and returns its content and the revision it was read at.
+// listPage is how many keys one range request of a List (or of a watch's
+// snapshot) returns: a directory of 100,000 records of 200 bytes is read in
+// 20 answers of about 1.5 MB instead of one of 30 MB. Smaller pages cost
+// more than they save: etcd walks its index over the whole rest of the
+// range for every page (to count it), so the time grows with the number
+// of pages (100,000 keys: about 2.5 s in pages of 1,000, 1 s in pages of
+// 5,000, on a loaded 2-core machine).
+const listPage = 5000
+
+// listAttempts bounds how often list starts over when the revision its
+// first page was read at is compacted before the last page is read.
+const listAttempts = 3
+
+// list reads dir and returns its content, sorted by key, and the revision
+// it was read at. It reads in pages of listPage keys, every page at the
+// revision of the first one, so the result is one consistent view however
+// many requests it takes.
 func (s *Store) list(ctx context.Context, cli *clientv3.Client, dir string) ([]store.KV, int64, error) {
-	resp, err := cli.Get(ctx, s.full(dir)+"/", clientv3.WithPrefix(),
-		clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
-	if err != nil {
-		return nil, 0, err
+	var err error
+	for range listAttempts {
+		var out []store.KV
+		var rev int64
+		out, rev, err = s.listAt(ctx, cli, dir)
+		if err == nil {
+			return out, rev, nil
+		}
+		if !errors.Is(err, rpctypes.ErrCompacted) {
+			return nil, 0, err
+		}
 	}
-	out := make([]store.KV, 0, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		out = append(out, store.KV{Key: s.rel(kv.Key), Value: kv.Value, Version: kv.ModRevision})
+	return nil, 0, fmt.Errorf("the directory kept being compacted while it was read: %w", err)
+}
+
+// listAt is one attempt of list.
+func (s *Store) listAt(ctx context.Context, cli *clientv3.Client, dir string) ([]store.KV, int64, error) {
+	prefix := s.full(dir) + "/"
+	end := clientv3.GetPrefixRangeEnd(prefix)
+	from := prefix
+	var out []store.KV
+	var rev int64
+	for {
+		// etcd returns a range sorted by key; asking for that order
+		// explicitly would make it read the whole range before the limit.
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(listPage)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := cli.Get(ctx, from, opts...)
+		if err != nil {
+			return nil, 0, err
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+			out = make([]store.KV, 0, resp.Count)
+		}
+		for _, kv := range resp.Kvs {
+			out = append(out, store.KV{Key: s.rel(kv.Key), Value: kv.Value, Version: kv.ModRevision})
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return out, rev, nil
+		}
+		// The next page starts right after the last key of this one.
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
-	return out, resp.Header.Revision, nil
 }
 
 // Put writes key unconditionally.

@@ -3,6 +3,10 @@ package etcd_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"reflect"
+	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +27,9 @@ func TestMain(m *testing.M) { storetest.Main(m, etcd.Open) }
 const liveTTL = 2 * time.Second
 
 func TestConformance(t *testing.T) {
-	b := storetest.OnServer("etcd", etcd.Open, testenv.StartEtcd(t, testenv.ServerOptions{}))
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	b := storetest.OnServer("etcd", etcd.Open, srv)
+	b.Partitioned = storetest.Partition(etcd.Open, srv.Scheme, srv.Addr)
 	// A lease expires TTL after the last keepalive; etcd looks for
 	// expired leases every 500ms and then commits the revocation.
 	b.LiveTTL, b.LiveExpiry = liveTTL, liveTTL+3*time.Second
@@ -131,58 +137,86 @@ func TestStoreAppearsLater(t *testing.T) {
 	}
 }
 
-// After an outage the watch sends a fresh snapshot, as the contract says,
-// and it holds what changed meanwhile; Close closes the channel.
-func TestWatchResetAfterRestart(t *testing.T) {
+// After an outage the watch resumes from the last revision it saw: what
+// changed meanwhile arrives as ordinary events, with no reset and no
+// re-read of the directory. Only when etcd compacted that history does it
+// send a fresh reset. Close closes the channel.
+func TestWatchResumesAfterOutage(t *testing.T) {
 	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
-	s := open(t, store.Config{URL: srv.URL("reset")})
-	other := open(t, store.Config{URL: srv.URL("reset")})
-	mustPut := func(s store.Store, k, v string) {
+	p := testenv.StartProxy(t, srv.Addr)
+	s := open(t, store.Config{URL: "etcd://" + p.Addr() + "/resume"})
+	other := open(t, store.Config{URL: srv.URL("resume")})
+	mustPut := func(k, v string) {
 		t.Helper()
-		if _, err := s.Put(ctxT(t, 10*time.Second), k, []byte(v)); err != nil {
+		if _, err := other.Put(ctxT(t, 10*time.Second), k, []byte(v)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	mustPut(other, "d/a", "1")
+	mustDelete := func(k string) {
+		t.Helper()
+		if err := other.Delete(ctxT(t, 10*time.Second), k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustPut("d/a", "1")
+	mustPut("d/b", "1")
 	ch, err := s.Watch(context.Background(), "d")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ev := next(t, ch, 10*time.Second); ev.Type != store.EventReset || len(ev.Snapshot) != 1 {
+	if ev := next(t, ch, 10*time.Second); ev.Type != store.EventReset || len(ev.Snapshot) != 2 {
 		t.Fatalf("first event: %+v", ev)
 	}
-
-	srv.Stop(t)
-	srv.Start(t)
-	mustPut(other, "d/b", "2")
-
-	// Events may repeat (at least once), but a reset with d/a and d/b, or
-	// a reset followed by the put of d/b, must come.
-	state := map[string]string{}
-	resets := 0
-	deadline := time.After(20 * time.Second)
-	for resets == 0 || state["d/b"] != "2" {
-		select {
-		case ev := <-ch:
-			switch ev.Type {
-			case store.EventReset:
-				resets++
-				state = map[string]string{}
-				for _, kv := range ev.Snapshot {
-					state[kv.Key] = string(kv.Value)
-				}
-			case store.EventPut:
-				state[ev.KV.Key] = string(ev.KV.Value)
-			case store.EventDelete:
-				delete(state, ev.KV.Key)
+	// expect reads events until the ones described by want (type key=value)
+	// have all come, in order; any other event fails the test.
+	expect := func(what string, want ...string) {
+		t.Helper()
+		for _, w := range want {
+			ev := next(t, ch, 20*time.Second)
+			got := fmt.Sprintf("%s %s=%s", ev.Type, ev.KV.Key, ev.KV.Value)
+			if ev.Type == store.EventReset {
+				got = fmt.Sprintf("reset %v", ev.Snapshot)
 			}
-		case <-deadline:
-			t.Fatalf("after restart: %d resets, state %v; want a reset and d/b=2", resets, state)
+			if got != w {
+				t.Fatalf("%s: got %s, want %s", what, got, w)
+			}
 		}
 	}
-	if state["d/a"] != "1" {
-		t.Fatalf("state after restart %v lost d/a", state)
+
+	// A partition: the connection is dropped while others write.
+	p.Cut()
+	mustPut("d/a", "2")
+	mustDelete("d/b")
+	mustPut("d/c", "3")
+	time.Sleep(time.Second)
+	p.Heal()
+	expect("after a partition", "put d/a=2", "delete d/b=", "put d/c=3")
+
+	// A server restart (its history survives on disk).
+	srv.Stop(t)
+	srv.Start(t)
+	mustPut("d/c", "4")
+	expect("after a server restart", "put d/c=4")
+
+	// A partition during which the changes are compacted away.
+	p.Cut()
+	mustPut("d/a", "5")
+	mustDelete("d/c")
+	raw := rawClient(t, srv, "", "")
+	resp, err := raw.Get(ctxT(t, 5*time.Second), "/resume/d/a")
+	if err != nil {
+		t.Fatal(err)
 	}
+	if _, err := raw.Compact(ctxT(t, 5*time.Second), resp.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	p.Heal()
+	ev := next(t, ch, 20*time.Second)
+	if ev.Type != store.EventReset || len(ev.Snapshot) != 1 || ev.Snapshot[0].Key != "d/a" || string(ev.Snapshot[0].Value) != "5" {
+		t.Fatalf("after a compaction: %s %+v %v, want a reset holding only d/a=5", ev.Type, ev.KV, ev.Snapshot)
+	}
+	mustPut("d/e", "6")
+	expect("after the reset", "put d/e=6")
 
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -386,4 +420,63 @@ func TestDownFailsFastWithLongDeadline(t *testing.T) {
 		}
 		t.Logf("%s, server down: failed in %s: %v", op, took.Round(time.Millisecond), err)
 	}
+}
+
+// A directory larger than one range request (5,000 keys) is listed, and
+// snapshotted by a watch, whole and sorted.
+func TestListInPages(t *testing.T) {
+	srv := testenv.StartEtcd(t, testenv.ServerOptions{})
+	s := open(t, store.Config{URL: srv.URL("pages")})
+	ctx := ctxT(t, time.Minute)
+	const n = 12345
+	var want []string
+	var ops []store.Op
+	for i := range n {
+		// Keys with a key-and-directory pair among them ("d/k7" and
+		// "d/k7/sub"), which a page may split.
+		k := fmt.Sprintf("d/k%d", i)
+		if i%100 == 7 {
+			k += "/sub"
+		}
+		want = append(want, k)
+		ops = append(ops, store.Put(k, []byte(strconv.Itoa(i))))
+		if len(ops) == store.MaxTxnOps || i == n-1 {
+			if err := s.Txn(ctx, ops...); err != nil {
+				t.Fatal(err)
+			}
+			ops = nil
+		}
+	}
+	if _, err := s.Put(ctx, "d/k7", []byte("key and directory")); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, "d/k7")
+	sort.Strings(want)
+	if _, err := s.Put(ctx, "e/outside", nil); err != nil {
+		t.Fatal(err)
+	}
+
+	got, err := s.List(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(keysOf(got), want) {
+		t.Fatalf("list of %d keys returned %d, or out of order", len(want), len(got))
+	}
+	ch, err := s.Watch(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := next(t, ch, 10*time.Second)
+	if ev.Type != store.EventReset || !reflect.DeepEqual(keysOf(ev.Snapshot), want) {
+		t.Fatalf("watch snapshot: %s with %d keys, want a reset with the %d keys in order", ev.Type, len(ev.Snapshot), len(want))
+	}
+}
+
+func keysOf(kvs []store.KV) []string {
+	var out []string
+	for _, kv := range kvs {
+		out = append(out, kv.Key)
+	}
+	return out
 }

@@ -17,10 +17,13 @@ import (
 
 // Watch streams the changes below dir. It first sends the directory's
 // content (EventReset), then follows etcd's changes from the revision that
-// content was read at. Whenever it loses that stream (compaction, lost
-// connection, server restart) it reads the directory again, sends a new
-// EventReset and follows on from there. The channel closes when ctx ends or
-// the store is closed.
+// content was read at. When it loses that stream (lost connection, server
+// restart, leader change) it follows on from the last revision it saw, so
+// the receiver gets what changed meanwhile as ordinary events, without the
+// directory being read again. Only when etcd no longer has that history
+// (compacted), or the server's revision went back (a store restored from a
+// backup or replaced), does it read the directory again and send a new
+// EventReset. The channel closes when ctx ends or the store is closed.
 func (s *Store) Watch(ctx context.Context, dir string) (<-chan store.Event, error) {
 	if err := store.ValidKey(dir); err != nil {
 		return nil, store.Fail(ctx, "watch", dir, s.endpoint, store.ErrInvalid, err)
@@ -32,37 +35,69 @@ func (s *Store) watch(ctx context.Context, dir string, ch chan<- store.Event) {
 	log := s.logger().With("watch", dir)
 	var r store.Backoff
 	failing := false
+	// fail logs the first of a run of failures and waits before the next
+	// attempt; it reports false when ctx ended.
+	fail := func(msg string, err error) bool {
+		if !failing {
+			log.Warn(msg, "err", err)
+			failing = true
+		}
+		return r.Wait(ctx)
+	}
+	var rev int64 // every change up to this revision was sent; 0: none yet
 	for {
-		snap, rev, err := s.snapshot(ctx, dir)
-		if err != nil {
-			if ctx.Err() != nil {
+		if rev != 0 {
+			// A store now behind the revision already seen is not the
+			// one followed so far (restored from a backup, or wiped):
+			// from rev on, its revisions mean something else.
+			now, err := s.current(ctx, dir)
+			if err != nil {
+				if ctx.Err() != nil || !fail("store watch cannot reach the store; retrying", err) {
+					return
+				}
+				continue
+			}
+			if now < rev {
+				log.Warn("store watch found the store behind the revision it had seen; reading the directory again",
+					"seen", rev, "now", now)
+				rev = 0
+			} else if failing {
+				log.Info("store watch resumes", "revision", rev)
+				failing = false
+			}
+		}
+		if rev == 0 {
+			snap, at, err := s.snapshot(ctx, dir)
+			if err != nil {
+				if ctx.Err() != nil || !fail("store watch cannot read the directory; retrying", err) {
+					return
+				}
+				continue
+			}
+			if failing {
+				log.Info("store watch reads the directory again")
+				failing = false
+			}
+			if !store.Send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: snap}) {
 				return
 			}
-			if !failing {
-				log.Warn("store watch cannot read the directory; retrying", "err", err)
-				failing = true
-			}
-			if !r.Wait(ctx) {
-				return
-			}
-			continue
-		}
-		if failing {
-			log.Info("store watch reads the directory again")
-			failing = false
-		}
-		if !store.Send(ctx, ch, store.Event{Type: store.EventReset, Snapshot: snap}) {
-			return
+			rev = at
 		}
 		started := time.Now()
-		err = s.follow(ctx, dir, rev, ch)
+		var err error
+		rev, err = s.follow(ctx, dir, rev, ch)
 		if ctx.Err() != nil {
 			return
 		}
 		if time.Since(started) > healthyRun {
 			r.Reset()
 		}
-		log.Info("store watch interrupted; reading the directory again", "err", err)
+		if errors.Is(err, rpctypes.ErrCompacted) {
+			log.Info("store watch missed changes etcd no longer has; reading the directory again", "err", err)
+			rev = 0
+			continue // not an outage: no need to wait
+		}
+		log.Info("store watch interrupted; resuming", "err", err, "revision", rev)
 		if !r.Wait(ctx) {
 			return
 		}
@@ -81,19 +116,37 @@ func (s *Store) snapshot(ctx context.Context, dir string) ([]store.KV, int64, er
 	return snap, rev, err
 }
 
+// current returns the server's current revision, bounded by the default
+// timeout. It reads one key (the directory's own name), not the directory.
+func (s *Store) current(ctx context.Context, dir string) (int64, error) {
+	var rev int64
+	err := s.do(ctx, "watch", dir, func(ctx context.Context, cli *clientv3.Client) error {
+		resp, err := cli.Get(ctx, s.full(dir), clientv3.WithKeysOnly())
+		if err != nil {
+			return err
+		}
+		rev = resp.Header.Revision
+		return nil
+	})
+	return rev, err
+}
+
 // follow sends the changes below dir made after revision rev until ctx
-// ends (it then returns nil) or the stream is lost (it returns why).
-func (s *Store) follow(ctx context.Context, dir string, rev int64, ch chan<- store.Event) error {
+// ends (it then returns nil) or the stream is lost (it returns why). It
+// returns the last revision whose changes were all sent; the error matches
+// rpctypes.ErrCompacted when the changes after rev can no longer be had.
+func (s *Store) follow(ctx context.Context, dir string, rev int64, ch chan<- store.Event) (int64, error) {
 	cli, err := s.client()
 	if err != nil {
-		return err
+		return rev, err
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	// The etcd client would silently resume the stream after a reconnect,
-	// but the contract asks for a fresh EventReset after an outage: stop
-	// following as soon as the connection is no longer ready.
+	// The etcd client would silently resume the stream after a reconnect;
+	// stop following as soon as the connection is no longer ready instead,
+	// so that every resume goes through the caller's check of the store's
+	// revision.
 	var lost lostReason
 	conn := cli.ActiveConnection()
 	go func() {
@@ -110,14 +163,23 @@ func (s *Store) follow(ctx context.Context, dir string, rev int64, ch chan<- sto
 		}
 	}()
 
+	// Progress notifications carry the revision the watch has reached
+	// when nothing below dir changed, so a resume after a quiet spell
+	// starts from there, not from a revision compacted meanwhile.
 	wch := cli.Watch(clientv3.WithRequireLeader(ctx), s.full(dir)+"/",
-		clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+		clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
 	for resp := range wch {
 		if err := resp.Err(); err != nil {
 			if errors.Is(err, rpctypes.ErrCompacted) {
-				return fmt.Errorf("revision %d compacted (now at %d): %w", rev+1, resp.CompactRevision, err)
+				return rev, fmt.Errorf("revision %d compacted (now at %d): %w", rev+1, resp.CompactRevision, err)
 			}
-			return err
+			return rev, err
+		}
+		if resp.IsProgressNotify() {
+			// etcd sends these only to a watch that has sent every
+			// change up to the revision in the header.
+			rev = max(rev, resp.Header.Revision)
+			continue
 		}
 		for _, ev := range resp.Events {
 			var e store.Event
@@ -130,16 +192,22 @@ func (s *Store) follow(ctx context.Context, dir string, rev int64, ch chan<- sto
 			default:
 				continue
 			}
+			// Events of one transaction share a revision: rev moves on
+			// only once the whole revision was sent, so a resume sends
+			// again what may not have been (at least once).
+			rev = max(rev, ev.Kv.ModRevision-1)
 			if !store.Send(ctx, ch, e) {
-				return lost.get()
+				return rev, lost.get()
 			}
-			rev = ev.Kv.ModRevision
+		}
+		if n := len(resp.Events); n > 0 {
+			rev = max(rev, resp.Events[n-1].Kv.ModRevision)
 		}
 	}
 	if err := lost.get(); err != nil {
-		return err
+		return rev, err
 	}
-	return errors.New("etcd closed the watch stream")
+	return rev, errors.New("etcd closed the watch stream")
 }
 
 // lostReason records why the connection monitor stopped a watch.

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/internal/testenv"
 	"github.com/dnplabs/docker-net-plugin/store"
 )
 
@@ -45,6 +46,19 @@ type Backend struct {
 	// LiveExpiry bounds how long a dead owner's key may survive (>= LiveTTL;
 	// Consul documents up to twice the TTL).
 	LiveExpiry time.Duration
+	// Partitioned, when set, opens a client of namespace ns whose link to
+	// the store the suite may cut while the server keeps running (a
+	// network partition between that client and the store), and returns
+	// the client and its link. Open registers the client's Close.
+	Partitioned func(t testing.TB, ns string) (store.Store, Link)
+}
+
+// Link is a network path between one client and the store.
+type Link interface {
+	// Cut drops the client's connections and refuses new ones.
+	Cut()
+	// Heal lets the client connect again.
+	Heal()
 }
 
 // Opener opens a client of the backend under test (etcd.Open, say); the
@@ -98,6 +112,16 @@ func OnServer(name string, open Opener, srv Server) Backend {
 	return b
 }
 
+// Partition makes Backend.Partitioned for a server of scheme at addr
+// (host:port): each client it opens with open goes through a proxy of its
+// own, the link the suite cuts.
+func Partition(open Opener, scheme, addr string) func(t testing.TB, ns string) (store.Store, Link) {
+	return func(t testing.TB, ns string) (store.Store, Link) {
+		p := testenv.StartProxy(t, addr)
+		return Open(t, open, store.Config{URL: scheme + "://" + p.Addr() + "/" + ns}), p
+	}
+}
+
 const (
 	childURL = "DNP_STORETEST_CHILD_URL"
 	childKey = "DNP_STORETEST_CHILD_KEY"
@@ -148,6 +172,12 @@ func Run(t *testing.T, b Backend) {
 	t.Run("Timeout", func(t *testing.T) { testTimeout(t, b.Open(t, ns(t))) })
 	t.Run("WatchOrder", func(t *testing.T) { testWatchOrder(t, b, ns(t)) })
 	t.Run("WatchBurstConverges", func(t *testing.T) { testWatchBurst(t, b, ns(t)) })
+	t.Run("WatchAcrossPartition", func(t *testing.T) {
+		if b.Partitioned == nil {
+			t.Skipf("%s: no link to cut between a client and the store", b.Name)
+		}
+		testWatchPartition(t, b, ns(t))
+	})
 	t.Run("RegisterRelease", func(t *testing.T) { testRegisterRelease(t, b.Open(t, ns(t)), b.LiveTTL) })
 	t.Run("RegisterIfTakeOver", func(t *testing.T) { testRegisterIf(t, b, ns(t)) })
 	t.Run("LivenessOwnerKilled", func(t *testing.T) {
@@ -600,6 +630,36 @@ func testWatchBurst(t *testing.T, b Backend, ns string) {
 			last[ev.KV.Key] = string(ev.KV.Value)
 		}
 	}
+}
+
+// testWatchPartition: while a watching client is cut off from the store,
+// another changes the directory. Once the link is back, the watch shows
+// every change made meanwhile, whether it resumes with them as events or
+// starts over with a fresh reset.
+func testWatchPartition(t *testing.T, b Backend, ns string) {
+	s := b.Open(t, ns)
+	cut, link := b.Partitioned(t, ns)
+	mustPut(t, s, "p/a", "1")
+	mustPut(t, s, "p/b", "1")
+	m := follow(t, cut, "p")
+	m.waitFor(t, 10*time.Second, "the initial snapshot", hasValue("p/b", "1"))
+
+	link.Cut()
+	mustPut(t, s, "p/a", "2")
+	if err := s.Delete(ctxT(t, 5*time.Second), "p/b"); err != nil {
+		t.Fatal(err)
+	}
+	mustPut(t, s, "p/c", "3")
+	time.Sleep(time.Second) // long enough for the client to notice
+	link.Heal()
+
+	m.waitFor(t, 30*time.Second, "the changes made while cut off", func(st map[string]store.KV) bool {
+		return hasValue("p/a", "2")(st) && absent("p/b")(st) && hasValue("p/c", "3")(st)
+	})
+	m.matches(t, s, "p", 10*time.Second)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	t.Logf("%d events after the first snapshot, %d of them resets", len(m.log)-1, m.resets-1)
 }
 
 func testRegisterRelease(t *testing.T, s store.Store, ttl time.Duration) {

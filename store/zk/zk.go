@@ -321,6 +321,11 @@ func (s *Store) List(ctx context.Context, dir string) ([]store.KV, error) {
 	return kvs, nil
 }
 
+// walkParallel is how many reads a List keeps in flight. The client
+// pipelines them over its one connection, so a directory costs about one
+// round trip per walkParallel znodes instead of one per znode.
+const walkParallel = 64
+
 // walk appends the keys below znode p; a znode that vanishes meanwhile is
 // skipped.
 func (s *Store) walk(ctx context.Context, p string, kvs []store.KV) ([]store.KV, error) {
@@ -331,25 +336,51 @@ func (s *Store) walk(ctx context.Context, p string, kvs []store.KV) ([]store.KV,
 	if err != nil {
 		return kvs, err
 	}
-	for _, name := range names {
-		if err := ctx.Err(); err != nil {
-			return kvs, err
-		}
+	// Read the children's data concurrently, then go down in order.
+	type read struct {
+		data []byte
+		st   *zk.Stat
+		err  error
+	}
+	reads := make([]read, len(names))
+	limit := make(chan struct{}, walkParallel)
+	var wg sync.WaitGroup
+	for i, name := range names {
 		cp := child(p, name)
 		if s.hidden(cp) {
+			reads[i].err = zk.ErrNoNode
 			continue
 		}
-		data, st, err := s.sess.conn.Get(cp)
-		if errors.Is(err, zk.ErrNoNode) {
+		select {
+		case limit <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-limit }()
+			r := &reads[i]
+			r.data, r.st, r.err = s.sess.conn.Get(cp)
+		})
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return kvs, err
+	}
+	for i, name := range names {
+		r := reads[i]
+		if errors.Is(r.err, zk.ErrNoNode) {
 			continue
 		}
-		if err != nil {
-			return kvs, err
+		if r.err != nil {
+			return kvs, r.err
 		}
-		if value, ok := decode(data); ok {
-			kvs = append(kvs, store.KV{Key: s.key(cp), Value: value, Version: st.Mzxid})
+		cp := child(p, name)
+		if value, ok := decode(r.data); ok {
+			kvs = append(kvs, store.KV{Key: s.key(cp), Value: value, Version: r.st.Mzxid})
 		}
-		if st.NumChildren > 0 {
+		if r.st.NumChildren > 0 {
 			if kvs, err = s.walk(ctx, cp, kvs); err != nil {
 				return kvs, err
 			}

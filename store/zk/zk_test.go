@@ -3,12 +3,10 @@ package zk_test
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"reflect"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,7 +25,9 @@ func TestMain(m *testing.M) { storetest.Main(m, zk.Open) }
 const liveTTL = time.Second
 
 func TestConformance(t *testing.T) {
-	b := storetest.OnServer("zk", zk.Open, testenv.StartZooKeeper(t, testenv.ServerOptions{}))
+	srv := testenv.StartZooKeeper(t, testenv.ServerOptions{})
+	b := storetest.OnServer("zk", zk.Open, srv)
+	b.Partitioned = storetest.Partition(zk.Open, srv.Scheme, srv.Addr)
 	b.LiveTTL, b.LiveExpiry = liveTTL, liveTTL+2*time.Second
 	storetest.Run(t, b)
 }
@@ -222,85 +222,14 @@ func TestServerDown(t *testing.T) {
 	waitValue(t, s, "k", "v", 15*time.Second)
 }
 
-// proxy forwards TCP connections to a server until cut: then it drops every
-// connection and refuses new ones, as a network partition would, while
-// the server keeps running (and expires the sessions it stops hearing from).
-type proxy struct {
-	target string
-	l      net.Listener
-	mu     sync.Mutex
-	cut    bool
-	conns  map[net.Conn]bool
-}
-
-func startProxy(t *testing.T, target string) *proxy {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{target: target, l: l, conns: map[net.Conn]bool{}}
-	t.Cleanup(func() { l.Close(); p.setCut(true) })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go p.serve(c)
-		}
-	}()
-	return p
-}
-
-func (p *proxy) addr() string { return p.l.Addr().String() }
-
-func (p *proxy) serve(c net.Conn) {
-	p.mu.Lock()
-	if p.cut {
-		p.mu.Unlock()
-		c.Close()
-		return
-	}
-	p.mu.Unlock()
-	up, err := net.Dial("tcp", p.target)
-	if err != nil {
-		c.Close()
-		return
-	}
-	p.mu.Lock()
-	if p.cut {
-		p.mu.Unlock()
-		c.Close()
-		up.Close()
-		return
-	}
-	p.conns[c], p.conns[up] = true, true
-	p.mu.Unlock()
-	go func() { io.Copy(up, c); up.Close() }()
-	io.Copy(c, up)
-	c.Close()
-}
-
-func (p *proxy) setCut(cut bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.cut = cut
-	if cut {
-		for c := range p.conns {
-			c.Close()
-		}
-		p.conns = map[net.Conn]bool{}
-	}
-}
-
 // When the server expires the sessions of a partitioned client, the client's
 // registered key goes, and comes back when the client reconnects; its
 // watch starts over with a reset and shows what changed meanwhile.
 func TestSessionExpiry(t *testing.T) {
 	srv := testenv.StartZooKeeper(t, testenv.ServerOptions{})
-	p := startProxy(t, srv.Addr)
+	p := testenv.StartProxy(t, srv.Addr)
 	restore := zk.SetSessionTimeout(time.Second)
-	cut := open(t, store.Config{URL: "zk://" + p.addr() + "/exp"})
+	cut := open(t, store.Config{URL: "zk://" + p.Addr() + "/exp"})
 	restore()
 	other := open(t, store.Config{URL: srv.URL("exp")})
 	ctx := ctxT(t, time.Minute)
@@ -333,7 +262,7 @@ func TestSessionExpiry(t *testing.T) {
 	}
 	waitValue(t, other, "hosts/h1", "alive", 5*time.Second)
 
-	p.setCut(true)
+	p.Cut()
 	// The server expires both sessions of the cut client after about 1s.
 	waitValue(t, other, "hosts/h1", "", 5*time.Second)
 	if _, err := other.Put(ctx, "w/during", []byte("2")); err != nil {
@@ -343,7 +272,7 @@ func TestSessionExpiry(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(500 * time.Millisecond)
-	p.setCut(false)
+	p.Heal()
 
 	waitValue(t, other, "hosts/h1", "alive", 10*time.Second)
 	for {
