@@ -174,8 +174,8 @@ const (
 	nlBufSize = 4 << 20
 	// nlAnswerSize bounds what one answer (an ack or error message
 	// without the request: NETLINK_CAP_ACK) takes of the receive buffer,
-	// kernel overhead included.
-	nlAnswerSize = 1024
+	// kernel overhead included (under 1 KiB), with room to spare.
+	nlAnswerSize = 2048
 )
 
 // openNL opens a raw rtnetlink socket in ns.

@@ -51,10 +51,20 @@ func TestBatch(t *testing.T) {
 			return err
 		}
 		defer nl.close()
-		nl.maxReqs = 10 // several sendmsgs
+		macN := func(i int) [6]byte { return [6]byte{2, 0, 0, byte(i >> 16), byte(i >> 8), byte(i)} }
 
-		macN := func(i int) [6]byte { return [6]byte{2, 0, 0, 0, byte(i >> 8), byte(i)} }
+		// Full sendmsgs of requests that all fail: every answer fits.
 		b := newBatch(nl)
+		n := 3 * nl.maxReqs
+		for i := range n {
+			b.del(bridgeEntry(port, macN(100000+i)))
+		}
+		if err := b.flush(); err != nil || b.changes != 0 {
+			return fmt.Errorf("%d deletes of missing entries (%d per sendmsg): %d changes, %v; want 0, nil", n, nl.maxReqs, b.changes, err)
+		}
+
+		nl.maxReqs = 10 // several sendmsgs
+		b = newBatch(nl)
 		for i := range 35 {
 			b.add(bridgeEntry(port, macN(i)))
 		}
