@@ -1,6 +1,7 @@
 package overlay_test
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -53,7 +54,13 @@ func testUpdatePeers(t *testing.T, encap string) {
 	// problem and SetPeers nothing to change.
 	clean := func(when string, hosts []netip.Addr, peers ...overlay.Peer) {
 		t.Helper()
-		checkProblems(t, when, verify(t, a, overlay.Want{NetworkConfig: cfg, Peers: peers, Hosts: hosts}), nil)
+		var wantProblems []string
+		if gre && len(peers)+len(hosts) == 0 {
+			// A bridge without ports takes MTU 1500 (the same after
+			// SetPeers(nil, nil)); the next tunnel port brings it back.
+			wantProblems = []string{fmt.Sprintf("wrong reconcile br0 has MTU 1500, want %d", n.MTU)}
+		}
+		checkProblems(t, when, verify(t, a, overlay.Want{NetworkConfig: cfg, Peers: peers, Hosts: hosts}), wantProblems)
 		if changes, err := n.SetPeers(peers, hosts); err != nil || changes != 0 {
 			t.Fatalf("%s: SetPeers afterwards: %d changes, %v; want 0", when, changes, err)
 		}
