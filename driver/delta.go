@@ -21,23 +21,9 @@ import (
 // claims its MAC or any of its addresses (conflicts.go), before or after.
 // Otherwise the overlay needs the full rules, and the next pass is full.
 
-// PeerDelta is a change to an overlay's peers: the peers to remove, the
-// peers to add (or replace), and the remote hosts that now have peers on
-// it or no longer have any.
-type PeerDelta struct {
-	Add, Remove           []Peer
-	AddHosts, RemoveHosts []netip.Addr
-}
-
 // Empty reports whether the delta changes nothing.
 func (d PeerDelta) Empty() bool {
 	return len(d.Add)+len(d.Remove)+len(d.AddHosts)+len(d.RemoveHosts) == 0
-}
-
-// peerUpdater is a DataPlane that applies a PeerDelta without reading what
-// the overlay holds. A plane without it gets full reconciliations only.
-type peerUpdater interface {
-	UpdatePeers(vni uint32, d PeerDelta) (int, error)
 }
 
 // overlayView is what the last full reconciliation programmed of one
@@ -191,7 +177,7 @@ func samePeer(a, b Peer) bool {
 // flush programs the deltas of the overlays changed since the last pass.
 // It returns how many kernel entries changed; on an error the next pass is
 // full.
-func (p *peerSync) flush(ctx context.Context, up peerUpdater) (int, error) {
+func (p *peerSync) flush(ctx context.Context) (int, error) {
 	if len(p.dirtyViews) == 0 {
 		return 0, nil
 	}
@@ -212,7 +198,7 @@ func (p *peerSync) flush(ctx context.Context, up peerUpdater) (int, error) {
 		if d.Empty() {
 			continue
 		}
-		n, err := up.UpdatePeers(v.ov.VNI, d)
+		n, err := p.plane.UpdatePeers(v.ov.VNI, d)
 		changes += n
 		if err != nil {
 			p.full = true

@@ -81,6 +81,22 @@ type DataPlane interface {
 	// exactly peers, leaving correct entries untouched; it returns how many
 	// entries it added or removed.
 	SetPeers(vni uint32, peers []Peer) (int, error)
+	// UpdatePeers applies a change to the overlay's remote endpoints and
+	// hosts without reading the kernel's tables, so its cost does not
+	// grow with the number of entries: first AddHosts become remote
+	// hosts, then Remove's entries go, Add's are added (or replaced), and
+	// last RemoveHosts stop being remote hosts. Add peers' hosts must be
+	// remote hosts already (their peers programmed) or in AddHosts. For
+	// an encrypted overlay SetPeers must have run once since the process
+	// started. It returns how many entries it changed.
+	UpdatePeers(vni uint32, d PeerDelta) (int, error)
+}
+
+// PeerDelta is a change to an overlay's remote endpoints and hosts
+// (DataPlane.UpdatePeers).
+type PeerDelta struct {
+	Add, Remove           []Peer
+	AddHosts, RemoveHosts []netip.Addr
 }
 
 // VerifyingPlane is a DataPlane that can also say how this host's kernel

@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -117,6 +118,31 @@ func (f *fakePlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	defer f.mu.Unlock()
 	f.peers[vni] = peers
 	return len(peers), nil
+}
+
+// UpdatePeers applies d to the recorded peers, by MAC: Remove takes out
+// the peers with its MACs, Add replaces the peer with its MAC or adds it.
+// (Hosts are not recorded.)
+func (f *fakePlane) UpdatePeers(vni uint32, d PeerDelta) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	peers := slices.Clone(f.peers[vni])
+	changes := 0
+	for _, r := range d.Remove {
+		n := len(peers)
+		peers = slices.DeleteFunc(peers, func(p Peer) bool { return bytes.Equal(p.MAC, r.MAC) })
+		changes += n - len(peers)
+	}
+	for _, a := range d.Add {
+		if i := slices.IndexFunc(peers, func(p Peer) bool { return bytes.Equal(p.MAC, a.MAC) }); i >= 0 {
+			peers[i] = a
+		} else {
+			peers = append(peers, a)
+		}
+		changes++
+	}
+	f.peers[vni] = peers
+	return changes, nil
 }
 
 func (f *fakePlane) peerIPs(vni uint32) []string {

@@ -371,3 +371,14 @@ func (c *checkingPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	c.mu.Unlock()
 	return c.fakePlane.SetPeers(vni, peers)
 }
+
+func (c *checkingPlane) UpdatePeers(vni uint32, d PeerDelta) (int, error) {
+	n, err := c.fakePlane.UpdatePeers(vni, d)
+	c.fakePlane.mu.Lock()
+	peers := slices.Clone(c.fakePlane.peers[vni])
+	c.fakePlane.mu.Unlock()
+	c.mu.Lock()
+	c.set[vni] = peers
+	c.mu.Unlock()
+	return n, err
+}

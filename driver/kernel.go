@@ -141,6 +141,17 @@ func (k *kernelPlane) SetPeers(vni uint32, peers []Peer) (int, error) {
 	return n.SetPeers(overlayPeers(peers), nil)
 }
 
+func (k *kernelPlane) UpdatePeers(vni uint32, d PeerDelta) (int, error) {
+	n, err := k.host.Network(nsID(vni))
+	if err != nil {
+		return 0, fmt.Errorf("overlay vni %d: %w", vni, err)
+	}
+	return n.UpdatePeers(overlay.Delta{
+		Add: overlayPeers(d.Add), Remove: overlayPeers(d.Remove),
+		AddHosts: d.AddHosts, RemoveHosts: d.RemoveHosts,
+	})
+}
+
 func overlayPeers(peers []Peer) []overlay.Peer {
 	ps := make([]overlay.Peer, len(peers))
 	for i, p := range peers {

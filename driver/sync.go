@@ -190,12 +190,11 @@ func (p *peerSync) run(ctx context.Context) {
 			if !p.ready() {
 				continue
 			}
-			up, ok := p.plane.(peerUpdater)
-			if !ok || p.full || p.views == nil {
+			if p.full || p.views == nil {
 				p.fullPass(ctx)
 				continue
 			}
-			changes, err := p.flush(ctx, up)
+			changes, err := p.flush(ctx)
 			if m := p.metrics; m != nil {
 				m.Reconciled(changes, err)
 				m.Known(p.known())

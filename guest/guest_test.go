@@ -23,7 +23,7 @@ var greTests = []struct {
 	env       []string
 }{
 	// The overlay package's GRE data-plane tests (netlink, namespaces).
-	{"overlay", "./overlay", []string{"TestGRE", "TestGREMeshHasNoLoop", "TestTwoHostsPing", "TestSetPeersReconciles", "TestVerifyNetwork"}, nil},
+	{"overlay", "./overlay", []string{"TestGRE", "TestGREMeshHasNoLoop", "TestTwoHostsPing", "TestSetPeersReconciles", "TestVerifyNetwork", "TestUpdatePeers"}, nil},
 	// Two Docker hosts, an encap=gre and a VXLAN overlay.
 	{"integration", "./integration", []string{"TestOverlayGRE"}, []string{dockerhosts.PluginBinEnv + "=" + guest.JobDir + "/docker-net-plugin",
 		dockerhosts.McastToolEnv + "=" + guest.JobDir + "/dnp-mcast"}},

@@ -355,6 +355,35 @@ func (h *Host) cryptSetMembers(vni uint32, hosts []netip.Addr) (int, error) {
 	return 1, k.call(func(c *crypt.Client) error { return c.SetMembers(vni, hosts) })
 }
 
+// cryptUpdateMembers adds hosts to and removes hosts from the members of
+// vni, the others staying, and tells the data path the new members if
+// that changes them. The members must be known (cryptSetMembers ran).
+func (h *Host) cryptUpdateMembers(vni uint32, add, remove []netip.Addr) error {
+	k, err := h.keeper()
+	if err != nil {
+		return err
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	old := k.vnis[vni]
+	if old == nil {
+		return fmt.Errorf("the member hosts of encrypted VNI %d are not known yet (SetPeers first)", vni)
+	}
+	hosts := slices.Clone(old)
+	for _, a := range add {
+		if !slices.Contains(hosts, a) {
+			hosts = append(hosts, a)
+		}
+	}
+	hosts = slices.DeleteFunc(hosts, func(a netip.Addr) bool { return slices.Contains(remove, a) })
+	slices.SortFunc(hosts, func(a, b netip.Addr) int { return a.Compare(b) })
+	if slices.Equal(hosts, old) {
+		return nil
+	}
+	k.vnis[vni] = hosts
+	return k.call(func(c *crypt.Client) error { return c.SetMembers(vni, hosts) })
+}
+
 // cryptRemove stops the data path carrying vni and, if no encrypted
 // network is left on this host, stops it and removes the crypt namespace.
 // Called with h.mu held.

@@ -283,6 +283,62 @@ func (h *Host) filterSetMembers(s *handles, vni uint32, hosts []netip.Addr) (int
 	return changes, nil
 }
 
+// filterAddMembers makes hosts members of vni, besides the others.
+func (h *Host) filterAddMembers(s *handles, vni uint32, hosts []netip.Addr) error {
+	c, err := s.nft()
+	if err != nil {
+		return err
+	}
+	if err := h.ensureFilter(c); err != nil {
+		if h.noFilter(err) {
+			return nil
+		}
+		return err
+	}
+	_, m4, m6 := filterSets(h.filterTable())
+	for _, ip := range hosts {
+		set := m6
+		if ip.Is4() {
+			set = m4
+		}
+		if err := c.SetAddElements(set, []nftables.SetElement{{Key: memberKey(vni, ip)}}); err != nil {
+			return fmt.Errorf("nftables: add member %s of vni %d: %w", ip, vni, err)
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables: add members of vni %d: %w", vni, err)
+	}
+	return nil
+}
+
+// filterRemoveMembers makes hosts no members of vni; the others stay.
+func (h *Host) filterRemoveMembers(s *handles, vni uint32, hosts []netip.Addr) error {
+	c, err := s.nft()
+	if err != nil {
+		return err
+	}
+	t := h.filterTable()
+	if _, err := c.ListTableOfFamily(t.Name, t.Family); errors.Is(err, unix.ENOENT) || h.noFilter(err) {
+		return nil
+	}
+	_, m4, m6 := filterSets(t)
+	// One transaction each: one that deletes a missing element fails as a
+	// whole.
+	for _, ip := range hosts {
+		set := m6
+		if ip.Is4() {
+			set = m4
+		}
+		if err := c.SetDeleteElements(set, []nftables.SetElement{{Key: memberKey(vni, ip)}}); err != nil {
+			return fmt.Errorf("nftables: remove member %s of vni %d: %w", ip, vni, err)
+		}
+		if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("nftables: remove member %s of vni %d: %w", ip, vni, err)
+		}
+	}
+	return nil
+}
+
 // filterRemoveVNI forgets vni and its members; the table goes with the
 // last VNI.
 func (h *Host) filterRemoveVNI(s *handles, vni uint32) error {

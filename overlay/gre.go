@@ -332,61 +332,58 @@ func setPeersGRE(s *handles, info netInfo, p peerPlan) (int, error) {
 	changes := 0
 
 	// Tunnel ports to every remote host.
-	ports := map[netip.Addr]int{}
+	ports := map[netip.Addr]int32{}
 	for _, remote := range p.hosts {
 		name := tunnelName(remote)
-		l := have[name]
-		if l != nil {
-			if why := tunnelMismatch(l, info.vni, info.local, remote, hostID); why != "" {
-				slog.Info("replacing GRE tunnel", "tunnel", name, "remote", remote, "reason", why)
-				if err := deleteLink(s.ov, l); err != nil {
-					return changes, err
-				}
-				changes++
-				delete(have, name)
-				l = nil
-			} else if err := fixPort(s.ov, l, info.br); err != nil {
-				return changes, err
-			}
+		l, c, err := ensureTunnel(s, info, remote, have[name], hostID)
+		changes += c
+		if err != nil {
+			return changes, err
 		}
-		if l == nil {
-			if l, err = createTunnel(s, info.br, info, remote); err != nil {
-				return changes, err
-			}
-			changes++
-			have[name] = l
-		}
-		ports[remote] = l.Attrs().Index
+		have[name] = l
+		ports[remote] = int32(l.Attrs().Index)
 	}
 
 	// Static bridge FDB entries, on all tunnel ports (also on those about
-	// to go, so every change is counted).
-	isTunnel := map[int]bool{}
+	// to go, so every change is counted), and neighbour entries.
+	nl, err := openNL(s.ovNS)
+	if err != nil {
+		return changes, err
+	}
+	defer nl.close()
+	isTunnel := map[int32]bool{}
 	for _, l := range have {
-		isTunnel[l.Attrs().Index] = true
+		isTunnel[int32(l.Attrs().Index)] = true
 	}
-	haveFDB, err := currentGREFDB(s.ov, isTunnel)
+	haveEntries, err := nl.dump(unix.AF_BRIDGE, func(m neighMsg) (entry, bool) {
+		// Static entries of the bridge; not a port's own permanent entry,
+		// nor a device's own (self) address list.
+		ok := isTunnel[m.ifindex] && m.hasMAC && m.flags&unix.NTF_SELF == 0 && m.state&unix.NUD_NOARP != 0
+		return bridgeEntry(m.ifindex, m.mac), ok
+	})
+	if err != nil {
+		return changes, fmt.Errorf("list FDB: %w", err)
+	}
+	br := int32(info.br.Attrs().Index)
+	neigh, err := currentNeighEntries(nl, br)
 	if err != nil {
 		return changes, err
 	}
-	wantFDB := table{}
-	for _, m := range p.macs {
-		wantFDB[greFDBKey(m.mac, ports[m.host])] = bridgeFDB(ports[m.host], m.mac)
-	}
-	c, err := syncTable(s.ov, haveFDB, wantFDB, s.ov.NeighSet)
+	c, err := syncEntries(nl, append(haveEntries, neigh...), func(yield func(entry) bool) {
+		for _, m := range p.macs {
+			if !yield(bridgeEntry(ports[m.host], [6]byte(m.mac))) {
+				return
+			}
+		}
+		for _, n := range p.ips {
+			if !yield(neighEntry(br, n.ip, [6]byte(n.mac))) {
+				return
+			}
+		}
+	})
 	changes += c
-	if err != nil {
-		return changes, fmt.Errorf("bridge fdb: %w", err)
-	}
-
-	haveNeigh, err := currentNeigh(s.ov, info.br.Attrs().Index)
 	if err != nil {
 		return changes, err
-	}
-	c, err = syncTable(s.ov, haveNeigh, neighTable(p, info.br.Attrs().Index), s.ov.NeighSet)
-	changes += c
-	if err != nil {
-		return changes, fmt.Errorf("neighbour: %w", err)
 	}
 
 	// Tunnels to hosts that are gone (and leftovers of interrupted creates).
@@ -405,6 +402,30 @@ func setPeersGRE(s *handles, info netInfo, p peerPlan) (int, error) {
 		changes++
 	}
 	return changes, nil
+}
+
+// ensureTunnel makes l, the existing tunnel port named for remote (nil if
+// there is none), fit: it keeps a fitting one (repairing its port
+// settings), and replaces one that does not fit or makes a missing one.
+// It returns the port and how many tunnels it deleted and created.
+func ensureTunnel(s *handles, info netInfo, remote netip.Addr, l netlink.Link, hostID int) (netlink.Link, int, error) {
+	changes := 0
+	if l != nil {
+		why := tunnelMismatch(l, info.vni, info.local, remote, hostID)
+		if why == "" {
+			return l, 0, fixPort(s.ov, l, info.br)
+		}
+		slog.Info("replacing GRE tunnel", "tunnel", l.Attrs().Name, "remote", remote, "reason", why)
+		if err := deleteLink(s.ov, l); err != nil {
+			return nil, 0, err
+		}
+		changes++
+	}
+	l, err := createTunnel(s, info.br, info, remote)
+	if err != nil {
+		return nil, changes, err
+	}
+	return l, changes + 1, nil
 }
 
 // currentGREFDB reads the static bridge FDB entries on the tunnel ports

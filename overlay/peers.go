@@ -2,8 +2,8 @@ package overlay
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
+	"iter"
 	"net"
 	"net/netip"
 	"slices"
@@ -23,15 +23,9 @@ type Peer struct {
 // traffic (ARP, ND) to every remote host.
 var zeroMAC = net.HardwareAddr{0, 0, 0, 0, 0, 0}
 
-// table is the desired or current content of one kind of entry, by key.
+// table is the desired or current content of one kind of entry, by key
+// (for VerifyNetwork; SetPeers works with entry values).
 type table map[string]netlink.Neigh
-
-// peerTables are the three kinds of entries SetPeers owns.
-type peerTables struct {
-	fdb    table // VXLAN device FDB (self): MAC -> remote host, plus 00:00:00:00:00:00 per host
-	bridge table // bridge FDB (master) on the VXLAN port: remote MAC, static
-	neigh  table // neighbour entries on the bridge: remote IP -> MAC, permanent
-}
 
 // SetPeers makes the kernel's static entries match peers and hosts exactly.
 // Peers and hosts at this host's own address are ignored, so the caller
@@ -93,56 +87,94 @@ func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 }
 
 func setPeersVXLAN(s *handles, info netInfo, p peerPlan) (int, error) {
-	vxIndex, brIndex := info.vx.Index, info.br.Attrs().Index
-	want := vxlanTables(p, vxIndex, brIndex)
-	have, err := currentTables(s.ov, vxIndex, brIndex)
+	nl, err := openNL(s.ovNS)
 	if err != nil {
 		return 0, err
 	}
-	changes := 0
-	for _, t := range []struct {
-		name       string
-		have, want table
-		add        func(*netlink.Neigh) error
-	}{
-		// A VXLAN MAC may have several destinations (the zero MAC has one
-		// per host): append, never replace.
-		{"vxlan fdb", have.fdb, want.fdb, s.ov.NeighAppend},
-		{"bridge fdb", have.bridge, want.bridge, s.ov.NeighSet},
-		{"neighbour", have.neigh, want.neigh, s.ov.NeighSet},
-	} {
-		c, err := syncTable(s.ov, t.have, t.want, t.add)
-		changes += c
-		if err != nil {
-			return changes, fmt.Errorf("%s: %w", t.name, err)
+	defer nl.close()
+	vx, br := int32(info.vx.Index), int32(info.br.Attrs().Index)
+	have, err := nl.dump(unix.AF_BRIDGE, func(m neighMsg) (entry, bool) {
+		switch {
+		case m.ifindex != vx || !m.hasMAC:
+		case m.flags&unix.NTF_SELF != 0:
+			// The VXLAN device's own table is ours alone.
+			return vxlanEntry(vx, m.mac, m.ip), m.ip.IsValid()
+		case m.state&unix.NUD_NOARP != 0:
+			// Static bridge entries on the port; not the bridge's own
+			// ("permanent") entry for the port's MAC.
+			return bridgeEntry(vx, m.mac), true
+		}
+		return entry{}, false
+	})
+	if err != nil {
+		return 0, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
+	}
+	neigh, err := currentNeighEntries(nl, br)
+	if err != nil {
+		return 0, err
+	}
+	want := func(yield func(entry) bool) {
+		for _, h := range p.hosts {
+			if !yield(vxlanEntry(vx, [6]byte{}, h)) {
+				return
+			}
+		}
+		for _, m := range p.macs {
+			if !yield(vxlanEntry(vx, [6]byte(m.mac), m.host)) || !yield(bridgeEntry(vx, [6]byte(m.mac))) {
+				return
+			}
+		}
+		for _, n := range p.ips {
+			if !yield(neighEntry(br, n.ip, [6]byte(n.mac))) {
+				return
+			}
 		}
 	}
-	return changes, nil
+	return syncEntries(nl, append(have, neigh...), want)
 }
 
-// syncTable deletes what is in have but not in want, then adds what is in
-// want but not in have.
-func syncTable(h *netlink.Handle, have, want table, add func(*netlink.Neigh) error) (int, error) {
-	changes := 0
-	for k, e := range have {
-		if _, ok := want[k]; ok {
-			continue
-		}
-		if err := h.NeighDel(&e); err != nil && !errors.Is(err, unix.ENOENT) {
-			return changes, fmt.Errorf("delete %s: %w", k, err)
-		}
-		changes++
+// syncEntries deletes the entries of have that want does not yield, then
+// adds those it yields that have lacks (want is read twice).
+func syncEntries(nl *nlSocket, have []entry, want iter.Seq[entry]) (int, error) {
+	wanted := make(map[entry]bool, len(have)) // have's entries: wanted or stale
+	for _, e := range have {
+		wanted[e] = false
 	}
-	for k, e := range want {
-		if _, ok := have[k]; ok {
-			continue
+	for e := range want {
+		if _, ok := wanted[e]; ok {
+			wanted[e] = true
 		}
-		if err := add(&e); err != nil {
-			return changes, fmt.Errorf("add %s: %w", k, err)
-		}
-		changes++
 	}
-	return changes, nil
+	b := newBatch(nl)
+	for _, e := range have {
+		if !wanted[e] {
+			b.del(e)
+		}
+	}
+	for e := range want {
+		if _, ok := wanted[e]; !ok {
+			b.add(e)
+		}
+	}
+	err := b.flush()
+	return b.changes, err
+}
+
+// currentNeighEntries reads the bridge's permanent neighbour entries.
+func currentNeighEntries(nl *nlSocket, brIndex int32) ([]entry, error) {
+	var out []entry
+	for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		es, err := nl.dump(fam, func(m neighMsg) (entry, bool) {
+			// Not those learned by the bridge itself (gateway traffic).
+			ok := m.ifindex == brIndex && m.state&unix.NUD_PERMANENT != 0 && m.ip.IsValid()
+			return neighEntry(brIndex, m.ip, m.mac), ok
+		})
+		if err != nil {
+			return nil, fmt.Errorf("list neighbours on %s: %w", bridgeName, err)
+		}
+		out = append(out, es...)
+	}
+	return out, nil
 }
 
 // peerPlan is what peers and hosts call for, whatever the encapsulation,
@@ -186,8 +218,10 @@ func planPeers(peers []Peer, hosts []netip.Addr, local netip.Addr) (peerPlan, er
 			hostSet[ip.Unmap()] = true
 		}
 	}
-	macHost := map[string]netip.Addr{}
-	ipMAC := map[netip.Addr]net.HardwareAddr{}
+	macHost := make(map[[6]byte]netip.Addr, len(peers))
+	ipMAC := make(map[netip.Addr]net.HardwareAddr, len(peers))
+	p.macs = make([]peerMAC, 0, len(peers))
+	p.ips = make([]peerIP, 0, len(peers))
 	for _, pe := range peers {
 		ok, err := remote(pe.HostIP)
 		if err != nil {
@@ -200,11 +234,11 @@ func planPeers(peers []Peer, hosts []netip.Addr, local netip.Addr) (peerPlan, er
 		if len(pe.MAC) != 6 || pe.MAC[0]&1 != 0 || bytes.Equal(pe.MAC, zeroMAC) {
 			return p, fmt.Errorf("peer on %s: invalid MAC %q", hostIP, pe.MAC)
 		}
-		other, seen := macHost[pe.MAC.String()]
+		other, seen := macHost[[6]byte(pe.MAC)]
 		if seen && other != hostIP {
 			return p, fmt.Errorf("MAC %s is on two hosts, %s and %s", pe.MAC, other, hostIP)
 		}
-		macHost[pe.MAC.String()] = hostIP
+		macHost[[6]byte(pe.MAC)] = hostIP
 		hostSet[hostIP] = true
 		if !seen {
 			p.macs = append(p.macs, peerMAC{mac: pe.MAC, host: hostIP})
@@ -231,19 +265,6 @@ func planPeers(peers []Peer, hosts []netip.Addr, local netip.Addr) (peerPlan, er
 	return p, nil
 }
 
-// vxlanTables are the entries a VXLAN network needs for p.
-func vxlanTables(p peerPlan, vxIndex, brIndex int) peerTables {
-	t := peerTables{fdb: table{}, bridge: table{}, neigh: neighTable(p, brIndex)}
-	for _, ip := range p.hosts {
-		t.fdb[fdbKey(zeroMAC, ip)] = vxlanFDB(vxIndex, zeroMAC, ip)
-	}
-	for _, m := range p.macs {
-		t.fdb[fdbKey(m.mac, m.host)] = vxlanFDB(vxIndex, m.mac, m.host)
-		t.bridge[m.mac.String()] = bridgeFDB(vxIndex, m.mac)
-	}
-	return t
-}
-
 // neighTable is the bridge's permanent neighbour entries for p.
 func neighTable(p peerPlan, brIndex int) table {
 	t := table{}
@@ -262,32 +283,6 @@ func bridgeFDB(portIndex int, mac net.HardwareAddr) netlink.Neigh {
 		LinkIndex: portIndex, Family: unix.AF_BRIDGE, Flags: netlink.NTF_MASTER,
 		State: netlink.NUD_NOARP, HardwareAddr: mac,
 	}
-}
-
-// currentTables reads the entries this package owns from the kernel.
-func currentTables(ov *netlink.Handle, vxIndex, brIndex int) (peerTables, error) {
-	t := peerTables{fdb: table{}, bridge: table{}}
-	fdb, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(vxIndex, unix.AF_BRIDGE) })
-	if err != nil {
-		return t, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
-	}
-	for _, e := range fdb {
-		switch {
-		case e.Flags&netlink.NTF_SELF != 0:
-			// The VXLAN device's own table is ours alone.
-			ip, ok := netip.AddrFromSlice(e.IP)
-			if !ok {
-				continue
-			}
-			t.fdb[fdbKey(e.HardwareAddr, ip.Unmap())] = vxlanFDB(vxIndex, e.HardwareAddr, ip.Unmap())
-		case e.State&netlink.NUD_NOARP != 0:
-			// Static bridge entries on the port; not the bridge's own
-			// ("permanent") entry for the port's MAC.
-			t.bridge[e.HardwareAddr.String()] = bridgeFDB(vxIndex, e.HardwareAddr)
-		}
-	}
-	t.neigh, err = currentNeigh(ov, brIndex)
-	return t, err
 }
 
 // currentNeigh reads the bridge's permanent neighbour entries.
@@ -311,17 +306,6 @@ func currentNeigh(ov *netlink.Handle, brIndex int) (table, error) {
 		}
 	}
 	return t, nil
-}
-
-func vxlanFDB(vxIndex int, mac net.HardwareAddr, dst netip.Addr) netlink.Neigh {
-	return netlink.Neigh{
-		LinkIndex: vxIndex, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-		State: netlink.NUD_PERMANENT, HardwareAddr: mac, IP: dst.AsSlice(),
-	}
-}
-
-func fdbKey(mac net.HardwareAddr, dst netip.Addr) string {
-	return mac.String() + " dst " + dst.String()
 }
 
 func neighKey(ip netip.Addr, mac net.HardwareAddr) string {
