@@ -3,48 +3,20 @@ package testenv
 import (
 	"bytes"
 	"encoding/binary"
-	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
 // DoIn runs fn on a thread in the network namespace at path. The thread
 // is discarded afterwards if it cannot return to its own namespace.
-func DoIn(path string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.GetFromPath(path)
-		if err != nil {
-			errc <- fmt.Errorf("open %s: %w", path, err)
-			return
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("enter %s: %w", path, err)
-			return
-		}
-		err = fn()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
+func DoIn(path string, fn func() error) error { return sysutil.InNetNS(path, fn) }
 
 // Capture records every frame seen on every interface of a network
 // namespace (an AF_PACKET socket, as tcpdump -i any would), for tests

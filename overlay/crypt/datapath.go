@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -25,6 +24,8 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
+
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
 // Config is what one data path process needs. It runs one per host.
@@ -337,43 +338,9 @@ func listenUnix(path string) (*net.UnixListener, uint64, error) {
 	return ln, st.Ino, nil
 }
 
-// inNetNS runs fn on a thread in the namespace at path ("" = this one).
-// The thread is left to end with its goroutine if it cannot go back.
-func inNetNS(path string, fn func() error) error {
-	if path == "" {
-		return fn()
-	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromPath(path)
-		if err != nil {
-			errc <- fmt.Errorf("open namespace %s: %w", path, err)
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- fmt.Errorf("enter namespace %s: %w", path, err)
-			return
-		}
-		err = fn()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
-
 func listenUDP(hostNS string, addr netip.AddrPort) (*net.UDPConn, error) {
 	var conn *net.UDPConn
-	err := inNetNS(hostNS, func() error {
+	err := sysutil.InNetNS(hostNS, func() error {
 		var err error
 		conn, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
 		return err
@@ -393,7 +360,7 @@ func listenUDP(hostNS string, addr netip.AddrPort) (*net.UDPConn, error) {
 // the data path closes it (or dies).
 func openTUN(cryptNS string) (*os.File, error) {
 	var f *os.File
-	err := inNetNS(cryptNS, func() error {
+	err := sysutil.InNetNS(cryptNS, func() error {
 		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 		if err != nil {
 			return fmt.Errorf("open /dev/net/tun: %w", err)
