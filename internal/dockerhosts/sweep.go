@@ -225,30 +225,35 @@ func waitGone(procs []proc, d time.Duration) {
 
 // runMounts lists mount points in this mount namespace that contain dnpt-<id>.
 func runMounts(id string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
 	var mounts []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && strings.Contains(fields[4], namePrefix+id) {
-			mounts = append(mounts, fields[4])
+	mountinfo(func(point, _ string) {
+		if strings.Contains(point, namePrefix+id) {
+			mounts = append(mounts, point)
 		}
-	}
+	})
 	return mounts
 }
 
 // cgroupRoots lists the mount points of all cgroup hierarchies (v1 and v2).
 func cgroupRoots() []string {
+	var roots []string
+	mountinfo(func(point, fstype string) {
+		if fstype == "cgroup" || fstype == "cgroup2" {
+			roots = append(roots, point)
+		}
+	})
+	return roots
+}
+
+// mountinfo calls fn with the mount point and file system type of each
+// mount in this mount namespace (/proc/self/mountinfo; none if it cannot
+// be read).
+func mountinfo(fn func(point, fstype string)) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return nil
+		return
 	}
 	defer f.Close()
-	var roots []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		pre, post, ok := strings.Cut(sc.Text(), " - ")
@@ -256,11 +261,10 @@ func cgroupRoots() []string {
 			continue
 		}
 		fields, fstype := strings.Fields(pre), strings.Fields(post)
-		if len(fields) > 4 && len(fstype) > 0 && (fstype[0] == "cgroup" || fstype[0] == "cgroup2") {
-			roots = append(roots, fields[4])
+		if len(fields) > 4 && len(fstype) > 0 {
+			fn(fields[4], fstype[0])
 		}
 	}
-	return roots
 }
 
 // runCgroups lists the cgroup-parent directories of run id's hosts in every
