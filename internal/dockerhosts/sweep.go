@@ -157,23 +157,9 @@ type proc struct {
 // runProcs lists live processes whose command line names /tmp/dnpt-<id>/.
 func runProcs(id string) []proc {
 	needle := filepath.Join(baseDir, namePrefix+id) + "/"
-	self := os.Getpid()
-	var procs []proc
-	for _, name := range dirNames("/proc") {
-		pid, err := strconv.Atoi(name)
-		if err != nil || pid == self {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + name + "/cmdline")
-		if err != nil || len(b) == 0 { // gone, or a zombie
-			continue
-		}
-		cmdline := strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))
-		if strings.Contains(cmdline, needle) {
-			procs = append(procs, proc{pid, cmdline})
-		}
-	}
-	return procs
+	return otherProcs(func(_, cmdline string) bool {
+		return strings.Contains(cmdline, needle)
+	})
 }
 
 // runNetnsProcs lists live processes, other than this one, whose network
@@ -190,6 +176,16 @@ func runNetnsProcs(id string) []proc {
 	if len(ours) == 0 {
 		return nil
 	}
+	return otherProcs(func(pid, _ string) bool {
+		var st syscall.Stat_t
+		return syscall.Stat("/proc/"+pid+"/ns/net", &st) == nil && ours[nsID{st.Dev, st.Ino}]
+	})
+}
+
+// otherProcs lists the live processes other than this one (zombies have
+// no command line and are left out) that keep chooses by their PID and
+// command line.
+func otherProcs(keep func(pid, cmdline string) bool) []proc {
 	self := os.Getpid()
 	var procs []proc
 	for _, name := range dirNames("/proc") {
@@ -197,15 +193,14 @@ func runNetnsProcs(id string) []proc {
 		if err != nil || pid == self {
 			continue
 		}
-		var st syscall.Stat_t
-		if syscall.Stat("/proc/"+name+"/ns/net", &st) != nil || !ours[nsID{st.Dev, st.Ino}] {
-			continue
-		}
 		b, err := os.ReadFile("/proc/" + name + "/cmdline")
 		if err != nil || len(b) == 0 { // gone, or a zombie
 			continue
 		}
-		procs = append(procs, proc{pid, strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))})
+		cmdline := strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))
+		if keep(name, cmdline) {
+			procs = append(procs, proc{pid, cmdline})
+		}
 	}
 	return procs
 }

@@ -1,10 +1,13 @@
 package dockerhosts
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -42,5 +45,49 @@ func TestMountinfo(t *testing.T) {
 		} else if st.Type != unix.CGROUP_SUPER_MAGIC && st.Type != unix.CGROUP2_SUPER_MAGIC {
 			t.Errorf("cgroup root %s: file system type %#x, not cgroup", root, st.Type)
 		}
+	}
+}
+
+// The sweeper finds a run's processes by their command line and by their
+// network namespace, and never this process.
+func TestRunProcs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a network namespace")
+	}
+	id := fmt.Sprintf("sweeptest%d", os.Getpid())
+	byName := exec.Command("sh", "-c", "sleep 60; : "+filepath.Join(baseDir, namePrefix+id)+"/x")
+	if err := byName.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { byName.Process.Kill(); byName.Wait() })
+
+	ns := namePrefix + id + "-h1"
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	inNS := exec.Command("ip", "netns", "exec", ns, "sleep", "60")
+	if err := inNS.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inNS.Process.Kill(); inNS.Wait() })
+
+	pids := func(procs []proc) []int {
+		var p []int
+		for _, pr := range procs {
+			p = append(p, pr.pid)
+		}
+		return p
+	}
+	// ip netns exec execs sleep: give it a moment to be in the namespace.
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) && !slices.Contains(pids(runNetnsProcs(id)), inNS.Process.Pid) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := pids(runProcs(id)); !slices.Equal(got, []int{byName.Process.Pid}) {
+		t.Errorf("runProcs = %v, want [%d]", got, byName.Process.Pid)
+	}
+	if got := pids(runNetnsProcs(id)); !slices.Equal(got, []int{inNS.Process.Pid}) {
+		t.Errorf("runNetnsProcs = %v, want [%d]", got, inNS.Process.Pid)
 	}
 }
