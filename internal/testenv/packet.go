@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/dnplabs/docker-net-plugin/internal/checksum"
 	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
@@ -122,7 +123,7 @@ func VXLANPacket(vni uint32, dstMAC, srcMAC net.HardwareAddr, src, dst netip.Add
 	s, d := src.Addr().As4(), dst.Addr().As4()
 	copy(ip[12:], s[:])
 	copy(ip[16:], d[:])
-	binary.BigEndian.PutUint16(ip[10:], checksum(ip))
+	binary.BigEndian.PutUint16(ip[10:], checksum.IPv4Header(ip))
 	b.Write(ip)
 	udp := make([]byte, 8)
 	binary.BigEndian.PutUint16(udp[0:], src.Port())
@@ -131,17 +132,6 @@ func VXLANPacket(vni uint32, dstMAC, srcMAC net.HardwareAddr, src, dst netip.Add
 	b.Write(udp) // checksum 0: none
 	b.Write(payload)
 	return b.Bytes()
-}
-
-func checksum(h []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(h[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 // SendUDP sends payload in count datagrams from a socket in the namespace

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
+	"github.com/dnplabs/docker-net-plugin/internal/checksum"
 	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
@@ -708,23 +709,12 @@ func putIPUDP(pkt []byte, src, dst netip.Addr) {
 	s, t := src.As4(), dst.As4()
 	copy(h[12:], s[:])
 	copy(h[16:], t[:])
-	binary.BigEndian.PutUint16(h[10:], ipChecksum(h))
+	binary.BigEndian.PutUint16(h[10:], checksum.IPv4Header(h))
 	u := pkt[20:ipUDPSize]
 	binary.BigEndian.PutUint16(u[0:], VXLANPort)
 	binary.BigEndian.PutUint16(u[2:], VXLANPort)
 	binary.BigEndian.PutUint16(u[4:], uint16(len(pkt)-20))
 	binary.BigEndian.PutUint16(u[6:], 0)
-}
-
-func ipChecksum(h []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(h[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 // serveControl answers the plugin on the control socket.
