@@ -6,12 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/dockersock"
 )
 
 // dockerEndpoint is what dockerd says about one endpoint of a container.
@@ -37,16 +38,9 @@ type dockerAPI struct {
 }
 
 func newDockerAPI(host string) (*dockerAPI, error) {
-	path, ok := strings.CutPrefix(host, "unix://")
-	if !ok || path == "" {
-		return nil, fmt.Errorf("docker host %q: want unix:///path/to/docker.sock", host)
-	}
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
-		},
-		MaxIdleConns: 4,
+	tr, path, err := dockersock.Transport(host, 4)
+	if err != nil {
+		return nil, err
 	}
 	return &dockerAPI{
 		client: &http.Client{Transport: tr, Timeout: 10 * time.Second},

@@ -140,41 +140,33 @@ func (n *Network) addEndpoint(s *handles, ep Endpoint) error {
 // RemoveEndpoint deletes the endpoint's veth pair, wherever its host end
 // is by now. A missing endpoint (or network) is not an error.
 func (n *Network) RemoveEndpoint(id string) error {
-	if err := validName("endpoint id", id); err != nil {
-		return err
-	}
-	h := n.host
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s, err := h.open(n.ID)
-	if errors.Is(err, ErrNotFound) {
+	return n.withPort(id, func(s *handles, port netlink.Link) error {
+		if err := s.ov.LinkDel(port); err != nil && !errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("delete %s: %w", port.Attrs().Name, err)
+		}
 		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer s.close()
-	pName := portName(id)
-	port, err := s.ov.LinkByName(pName)
-	if isNotFound(err) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("network %s: endpoint %s: find %s: %w", n.ID, id, pName, err)
-	}
-	if alias := port.Attrs().Alias; alias != "" && alias != id {
-		return fmt.Errorf("network %s: endpoint %s: interface %s belongs to endpoint %s", n.ID, id, pName, alias)
-	}
-	if err := s.ov.LinkDel(port); err != nil && !errors.Is(err, unix.ENODEV) {
-		return fmt.Errorf("network %s: endpoint %s: delete %s: %w", n.ID, id, pName, err)
-	}
-	return nil
+	})
 }
 
 // DisableEndpoint takes the endpoint's bridge port down: the bridge no
 // longer forwards to or from it, and the container's interface loses its
 // carrier. A missing endpoint is not an error.
 func (n *Network) DisableEndpoint(id string) error {
+	return n.withPort(id, func(s *handles, port netlink.Link) error {
+		if port.Attrs().Flags&net.FlagUp == 0 {
+			return nil
+		}
+		if err := s.ov.LinkSetDown(port); err != nil {
+			return fmt.Errorf("take %s down: %w", port.Attrs().Name, err)
+		}
+		return nil
+	})
+}
+
+// withPort runs fn with the endpoint's bridge port in the overlay
+// namespace, under the host's lock. A missing network or port is not an
+// error: fn does not run. fn's errors are given the network and endpoint.
+func (n *Network) withPort(id string, fn func(s *handles, port netlink.Link) error) error {
 	if err := validName("endpoint id", id); err != nil {
 		return err
 	}
@@ -200,11 +192,8 @@ func (n *Network) DisableEndpoint(id string) error {
 	if alias := port.Attrs().Alias; alias != "" && alias != id {
 		return fmt.Errorf("network %s: endpoint %s: interface %s belongs to endpoint %s", n.ID, id, pName, alias)
 	}
-	if port.Attrs().Flags&net.FlagUp == 0 {
-		return nil
-	}
-	if err := s.ov.LinkSetDown(port); err != nil {
-		return fmt.Errorf("network %s: endpoint %s: take %s down: %w", n.ID, id, pName, err)
+	if err := fn(s, port); err != nil {
+		return fmt.Errorf("network %s: endpoint %s: %w", n.ID, id, err)
 	}
 	return nil
 }

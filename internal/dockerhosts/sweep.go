@@ -157,23 +157,9 @@ type proc struct {
 // runProcs lists live processes whose command line names /tmp/dnpt-<id>/.
 func runProcs(id string) []proc {
 	needle := filepath.Join(baseDir, namePrefix+id) + "/"
-	self := os.Getpid()
-	var procs []proc
-	for _, name := range dirNames("/proc") {
-		pid, err := strconv.Atoi(name)
-		if err != nil || pid == self {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + name + "/cmdline")
-		if err != nil || len(b) == 0 { // gone, or a zombie
-			continue
-		}
-		cmdline := strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))
-		if strings.Contains(cmdline, needle) {
-			procs = append(procs, proc{pid, cmdline})
-		}
-	}
-	return procs
+	return otherProcs(func(_, cmdline string) bool {
+		return strings.Contains(cmdline, needle)
+	})
 }
 
 // runNetnsProcs lists live processes, other than this one, whose network
@@ -190,6 +176,16 @@ func runNetnsProcs(id string) []proc {
 	if len(ours) == 0 {
 		return nil
 	}
+	return otherProcs(func(pid, _ string) bool {
+		var st syscall.Stat_t
+		return syscall.Stat("/proc/"+pid+"/ns/net", &st) == nil && ours[nsID{st.Dev, st.Ino}]
+	})
+}
+
+// otherProcs lists the live processes other than this one (zombies have
+// no command line and are left out) that keep chooses by their PID and
+// command line.
+func otherProcs(keep func(pid, cmdline string) bool) []proc {
 	self := os.Getpid()
 	var procs []proc
 	for _, name := range dirNames("/proc") {
@@ -197,15 +193,14 @@ func runNetnsProcs(id string) []proc {
 		if err != nil || pid == self {
 			continue
 		}
-		var st syscall.Stat_t
-		if syscall.Stat("/proc/"+name+"/ns/net", &st) != nil || !ours[nsID{st.Dev, st.Ino}] {
-			continue
-		}
 		b, err := os.ReadFile("/proc/" + name + "/cmdline")
 		if err != nil || len(b) == 0 { // gone, or a zombie
 			continue
 		}
-		procs = append(procs, proc{pid, strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))})
+		cmdline := strings.TrimSpace(strings.ReplaceAll(string(b), "\x00", " "))
+		if keep(name, cmdline) {
+			procs = append(procs, proc{pid, cmdline})
+		}
 	}
 	return procs
 }
@@ -225,30 +220,35 @@ func waitGone(procs []proc, d time.Duration) {
 
 // runMounts lists mount points in this mount namespace that contain dnpt-<id>.
 func runMounts(id string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
 	var mounts []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && strings.Contains(fields[4], namePrefix+id) {
-			mounts = append(mounts, fields[4])
+	mountinfo(func(point, _ string) {
+		if strings.Contains(point, namePrefix+id) {
+			mounts = append(mounts, point)
 		}
-	}
+	})
 	return mounts
 }
 
 // cgroupRoots lists the mount points of all cgroup hierarchies (v1 and v2).
 func cgroupRoots() []string {
+	var roots []string
+	mountinfo(func(point, fstype string) {
+		if fstype == "cgroup" || fstype == "cgroup2" {
+			roots = append(roots, point)
+		}
+	})
+	return roots
+}
+
+// mountinfo calls fn with the mount point and file system type of each
+// mount in this mount namespace (/proc/self/mountinfo; none if it cannot
+// be read).
+func mountinfo(fn func(point, fstype string)) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return nil
+		return
 	}
 	defer f.Close()
-	var roots []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		pre, post, ok := strings.Cut(sc.Text(), " - ")
@@ -256,11 +256,10 @@ func cgroupRoots() []string {
 			continue
 		}
 		fields, fstype := strings.Fields(pre), strings.Fields(post)
-		if len(fields) > 4 && len(fstype) > 0 && (fstype[0] == "cgroup" || fstype[0] == "cgroup2") {
-			roots = append(roots, fields[4])
+		if len(fields) > 4 && len(fstype) > 0 {
+			fn(fields[4], fstype[0])
 		}
 	}
-	return roots
 }
 
 // runCgroups lists the cgroup-parent directories of run id's hosts in every

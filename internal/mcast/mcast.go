@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
 // magic starts every datagram.
@@ -202,7 +204,7 @@ func setSendOptions(conn *net.UDPConn, g netip.Addr, iface string, ttl int) erro
 		}
 		idx = ifi.Index
 	}
-	return control(conn, func(fd int) error {
+	return sysutil.WithFD(conn, func(fd int) error {
 		if g.Is4() {
 			if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_MULTICAST_TTL, ttl); err != nil {
 				return fmt.Errorf("IP_MULTICAST_TTL: %w", err)
@@ -244,7 +246,7 @@ func join(conn *net.UDPConn, g netip.Addr, iface string) (string, error) {
 		}
 		idx = ifi.Index
 	}
-	err := control(conn, func(fd int) error {
+	err := sysutil.WithFD(conn, func(fd int) error {
 		// Only the groups this socket joined, on the interface it joined
 		// them on (Linux delivers every joined group to every socket
 		// bound to the port otherwise).
@@ -314,16 +316,4 @@ func joinedIface(g netip.Addr) (string, error) {
 		}
 	}
 	return "", nil
-}
-
-func control(conn *net.UDPConn, fn func(fd int) error) error {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
-		return err
-	}
-	return ferr
 }

@@ -356,7 +356,7 @@ func StartConsulCluster(t testing.TB, members []ServerOptions) *Cluster {
 				Name:  "consul-" + name,
 				Args:  o.Command(args),
 				Dir:   dir,
-				Ready: consulWrites(httpClientIn(o.NetNS, time.Second), "http://"+httpAddr),
+				Ready: consulWrites(httpClientIn(o.NetNS, time.Second), "http://"+httpAddr, ""),
 				Wait:  60 * time.Second,
 			}},
 			Name:     name,
@@ -445,7 +445,7 @@ func StartConsulAgent(t testing.TB, cluster *Cluster, name string, o ServerOptio
 			Name:  "consul-agent-" + name,
 			Args:  o.Command(args),
 			Dir:   dir,
-			Ready: consulWrites(httpClientIn(o.NetNS, time.Second), "http://"+httpAddr),
+			Ready: consulWrites(httpClientIn(o.NetNS, time.Second), "http://"+httpAddr, ""),
 			Wait:  60 * time.Second,
 		}},
 		Scheme: "consul",
@@ -467,33 +467,6 @@ func consulBinary(t testing.TB) string {
 		Missing(t, "CONSUL_BIN=%s: %v (run scripts/build-consul.sh)", bin, err)
 	}
 	return bin
-}
-
-// consulWrites succeeds once a KV write and delete go through the agent at
-// base: it has joined and the cluster has a leader.
-func consulWrites(hc *http.Client, base string) func() error {
-	do := func(method string) error {
-		req, err := http.NewRequest(method, base+"/v1/kv/testenv-ready-"+strconv.Itoa(os.Getpid()), strings.NewReader("1"))
-		if err != nil {
-			return err
-		}
-		resp, err := hc.Do(req)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s /v1/kv: %s %q", method, resp.Status, body)
-		}
-		return nil
-	}
-	return func() error {
-		if err := do(http.MethodPut); err != nil {
-			return err
-		}
-		return do(http.MethodDelete)
-	}
 }
 
 // httpClientIn is an HTTP client whose connections are opened inside the

@@ -85,7 +85,7 @@ func StartConsulWith(t testing.TB, o ServerOptions, cc ConsulConfig) *Server {
 			Name:  "consul",
 			Args:  o.Command(args),
 			Dir:   dir,
-			Ready: consulReady("http://"+httpAddr, cc.Token),
+			Ready: consulWrites(&http.Client{Timeout: time.Second}, "http://"+httpAddr, cc.Token),
 		}},
 		Scheme: "consul",
 		Addr:   addr,
@@ -95,12 +95,12 @@ func StartConsulWith(t testing.TB, o ServerOptions, cc ConsulConfig) *Server {
 	return srv
 }
 
-// consulReady succeeds once a KV write and delete go through, that is once
-// a leader is elected and raft applies writes (an open port is not enough).
-func consulReady(base, token string) func() error {
-	hc := &http.Client{Timeout: time.Second}
+// consulWrites succeeds once a KV write and delete go through the agent at
+// base (with token, if any), that is once it has joined and the cluster has
+// a leader whose raft applies writes (an open port is not enough).
+func consulWrites(hc *http.Client, base, token string) func() error {
 	do := func(method string) error {
-		req, err := http.NewRequest(method, base+"/v1/kv/testenv-ready", strings.NewReader("1"))
+		req, err := http.NewRequest(method, base+"/v1/kv/testenv-ready-"+strconv.Itoa(os.Getpid()), strings.NewReader("1"))
 		if err != nil {
 			return err
 		}

@@ -3,48 +3,21 @@ package testenv
 import (
 	"bytes"
 	"encoding/binary"
-	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/dnplabs/docker-net-plugin/internal/checksum"
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
 // DoIn runs fn on a thread in the network namespace at path. The thread
 // is discarded afterwards if it cannot return to its own namespace.
-func DoIn(path string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.GetFromPath(path)
-		if err != nil {
-			errc <- fmt.Errorf("open %s: %w", path, err)
-			return
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("enter %s: %w", path, err)
-			return
-		}
-		err = fn()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
+func DoIn(path string, fn func() error) error { return sysutil.InNetNS(path, fn) }
 
 // Capture records every frame seen on every interface of a network
 // namespace (an AF_PACKET socket, as tcpdump -i any would), for tests
@@ -150,7 +123,7 @@ func VXLANPacket(vni uint32, dstMAC, srcMAC net.HardwareAddr, src, dst netip.Add
 	s, d := src.Addr().As4(), dst.Addr().As4()
 	copy(ip[12:], s[:])
 	copy(ip[16:], d[:])
-	binary.BigEndian.PutUint16(ip[10:], checksum(ip))
+	binary.BigEndian.PutUint16(ip[10:], checksum.IPv4Header(ip))
 	b.Write(ip)
 	udp := make([]byte, 8)
 	binary.BigEndian.PutUint16(udp[0:], src.Port())
@@ -159,17 +132,6 @@ func VXLANPacket(vni uint32, dstMAC, srcMAC net.HardwareAddr, src, dst netip.Add
 	b.Write(udp) // checksum 0: none
 	b.Write(payload)
 	return b.Bytes()
-}
-
-func checksum(h []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(h[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 // SendUDP sends payload in count datagrams from a socket in the namespace

@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"fmt"
 	"math/big"
 	"net"
 	"net/http"
@@ -128,18 +127,8 @@ func StartEtcdTLS(t testing.TB) (*Server, TLSFiles) {
 				"--cert-file", files.ServerCert, "--key-file", files.ServerKey,
 				"--trusted-ca-file", files.CA, "--client-cert-auth",
 				"--logger", "zap", "--log-outputs", "stderr"},
-			Dir: dir,
-			Ready: func() error {
-				resp, err := hc.Get("https://" + addr + "/health")
-				if err != nil {
-					return err
-				}
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					return fmt.Errorf("/health: %s", resp.Status)
-				}
-				return nil
-			},
+			Dir:   dir,
+			Ready: kvserver.EtcdHealthy(hc, "https://"+addr),
 		}},
 		Scheme: "etcd",
 		Addr:   addr,

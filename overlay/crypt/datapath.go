@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -25,6 +24,9 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
+
+	"github.com/dnplabs/docker-net-plugin/internal/checksum"
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
 // Config is what one data path process needs. It runs one per host.
@@ -337,43 +339,9 @@ func listenUnix(path string) (*net.UnixListener, uint64, error) {
 	return ln, st.Ino, nil
 }
 
-// inNetNS runs fn on a thread in the namespace at path ("" = this one).
-// The thread is left to end with its goroutine if it cannot go back.
-func inNetNS(path string, fn func() error) error {
-	if path == "" {
-		return fn()
-	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromPath(path)
-		if err != nil {
-			errc <- fmt.Errorf("open namespace %s: %w", path, err)
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- fmt.Errorf("enter namespace %s: %w", path, err)
-			return
-		}
-		err = fn()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
-
 func listenUDP(hostNS string, addr netip.AddrPort) (*net.UDPConn, error) {
 	var conn *net.UDPConn
-	err := inNetNS(hostNS, func() error {
+	err := sysutil.InNetNS(hostNS, func() error {
 		var err error
 		conn, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
 		return err
@@ -393,7 +361,7 @@ func listenUDP(hostNS string, addr netip.AddrPort) (*net.UDPConn, error) {
 // the data path closes it (or dies).
 func openTUN(cryptNS string) (*os.File, error) {
 	var f *os.File
-	err := inNetNS(cryptNS, func() error {
+	err := sysutil.InNetNS(cryptNS, func() error {
 		fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
 		if err != nil {
 			return fmt.Errorf("open /dev/net/tun: %w", err)
@@ -741,23 +709,12 @@ func putIPUDP(pkt []byte, src, dst netip.Addr) {
 	s, t := src.As4(), dst.As4()
 	copy(h[12:], s[:])
 	copy(h[16:], t[:])
-	binary.BigEndian.PutUint16(h[10:], ipChecksum(h))
+	binary.BigEndian.PutUint16(h[10:], checksum.IPv4Header(h))
 	u := pkt[20:ipUDPSize]
 	binary.BigEndian.PutUint16(u[0:], VXLANPort)
 	binary.BigEndian.PutUint16(u[2:], VXLANPort)
 	binary.BigEndian.PutUint16(u[4:], uint16(len(pkt)-20))
 	binary.BigEndian.PutUint16(u[6:], 0)
-}
-
-func ipChecksum(h []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(h[i:]))
-	}
-	for sum > 0xffff {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
 }
 
 // serveControl answers the plugin on the control socket.

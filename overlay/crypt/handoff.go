@@ -9,12 +9,13 @@ import (
 	"net"
 	"os"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 )
 
 // Make-before-break. A data path started with Config.Takeover while
@@ -231,8 +232,8 @@ func (d *dataPath) handOff(conn *net.UnixConn) error {
 	b, _ := json.Marshal(response{VNIs: len(st.VNIs), Status: st})
 	b = append(b, '\n')
 	var werr error
-	err := withFD(d.tun, func(tun int) error {
-		return withFD(d.udp, func(udp int) error {
+	err := sysutil.WithFD(d.tun, func(tun int) error {
+		return sysutil.WithFD(d.udp, func(udp int) error {
 			_, _, werr = conn.WriteMsgUnix(b, unix.UnixRights(tun, udp), nil)
 			return nil
 		})
@@ -246,20 +247,6 @@ func (d *dataPath) handOff(conn *net.UnixConn) error {
 	}
 	d.log.Info("handing the packets over to a new data path")
 	return nil
-}
-
-// withFD runs fn with the descriptor of c, leaving its mode (non-blocking)
-// as it is.
-func withFD(c syscall.Conn, fn func(fd int) error) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
-		return err
-	}
-	return ferr
 }
 
 // takeBack makes the data path itself again after a handoff that did not

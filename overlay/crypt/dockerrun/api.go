@@ -7,11 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/dnplabs/docker-net-plugin/internal/dockersock"
 )
 
 // api is a minimal client of the Docker Engine API over a unix socket, at
@@ -26,16 +27,9 @@ type api struct {
 const callTimeout = 30 * time.Second
 
 func newAPI(host string) (*api, error) {
-	path, ok := strings.CutPrefix(host, "unix://")
-	if !ok || path == "" {
-		return nil, fmt.Errorf("docker host %q: want unix:///path/to/docker.sock", host)
-	}
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
-		},
-		MaxIdleConns: 2,
+	tr, path, err := dockersock.Transport(host, 2)
+	if err != nil {
+		return nil, err
 	}
 	return &api{client: &http.Client{Transport: tr}, socket: path}, nil
 }

@@ -1,0 +1,62 @@
+// Package sysutil holds small helpers around Linux system calls that the
+// plugin's packages and their tests share.
+package sysutil
+
+import (
+	"fmt"
+	"runtime"
+	"syscall"
+
+	"github.com/vishvananda/netns"
+)
+
+// InNetNS runs fn on a thread of its own in the network namespace at path
+// ("" = this one: fn runs directly). Sockets fn opens stay in that
+// namespace. The thread goes back to its own namespace afterwards; if it
+// cannot, it stays locked and ends with its goroutine, so nothing else
+// ever runs in the wrong namespace.
+func InNetNS(path string, fn func() error) error {
+	if path == "" {
+		return fn()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromPath(path)
+		if err != nil {
+			errc <- fmt.Errorf("open namespace %s: %w", path, err)
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- fmt.Errorf("enter namespace %s: %w", path, err)
+			return
+		}
+		err = fn()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
+	}()
+	return <-errc
+}
+
+// WithFD runs fn with the file descriptor of c, leaving its mode
+// (non-blocking) as it is.
+func WithFD(c syscall.Conn, fn func(fd int) error) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
+}
