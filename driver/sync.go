@@ -70,8 +70,10 @@ const (
 	// resyncEvery is how often a full reconciliation runs anyway.
 	resyncEvery = 10 * time.Minute
 	// namesEvery is how often, at most, the name service is given the
-	// whole mirror between full reconciliations.
-	namesEvery = time.Second
+	// whole mirror between full reconciliations: often enough that a new
+	// container's name resolves everywhere well within a second, rarely
+	// enough that 100,000 endpoints cost little.
+	namesEvery = 250 * time.Millisecond
 )
 
 // localHost is what the peer sync's reconciliations need of the driver:
