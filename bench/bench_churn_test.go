@@ -192,7 +192,7 @@ func churnRun(ctx context.Context, fleet *simhosts.Fleet, hosts []simhosts.Host,
 	}
 
 	var firstWin, lastWin []float64
-	lastWrite := changes[len(changes)-1].At
+	lastWrite := simhosts.LastWrite(changes)
 	var lastEvent time.Time
 	for hi, m := range mons {
 		if err := m.Err(); err != nil {

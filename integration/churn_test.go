@@ -105,7 +105,7 @@ func TestChurn(t *testing.T) {
 	if err != nil {
 		t.Fatalf("after the churn: %v", err)
 	}
-	t.Logf("every kernel matched the store %s after the last write", settled.Sub(changes[len(changes)-1].At).Round(time.Millisecond))
+	t.Logf("every kernel matched the store %s after the last write", settled.Sub(simhosts.LastWrite(changes)).Round(time.Millisecond))
 
 	// Every change reached every host: each add appeared, each remove went.
 	for i, m := range mons {

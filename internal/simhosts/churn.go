@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -17,15 +18,64 @@ type Change struct {
 	At    time.Time  // when the store write was sent
 }
 
+// LastWrite is when the last of changes was sent.
+func LastWrite(changes []Change) time.Time {
+	var last time.Time
+	for _, c := range changes {
+		if c.At.After(last) {
+			last = c.At
+		}
+	}
+	return last
+}
+
+// churnWriters write a churn's changes in parallel, each endpoint's by the
+// same one (so its remove never overtakes its add), so that one slow store
+// round trip does not hold up the schedule.
+const churnWriters = 8
+
 // Churn adds and removes simulated endpoints at rate writes per second
-// for d, one write at a time on a fixed schedule: endpoints first, first+1,
-// ... are added until keep of them exist, then the oldest is removed and
-// a new one added, in turn. Each endpoint is added once at most, so its
-// address appears in a kernel once. It returns the writes done and the
-// endpoints still in the store (oldest first). A write that falls behind
-// the schedule is sent at once; one that fails ends the run.
+// for d, on a fixed schedule: endpoints first, first+1, ... are added until
+// keep of them exist, then the oldest is removed and a new one added, in
+// turn. Each endpoint is added once at most, so its address appears in a
+// kernel once. It returns the writes done, in no particular order, and the
+// endpoints still in the store (oldest first). A write runs as soon as it
+// is due and its writer is free; the first failed write ends the run.
 func (f *Fleet) Churn(ctx context.Context, first, rate int, d time.Duration, keep int) ([]Change, []int, error) {
-	var changes []Change
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		mu      sync.Mutex
+		changes []Change
+		failed  error
+	)
+	queues := make([]chan Change, churnWriters)
+	var wg sync.WaitGroup
+	for w := range queues {
+		q := make(chan Change, rate) // a second's worth of backlog
+		queues[w] = q
+		wg.Go(func() {
+			for c := range q {
+				c.At = time.Now()
+				var err error
+				if c.Add {
+					err = f.Add(ctx, c.Index)
+				} else {
+					err = f.Remove(ctx, c.Index)
+				}
+				mu.Lock()
+				if err != nil && failed == nil {
+					failed = err
+					cancel()
+				}
+				if err == nil {
+					changes = append(changes, c)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+
 	var live []int
 	next := first
 	every := time.Second / time.Duration(rate)
@@ -35,27 +85,33 @@ func (f *Fleet) Churn(ctx context.Context, first, rate int, d time.Duration, kee
 		if wait := time.Until(start.Add(time.Duration(k) * every)); wait > 0 {
 			select {
 			case <-ctx.Done():
-				return changes, live, ctx.Err()
 			case <-time.After(wait):
 			}
 		}
-		c := Change{At: time.Now()}
-		var err error
+		if ctx.Err() != nil {
+			break
+		}
+		var c Change
 		if len(live) >= keep {
 			c.Index = live[0]
 			live = live[1:]
-			err = f.Remove(ctx, c.Index)
 		} else {
 			c.Index, c.Add = next, true
 			next++
 			live = append(live, c.Index)
-			err = f.Add(ctx, c.Index)
 		}
 		c.IP = f.Endpoint(c.Index).IP
-		if err != nil {
-			return changes, live, fmt.Errorf("churn write %d of %d: %w", k+1, total, err)
+		select {
+		case queues[c.Index%churnWriters] <- c:
+		case <-ctx.Done():
 		}
-		changes = append(changes, c)
+	}
+	for _, q := range queues {
+		close(q)
+	}
+	wg.Wait()
+	if failed != nil {
+		return changes, live, fmt.Errorf("churn: %w", failed)
 	}
 	return changes, live, nil
 }
