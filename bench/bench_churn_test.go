@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 	"sort"
@@ -207,7 +208,7 @@ func churnRun(ctx context.Context, fleet *simhosts.Fleet, hosts []simhosts.Host,
 				r.missed++
 				continue
 			}
-			lat := ms(at.Sub(c.At))
+			lat := math.Round(ms(at.Sub(c.At))*1000) / 1000 // µs: the result file holds every sample
 			r.latency = append(r.latency, lat)
 			if c.At.Sub(start) < churnWindow {
 				firstWin = append(firstWin, lat)
