@@ -55,11 +55,12 @@ func TestBenchChurn(t *testing.T) {
 		"netlink monitor in the overlay namespace timestamps when each endpoint's permanent neighbour entry appears or "+
 		"is deleted. Latency: from sending the store write until the entry appears (add) or is gone (remove), every "+
 		"change on every host (the samples). Growth: the median latency of the changes written in the last %s over "+
-		"that of the first %s. Missed: changes whose event never came on some host (counted per host). Left over: "+
+		"that of the first %s. Missed: changes whose event never came on some host (counted per host; a churn endpoint lives about %s, so a host further behind than that may skip its add and remove altogether). Left over: "+
 		"after the churn the remaining churn endpoints are removed, and once the kernels settle (at most %s) the "+
 		"entries that differ between each host's kernel and the store, summed over the hosts. Last applied: from the "+
 		"last churn write until the last event it caused. Each store (etcd, Consul) has a cluster of its own.",
-		simHosts, formatCount(background), duration, rate, churnKeep, churnWindow, churnWindow, churnSettle)
+		simHosts, formatCount(background), duration, rate, churnKeep, churnWindow, churnWindow,
+		time.Duration(churnKeep)*time.Second/time.Duration(rate/2), churnSettle)
 	rec.res.Baseline = "the same churn, on the same hosts just before, with no background endpoints."
 	if quick() {
 		rec.note(quickNote)
