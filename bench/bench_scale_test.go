@@ -2,168 +2,147 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
-
+	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/internal/simhosts"
 	"github.com/dnplabs/docker-net-plugin/overlay"
 	"github.com/dnplabs/docker-net-plugin/store"
 	"github.com/dnplabs/docker-net-plugin/store/stores"
 )
 
+// The stores the control-plane benchmarks (scale, churn) run on: etcd and
+// Consul. (ZooKeeper's default 1 MB packet limit refuses the list of
+// 100,000 children of one directory.)
+var controlStores = []string{"etcd", "consul"}
+
 // Simulated remote hosts: this many live host keys, their endpoints spread
 // over them round robin.
 const simHosts = 100
 
-// The store records the driver reads (driver/records.go: endpoints/<overlay>/<id>
-// and hosts/<host>), written here as remote hosts would.
-type simEndpoint struct {
-	Network string `json:"network"`
-	Host    string `json:"host"`
-	IPv4    string `json:"ipv4"`
-	MAC     string `json:"mac"`
-}
+// The overlay subnet of the control-plane benchmarks, and the offset of the
+// first simulated endpoint's address in it (below it: the real containers).
+const (
+	simSubnet = "10.64.0.0/14"
+	simOffset = 4096
+)
 
-type simHost struct {
-	Addr    string `json:"addr"`
-	Name    string `json:"name"`
-	Started string `json:"started"`
-}
+// The scale benchmark's sizes and runs.
+const (
+	scaleSmall     = 10_000
+	scaleLarge     = 100_000
+	scaleRunsLarge = 2 // cold starts at scaleLarge (Runs at the others)
+	// changesPerRun: after each cold start, this many endpoints are added
+	// and removed again one at a time, each add and each remove one sample
+	// of "one change".
+	changesPerRun = 3
+)
 
-// TestBenchScale: time and plugin memory to program 1,000 and 10,000
-// remote endpoints on one host, and the time one change takes at that size.
-func TestBenchScale(t *testing.T) {
-	needBench(t)
-	sizes := []int{1000, 10000}
-	rec := newRecorder(t, "scale")
-	rec.res.Measures = fmt.Sprintf("one Docker host runs the plugin (etcd store) with one local container on an overlay; "+
-		"remote hosts are simulated as store entries: %d live host keys and N endpoint records spread over them, "+
-		"written as remote plugins would (transactions of %d keys, 4 writers). "+
-		"Program time: from the first write until the host's overlay namespace holds all N static neighbour entries "+
-		"(with their forwarding entries; polled every 20 ms). RSS: the plugin process's VmRSS right after. "+
-		"One change: one more endpoint record written at that size, until its neighbour entry exists (netlink event). "+
-		"Between runs all N records are deleted and the host waits until the entries are gone.", simHosts, store.MaxTxnOps)
-	rec.res.Baseline = "program time: the same N peers written by one direct call of the data plane " +
-		"(package overlay, SetPeers) into a scratch overlay on the same host, without store or watch: the kernel's share. " +
-		"RSS and one change: the same measurement with no remote endpoints, taken first (5 runs)."
-	c := newCluster(t, 1)
-	h := c.Hosts[0]
-	plugin := c.Plugins[0]
-	if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", plugin.Pid())); err != nil || filepath.Base(exe) != "docker-net-plugin" {
-		t.Fatalf("pid %d is not the plugin (exe %q, %v)", plugin.Pid(), exe, err)
+// quick is DNP_BENCH_QUICK=1: the control-plane benchmarks at a tenth of
+// their sizes and durations, to try them out.
+func quick() bool { return os.Getenv("DNP_BENCH_QUICK") == "1" }
+
+// quickNote marks the results of a quick run.
+const quickNote = "QUICK RUN (DNP_BENCH_QUICK=1): sizes, runs and durations cut to a tenth or less; not the benchmark's numbers."
+
+// simFleet is the simulated hosts, on the underlay subnet of c (.100 to
+// .199, where no real host or node is), holding endpoints on overlay.
+func simFleet(t *testing.T, c *benchCluster, st store.Store, overlayName string) *simhosts.Fleet {
+	t.Helper()
+	under, err := netip.ParsePrefix(c.Subnet)
+	if err != nil {
+		t.Fatal(err)
 	}
-	overlayNetwork(t, h, "scale", "10.90.0.0/16")
-	runContainer(t, h, "local", "scale")
-	nsPath := overlayNS(t, c.Cluster, h)
-	kernel := openNeighCounter(t, nsPath)
+	f := &simhosts.Fleet{Store: st, Overlay: overlayName, Subnet: netip.MustParsePrefix(simSubnet), Offset: simOffset}
+	for i := range simHosts {
+		b := under.Addr().As4()
+		b[3] = byte(100 + i)
+		f.Hosts = append(f.Hosts, netip.AddrFrom4(b))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := f.RegisterHosts(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
 
-	ctx := context.Background()
-	st, err := stores.Open(ctx, store.Config{URL: c.StoreURL})
+// openStore opens a client of the cluster's store, closed when t ends.
+func openStore(t *testing.T, c *benchCluster) store.Store {
+	t.Helper()
+	st, err := stores.Open(context.Background(), store.Config{URL: c.StoreURL})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
+	return st
+}
 
-	sub, err := netip.ParsePrefix(c.Subnet)
+// TestBenchScale: time and plugin memory to program 10,000 and 100,000
+// remote endpoints on one host from a cold start, and the time one change
+// takes with 0, 10,000 and 100,000 programmed; on etcd and Consul.
+func TestBenchScale(t *testing.T) {
+	needBench(t)
+	sizes, runsLarge := []int{scaleSmall, scaleLarge}, scaleRunsLarge
+	runs := Runs
+	if quick() {
+		sizes, runs, runsLarge = []int{scaleSmall / 10, scaleLarge / 10}, 2, 1
+	}
+	rec := newRecorder(t, "scale")
+	rec.res.Measures = fmt.Sprintf("one Docker host runs the plugin with one local container on an overlay; remote hosts "+
+		"are simulated as store records: %d live host keys and N endpoint records spread over them, written as remote "+
+		"plugins would. Each store (%s) has a cluster of its own; the rows say which. "+
+		"Program time, from a cold start: with the N records already in the store, the plugin is stopped, every peer "+
+		"entry of the overlay is deleted from the kernel (neighbour, VXLAN forwarding and bridge entries), and the "+
+		"plugin is started again; the time runs from starting the plugin process until the overlay namespace holds "+
+		"all N permanent neighbour entries (polled every 20 ms, at 100,000 every 100 ms). "+
+		"RSS: the plugin's VmRSS 1 s after that. One change: after each cold start %d endpoints are added and removed "+
+		"again one at a time, each write timed until its neighbour entry appears or is gone (netlink events); adds "+
+		"and removes are both samples. %d cold starts at 0 and %s endpoints, %d at %s (each takes long).",
+		simHosts, strings.Join(controlStores, ", "), changesPerRun, runs, formatCount(sizes[0]), runsLarge, formatCount(sizes[1]))
+	rec.res.Baseline = "program time: the same N peers written by one direct call of the data plane " +
+		"(package overlay, SetPeers) into an empty scratch overlay on the same host, without store or watch: " +
+		"the kernel's share. RSS and one change: the same cold start with no remote endpoint."
+	if quick() {
+		rec.note(quickNote)
+	}
+	for _, kind := range controlStores {
+		ok := t.Run(kind, func(t *testing.T) {
+			rec.res.Rows = append(rec.res.Rows, scaleOn(t, rec, kind, sizes, runs, runsLarge)...)
+		})
+		if !ok {
+			rec.note("%s: the benchmark failed (see the log); the rows it did not finish are missing.", kind)
+		}
+	}
+	rec.note("Each remote endpoint is three kernel entries: a VXLAN forwarding entry (MAC to remote host), a static bridge "+
+		"entry and a permanent neighbour entry; plus one all-zero forwarding entry per remote host (%d).", simHosts)
+	rec.note("Every change waits for the plugin's short debounce of store events (driver/peers.go) before it is programmed.")
+	rec.save()
+}
+
+// scaleOn measures the scale rows on a one-host cluster with a store of kind.
+func scaleOn(t *testing.T, rec *recorder, kind string, sizes []int, runs, runsLarge int) []Row {
+	c := newClusterOn(t, 1, kind, harness.Options{})
+	h := c.Hosts[0]
+	plugin := c.Plugins[0]
+	overlayNetwork(t, h, "scale", simSubnet)
+	runContainer(t, h, "local", "scale")
+	nsPath := overlayNS(t, c.Cluster, h)
+	kernel, err := simhosts.OpenKernel(nsPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	hostAddr := func(i int) netip.Addr {
-		b := sub.Addr().As4()
-		b[3] = byte(100 + i%simHosts)
-		return netip.AddrFrom4(b)
-	}
-	for i := range simHosts {
-		a := hostAddr(i).String()
-		rec := simHost{Addr: a, Name: "sim-" + strconv.Itoa(i), Started: time.Now().UTC().Format(time.RFC3339)}
-		if _, err := st.Put(ctx, "hosts/"+a, mustJSON(rec)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	endpoint := func(i int) (string, simEndpoint, overlay.Peer) {
-		ip := netip.AddrFrom4([4]byte{10, 90, byte(1 + i/256), byte(i % 256)})
-		mac := net.HardwareAddr{0x02, 0xbe, 0x00, byte(i >> 16), byte(i >> 8), byte(i)}
-		key := fmt.Sprintf("endpoints/scale/sim-%06d", i)
-		return key, simEndpoint{Network: "sim", Host: hostAddr(i).String(), IPv4: ip.String() + "/16", MAC: mac.String()},
-			overlay.Peer{HostIP: hostAddr(i), MAC: mac, IPs: []netip.Addr{ip}}
-	}
-	write := func(from, to int) error {
-		var ops []store.Op
-		for i := from; i < to; i++ {
-			key, ep, _ := endpoint(i)
-			ops = append(ops, store.Put(key, mustJSON(ep)))
-		}
-		return txnBatches(ctx, st, ops)
-	}
-	removeAll := func() error {
-		kvs, err := st.List(ctx, "endpoints/scale")
-		if err != nil {
-			return err
-		}
-		var ops []store.Op
-		for _, kv := range kvs {
-			if strings.Contains(kv.Key, "/sim-") {
-				ops = append(ops, store.Delete(kv.Key, kv.Version))
-			}
-		}
-		if err := txnBatches(ctx, st, ops); err != nil {
-			return err
-		}
-		_, err = kernel.waitCount(0, 2*time.Minute)
-		return err
-	}
-	oneChange := func(i int) (float64, error) {
-		key, ep, _ := endpoint(i)
-		ip := strings.TrimSuffix(ep.IPv4, "/16")
-		events, err := watchNeigh(nsPath)
-		if err != nil {
-			return 0, err
-		}
-		defer events.Close()
-		start := time.Now()
-		if _, err := st.Put(ctx, key, mustJSON(ep)); err != nil {
-			return 0, err
-		}
-		at, err := events.wait(ip, time.Minute)
-		if err != nil {
-			return 0, err
-		}
-		return ms(at.Sub(start)), nil
-	}
-	rss := func() float64 {
-		v, err := rssMiB(plugin.Pid())
-		if err != nil {
-			t.Fatal(err)
-		}
-		return v
-	}
-
-	// Baselines with no remote endpoint.
-	var idleRSS, change0 []float64
-	for run := range Runs {
-		idleRSS = append(idleRSS, rss())
-		v, err := oneChange(0)
-		if err != nil {
-			t.Fatalf("run %d: one change at size 0: %v", run+1, err)
-		}
-		change0 = append(change0, v)
-		if err := removeAll(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	t.Cleanup(kernel.Close)
+	st := openStore(t, c)
+	fleet := simFleet(t, c, st, "scale")
+	ctx := context.Background()
 
 	// The scratch overlay for the direct data-plane baseline.
 	direct := &overlay.Host{NetNS: h.NetNS, Prefix: c.Prefix + "-b1-"}
@@ -178,79 +157,170 @@ func TestBenchScale(t *testing.T) {
 		}
 	})
 
-	var writeNotes []string
-	for _, n := range sizes {
-		var prog, base, mem, change, writes []float64
+	stored := 0 // simulated endpoints 0..stored-1 are in the store
+	setStored := func(n int) error {
+		if n < stored {
+			if _, err := fleet.RemoveAll(ctx); err != nil {
+				return err
+			}
+			stored = 0
+		}
+		if n > stored {
+			if err := fleet.AddRange(ctx, stored, n); err != nil {
+				return err
+			}
+			stored = n
+		}
+		return nil
+	}
+	// coldStart restarts the plugin on an empty kernel with n endpoints in
+	// the store and returns the time until all n are programmed.
+	coldStart := func(n int) (time.Duration, error) {
+		plugin.Stop()
+		if err := setStored(n); err != nil {
+			return 0, err
+		}
+		if err := kernel.FlushPeers(); err != nil {
+			return 0, err
+		}
+		if left, err := kernel.CountNeighbours(); err != nil || left != 0 {
+			return 0, fmt.Errorf("%d neighbour entries left after the flush (%v)", left, err)
+		}
+		start := time.Now()
+		plugin.Start(t)
+		every := 20 * time.Millisecond
+		if n > 50_000 {
+			every = 100 * time.Millisecond // a dump of that many costs the CPU the plugin needs
+		}
+		at, err := kernel.WaitCount(n, every, 10*time.Minute)
+		if err != nil {
+			return 0, err
+		}
+		return at.Sub(start), nil
+	}
+	// changes adds and removes endpoints n, n+1, ... one at a time.
+	changes := func(n int) ([]float64, error) {
+		mon, err := simhosts.StartMonitor(nsPath)
+		if err != nil {
+			return nil, err
+		}
+		defer mon.Close()
+		var out []float64
+		for k := range changesPerRun {
+			i := n + k
+			ip := fleet.Endpoint(i).IP
+			start := time.Now()
+			if err := fleet.Add(ctx, i); err != nil {
+				return nil, err
+			}
+			at, err := mon.WaitAdded(ip, 2*time.Minute)
+			if err != nil {
+				return nil, fmt.Errorf("add: %w", err)
+			}
+			out = append(out, ms(at.Sub(start)))
+			start = time.Now()
+			if err := fleet.Remove(ctx, i); err != nil {
+				return nil, err
+			}
+			at, err = mon.WaitRemoved(ip, 2*time.Minute)
+			if err != nil {
+				return nil, fmt.Errorf("remove: %w", err)
+			}
+			out = append(out, ms(at.Sub(start)))
+		}
+		return out, nil
+	}
+	rss := func() float64 {
+		if exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", plugin.Pid())); err != nil || filepath.Base(exe) != "docker-net-plugin" {
+			t.Fatalf("pid %d is not the plugin (exe %q, %v)", plugin.Pid(), exe, err)
+		}
+		v, err := rssMiB(plugin.Pid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+
+	// The baselines with no remote endpoint.
+	var idleRSS, change0 []float64
+	for run := range runs {
+		if _, err := coldStart(0); err != nil {
+			t.Fatalf("size 0 run %d: %v", run+1, err)
+		}
+		time.Sleep(time.Second)
+		idleRSS = append(idleRSS, rss())
+		v, err := changes(0)
+		if err != nil {
+			t.Fatalf("size 0 run %d: one change: %v", run+1, err)
+		}
+		change0 = append(change0, v...)
+		t.Logf("%s, size 0 run %d: RSS %.1f MiB; one change %s ms", kind, run+1, idleRSS[run], fmtList(v))
+	}
+
+	var rows []Row
+	for si, n := range sizes {
+		r := runs
+		if si == len(sizes)-1 {
+			r = runsLarge
+		}
+		var prog, base, mem, change []float64
 		peers := make([]overlay.Peer, n)
 		for i := range n {
-			_, _, peers[i] = endpoint(i)
+			e := fleet.Endpoint(i)
+			peers[i] = overlay.Peer{HostIP: e.Host, MAC: e.MAC, IPs: []netip.Addr{e.IP}}
 		}
-		for run := range Runs {
-			start := time.Now()
-			if err := write(0, n); err != nil {
-				t.Fatalf("size %d run %d: write: %v", n, run+1, err)
-			}
-			wrote := time.Since(start)
-			at, err := kernel.waitCount(n, 5*time.Minute)
+		for run := range r {
+			d, err := coldStart(n)
 			if err != nil {
-				t.Fatalf("size %d run %d: %v", n, run+1, err)
+				t.Fatalf("size %d run %d: cold start: %v", n, run+1, err)
 			}
-			prog = append(prog, at.Sub(start).Seconds())
-			writes = append(writes, wrote.Seconds())
+			prog = append(prog, d.Seconds())
 			if run == 0 {
 				// The forwarding entries are there too: one per endpoint
 				// and one all-zero entry per remote host.
-				if fdb, err := kernel.countFDB(); err != nil || fdb != n+simHosts {
+				if fdb, err := kernel.CountFDB(); err != nil || fdb != n+simHosts {
 					t.Errorf("size %d: %d VXLAN forwarding entries (%v), want %d", n, fdb, err, n+simHosts)
 				}
 			}
+			time.Sleep(time.Second)
 			mem = append(mem, rss())
-			v, err := oneChange(n)
+			v, err := changes(n)
 			if err != nil {
 				t.Fatalf("size %d run %d: one change: %v", n, run+1, err)
 			}
-			change = append(change, v)
-			if err := removeAll(); err != nil {
-				t.Fatalf("size %d run %d: remove: %v", n, run+1, err)
-			}
+			change = append(change, v...)
 
-			d, err := timed(func() error { _, err := ovn.SetPeers(peers, nil); return err })
+			dd, err := timed(func() error { _, err := ovn.SetPeers(peers, nil); return err })
 			if err != nil {
 				t.Fatalf("size %d run %d: direct SetPeers: %v", n, run+1, err)
 			}
-			base = append(base, d.Seconds())
+			base = append(base, dd.Seconds())
 			if _, err := ovn.SetPeers(nil, nil); err != nil {
 				t.Fatal(err)
 			}
-			t.Logf("size %d run %d: programmed in %.2f s (store writes %.2f s), direct %.2f s; RSS %.1f MiB; one change %.1f ms",
-				n, run+1, prog[run], wrote.Seconds(), base[run], mem[run], change[run])
+			t.Logf("%s, size %d run %d: cold start programmed in %.2f s, direct %.2f s; RSS %.1f MiB; one change %s ms",
+				kind, n, run+1, prog[run], base[run], mem[run], fmtList(v))
 		}
 		label := formatCount(n)
-		writeNotes = append(writeNotes, fmt.Sprintf("%s s for %s endpoints", FormatNumber(Summarize(writes).Median), label))
-		rec.res.Rows = append(rec.res.Rows,
-			Row{Name: "program " + label + " remote endpoints (store to kernel)", Unit: "s", Samples: prog,
+		rows = append(rows,
+			Row{Name: kind + ": program " + label + " remote endpoints, cold start", Unit: "s", Samples: prog,
 				BaseName: "direct SetPeers of the same " + label, Base: base},
-			Row{Name: "plugin RSS with " + label + " remote endpoints", Unit: "MiB", Samples: mem,
-				BaseName: "plugin RSS, no remote endpoints", Base: idleRSS},
-			Row{Name: "one change applied with " + label + " programmed", Unit: "ms", Samples: change,
-				BaseName: "one change, no remote endpoints", Base: change0},
+			Row{Name: kind + ": plugin RSS with " + label + " remote endpoints", Unit: "MiB", Samples: mem,
+				BaseName: "plugin RSS, none", Base: idleRSS},
+			Row{Name: kind + ": one change applied with " + label + " programmed", Unit: "ms", Samples: change,
+				BaseName: "one change, none programmed", Base: change0},
 		)
 	}
-	rec.note("Of the program time, the store writes alone took (median) %s.", strings.Join(writeNotes, ", "))
-	rec.note("Each remote endpoint is three kernel entries: a VXLAN forwarding entry (MAC to remote host), a static bridge "+
-		"entry and a permanent neighbour entry; plus one all-zero forwarding entry per remote host (%d).", simHosts)
-	rec.note("Every change waits for the plugin's short debounce of store events (driver/peers.go) before it is programmed.")
-	rec.note("A change makes the plugin re-read the overlay's tables from the kernel and compare them with the store's view, " +
-		"which is why its cost grows with the number of entries.")
-	rec.save()
+	return rows
 }
 
-func mustJSON(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
+// fmtList prints samples for a log line.
+func fmtList(v []float64) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = FormatNumber(x)
 	}
-	return b
+	return strings.Join(s, " ")
 }
 
 func formatCount(n int) string {
@@ -259,37 +329,6 @@ func formatCount(n int) string {
 		s = s[:i] + "," + s[i:]
 	}
 	return s
-}
-
-// txnBatches applies ops in transactions of store.MaxTxnOps, four at a time.
-func txnBatches(ctx context.Context, st store.Store, ops []store.Op) error {
-	var batches [][]store.Op
-	for len(ops) > 0 {
-		n := min(len(ops), store.MaxTxnOps)
-		batches = append(batches, ops[:n])
-		ops = ops[n:]
-	}
-	work := make(chan []store.Op)
-	errs := make([]error, 4)
-	var wg sync.WaitGroup
-	for w := range errs {
-		wg.Go(func() {
-			for b := range work {
-				if errs[w] != nil {
-					continue
-				}
-				tctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-				errs[w] = st.Txn(tctx, b...)
-				cancel()
-			}
-		})
-	}
-	for _, b := range batches {
-		work <- b
-	}
-	close(work)
-	wg.Wait()
-	return errors.Join(errs...)
 }
 
 // rssMiB is the resident set size of process pid.
@@ -309,88 +348,4 @@ func rssMiB(pid int) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
-}
-
-// neighCounter counts the permanent IPv4 neighbour entries on the bridge of
-// an overlay namespace (one per remote endpoint address).
-type neighCounter struct {
-	h            *netlink.Handle
-	brIdx, vxIdx int
-}
-
-func openNeighCounter(t *testing.T, nsPath string) *neighCounter {
-	t.Helper()
-	ns, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	br, err := h.LinkByName("br0")
-	if err != nil {
-		t.Fatalf("bridge in %s: %v", nsPath, err)
-	}
-	vx, err := h.LinkByName("vxlan0")
-	if err != nil {
-		t.Fatalf("vxlan device in %s: %v", nsPath, err)
-	}
-	return &neighCounter{h: h, brIdx: br.Attrs().Index, vxIdx: vx.Attrs().Index}
-}
-
-// countFDB counts the VXLAN device's own forwarding entries.
-func (c *neighCounter) countFDB() (int, error) {
-	list, err := c.h.NeighList(c.vxIdx, unix.AF_BRIDGE)
-	if err != nil {
-		return 0, fmt.Errorf("list forwarding entries: %w", err)
-	}
-	n := 0
-	for _, e := range list {
-		if e.Flags&netlink.NTF_SELF != 0 && e.IP != nil {
-			n++
-		}
-	}
-	return n, nil
-}
-
-func (c *neighCounter) count() (int, error) {
-	for try := 0; ; try++ {
-		list, err := c.h.NeighList(c.brIdx, unix.AF_INET)
-		if errors.Is(err, netlink.ErrDumpInterrupted) && try < 10 {
-			continue // the table changed during the dump
-		}
-		if err != nil {
-			return 0, fmt.Errorf("list neighbours: %w", err)
-		}
-		n := 0
-		for _, e := range list {
-			if e.State&netlink.NUD_PERMANENT != 0 {
-				n++
-			}
-		}
-		return n, nil
-	}
-}
-
-// waitCount polls every 20 ms until exactly want entries exist and returns
-// the time it saw them.
-func (c *neighCounter) waitCount(want int, timeout time.Duration) (time.Time, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		n, err := c.count()
-		now := time.Now()
-		if err != nil {
-			return now, err
-		}
-		if n == want {
-			return now, nil
-		}
-		if now.After(deadline) {
-			return now, fmt.Errorf("%d neighbour entries after %s, want %d", n, timeout, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }

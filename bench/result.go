@@ -153,4 +153,5 @@ var Expected = []Benchmark{
 	{"multicast", "7. Multicast", 7},
 	{"names", "8. Name propagation", 8},
 	{"gre", "9. GRE against VXLAN on Debian's kernel (test guest)", 9},
+	{"churn", "10. Churn", 10},
 }

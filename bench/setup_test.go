@@ -100,7 +100,7 @@ func lastBytes(s string, n int) string {
 	return s
 }
 
-// benchCluster is a harness cluster with etcd and the plugin on every host.
+// benchCluster is a harness cluster with a store and the plugin on every host.
 type benchCluster struct {
 	*harness.Cluster
 	StoreURL string
@@ -109,8 +109,8 @@ type benchCluster struct {
 
 // newCluster starts n Docker hosts, an etcd server on the underlay (in the
 // test's own namespace) and the plugin on every host. At the end the
-// containers and networks are removed and the plugins stopped while etcd
-// still runs (etcd's own cleanup comes before the cluster's teardown).
+// containers and networks are removed and the plugins stopped while the
+// store still runs (its own cleanup comes before the cluster's teardown).
 func newCluster(t *testing.T, n int) *benchCluster {
 	t.Helper()
 	return newClusterOpts(t, n, harness.Options{})
@@ -119,6 +119,13 @@ func newCluster(t *testing.T, n int) *benchCluster {
 // newClusterOpts is newCluster with harness options.
 func newClusterOpts(t *testing.T, n int, opts harness.Options) *benchCluster {
 	t.Helper()
+	return newClusterOn(t, n, "etcd", opts)
+}
+
+// newClusterOn is newClusterOpts with a store of kind etcd, consul or zk
+// (one server, on the underlay).
+func newClusterOn(t *testing.T, n int, kind string, opts harness.Options) *benchCluster {
+	t.Helper()
 	if guest.Inside() {
 		opts.ReadyTimeout = 3 * time.Minute // the test guest is an emulated machine
 	}
@@ -126,12 +133,22 @@ func newClusterOpts(t *testing.T, n int, opts harness.Options) *benchCluster {
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)
 	}
-	srv := testenv.StartEtcd(t, testenv.ServerOptions{IP: c.RootIP})
+	var srv *testenv.Server
+	switch so := (testenv.ServerOptions{IP: c.RootIP}); kind {
+	case "etcd":
+		srv = testenv.StartEtcd(t, so)
+	case "consul":
+		srv = testenv.StartConsul(t, so)
+	case "zk":
+		srv = testenv.StartZooKeeper(t, so)
+	default:
+		t.Fatalf("unknown store kind %q", kind)
+	}
 	bc := &benchCluster{Cluster: c, StoreURL: srv.URL("dnp-" + c.ID)}
 	for _, h := range c.Hosts {
 		bc.Plugins = append(bc.Plugins, startPlugin(t, c, h, bc.StoreURL))
 	}
-	// Registered after etcd's own cleanup, so it runs before it.
+	// Registered after the store's own cleanup, so it runs before it.
 	t.Cleanup(func() {
 		for _, h := range c.Hosts {
 			emptyHost(h)

@@ -25,10 +25,10 @@ plugin=bin/docker-net-plugin
 echo "==> building $plugin"
 CGO_ENABLED=0 $GO build -trimpath -o "$plugin" ./cmd/docker-net-plugin
 
-echo "==> benchmarks (4 to 10 minutes); results in $out"
+echo "==> benchmarks (10 to 20 minutes, most of it scale and churn); results in $out"
 rc=0
 DNP_BENCH=1 DNP_BENCH_OUT="$out" DNP_PLUGIN_BIN="$PWD/$plugin" \
-  $GO test -count=1 -timeout 25m -v -run "$RUN" ./bench/ || rc=$?
+  $GO test -count=1 -timeout 40m -v -run "$RUN" ./bench/ || rc=$?
 
 echo "==> report"
 if ls "$out"/*.json >/dev/null 2>&1; then
