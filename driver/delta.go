@@ -9,12 +9,13 @@ import (
 
 // Changes one at a time. The full reconciliation (plan.go) reads every
 // record and the kernel's tables, so its cost grows with the cluster. It
-// runs on start, after a watch reset, when this host's own endpoints or the
-// live hosts change, on a slow timer, and whenever a change cannot be
-// applied on its own. Every other store event (an endpoint of another live
-// host added, changed or removed on an overlay this host has) is applied
-// as a delta: only its own entries are added or removed, at a cost that
-// does not depend on how many are programmed.
+// runs on start, after a watch reset, when an overlay comes to this host
+// or may go from it (its first or last local endpoint), when live hosts
+// come or go, on a slow timer, and whenever a change cannot be applied on
+// its own. Every other store event (an endpoint added, changed or removed
+// on an overlay this host has) is applied as a delta: only its own
+// entries are added or removed (none for this host's own endpoints), at a
+// cost that does not depend on how many are programmed.
 //
 // A change is applied on its own only when it can make no other record win
 // or lose: the record is well-formed and no other record of the overlay
@@ -33,14 +34,15 @@ type overlayView struct {
 	peers  map[string]Peer     // the peers the kernel should hold, by record key
 	claims map[claimKey]int    // per MAC and address claim: well-formed records of live hosts making it
 	hosts  map[netip.Addr]int  // peers per remote host
+	own    int                 // this host's endpoint records on it (0: the overlay may have to go)
 	before map[string]*Peer    // records changed since the last flush: the peer the kernel held (nil: none)
 	seen   map[netip.Addr]bool // hosts touched since the last flush: whether the kernel had them
 }
 
 // newView is the view of an overlay programmed with picked, its records'
 // claims counted in claims (pick).
-func newView(ov Overlay, picked map[string]Peer, claims map[claimKey]int) *overlayView {
-	v := &overlayView{ov: ov, peers: picked, claims: claims, hosts: map[netip.Addr]int{},
+func newView(ov Overlay, picked map[string]Peer, claims map[claimKey]int, own int) *overlayView {
+	v := &overlayView{ov: ov, peers: picked, claims: claims, own: own, hosts: map[netip.Addr]int{},
 		before: map[string]*Peer{}, seen: map[netip.Addr]bool{}}
 	for _, p := range picked {
 		v.hosts[p.Host]++
@@ -58,15 +60,18 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 	}
 	v := p.views[overlayOfKey(key)]
 	self := p.host
-	if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
-		p.full = true // this host's own endpoints: overlays may come or go
-		return
-	}
 	if v == nil {
-		return // an overlay this host does not have
+		if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
+			p.full = true // an overlay comes to this host (or was not built)
+		}
+		return // else an overlay this host does not have
 	}
 	if _, ok := p.skipped[key]; ok {
 		p.full = true // another record may win what it was refused
+		return
+	}
+	if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
+		p.noteOwn(v, idOfKey(key), old, now)
 		return
 	}
 	oldPeer, had := v.peers[key]
@@ -111,6 +116,66 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 		v.peers[key] = newPeer
 	}
 	p.dirtyViews[v.ov.Name] = true
+}
+
+// noteOwn applies a change of one of this host's endpoint records on an
+// overlay this host has: its claims count, it is no peer. The overlay may
+// have to go with the last one (the next pass is then full), and a record
+// of a live local endpoint that goes was not deleted by this host: it was
+// orphaned, so the full pass looks after it.
+func (p *peerSync) noteOwn(v *overlayView, id string, old, now *endpointRecord) {
+	if old != nil {
+		if old.Host != p.host || now == nil && p.isLocal(id) {
+			p.full = true
+			return
+		}
+		if peer, err := validPeer(*old, v.ov, p.under); err == nil {
+			if v.contested(peer, 1) {
+				p.full = true
+				return
+			}
+			v.count(peer, -1)
+		}
+		v.own--
+	}
+	if now != nil {
+		if now.Host != p.host {
+			p.full = true // moved from this host to another
+			return
+		}
+		peer, err := validPeer(*now, v.ov, p.under)
+		if err != nil || v.contested(peer, 0) {
+			p.full = true
+			return
+		}
+		v.count(peer, 1)
+		v.own++
+	}
+	if v.own <= 0 {
+		p.full = true
+	}
+}
+
+// overlayMayGo reports whether an overlay has no endpoint record of this
+// host left: only the full reconciliation, which also knows the endpoints
+// this process has, can tell whether it goes.
+func (p *peerSync) overlayMayGo() bool {
+	for _, v := range p.views {
+		if v.own <= 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// isLocal reports whether this process still has endpoint id.
+func (p *peerSync) isLocal(id string) bool {
+	for _, ep := range p.local.localEndpoints() {
+		if ep.ID == id {
+			return true
+		}
+	}
+	return false
 }
 
 // contested reports whether a claim of peer is made by more than mine

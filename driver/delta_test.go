@@ -189,7 +189,7 @@ func converged(t *testing.T, s store.Store, plane *deltaPlane, vni uint32, when 
 // reconciliation (SetPeers) while endpoints come and go.
 func TestDeltasApplyPlainChanges(t *testing.T) {
 	s := openStore(t)
-	_, plane, vni := deltaHost(t, s)
+	h, plane, vni := deltaHost(t, s)
 	r := remote{t, s}
 	r.host("192.0.2.10", true)
 	r.host("192.0.2.11", true)
@@ -227,6 +227,28 @@ func TestDeltasApplyPlainChanges(t *testing.T) {
 	if got := plane.sets.Load(); got != sets {
 		t.Errorf("endpoints coming and going ran %d full reconciliations; want deltas only", got-sets)
 	}
+
+	// Containers of this host come and go on the overlay it has: no full
+	// reconciliation either, until its last one goes (the overlay goes).
+	joinEP(t, h, "net1", "local0002", "10.20.0.202/24")
+	joinEP(t, h, "net1", "local0003", "10.20.0.203/24")
+	leaveEP(t, h, "net1", "local0002")
+	r.endpoint("sim0300", "192.0.2.12", "10.20.0.150", "02:00:00:00:03:00")
+	converged(t, s, plane, vni, "after local containers came and went")
+	if got := plane.sets.Load(); got != sets {
+		t.Errorf("local containers coming and going on an overlay this host has ran %d full reconciliations; want none", got-sets)
+	}
+	leaveEP(t, h, "net1", "local0001")
+	leaveEP(t, h, "net1", "local0003")
+	eventually(t, "the overlay goes with this host's last container", func() bool { return len(plane.vnis()) == 0 })
+}
+
+// localStep is the step a local endpoint of TestDeltasMatchTheFullRules
+// joined at.
+func localStep(id string) int {
+	var n int
+	fmt.Sscanf(id, "local%d", &n)
+	return n
 }
 
 // Whatever the store goes through (conflicting MACs and addresses, bad
@@ -234,7 +256,7 @@ func TestDeltasApplyPlainChanges(t *testing.T) {
 // leave the plane with what the full rules make of the store.
 func TestDeltasMatchTheFullRules(t *testing.T) {
 	s := openStore(t)
-	_, plane, vni := deltaHost(t, s)
+	h, plane, vni := deltaHost(t, s)
 	r := remote{t, s}
 	hosts := []string{"192.0.2.10", "192.0.2.11", "192.0.2.12", "192.0.2.13"}
 	for _, h := range hosts {
@@ -242,6 +264,7 @@ func TestDeltasMatchTheFullRules(t *testing.T) {
 	}
 	rnd := rand.New(rand.NewPCG(1, 2))
 	ids := 40
+	locals := []string{"local0001"}
 	for step := range 400 {
 		id := fmt.Sprintf("sim%04d", rnd.IntN(ids))
 		host := hosts[rnd.IntN(len(hosts))]
@@ -249,16 +272,30 @@ func TestDeltasMatchTheFullRules(t *testing.T) {
 		mac := fmt.Sprintf("02:00:00:00:00:%02x", 1+rnd.IntN(60))
 		ip := fmt.Sprintf("10.20.0.%d", 10+rnd.IntN(60))
 		switch x := rnd.IntN(100); {
-		case x < 55:
+		case x < 50:
 			r.endpoint(id, host, ip, mac)
-		case x < 85:
+		case x < 78:
 			r.gone(id)
-		case x < 90:
+		case x < 83:
 			r.endpoint(id, host, ip, "ff:ff:ff:ff:ff:ff") // not a unicast MAC
-		case x < 95:
+		case x < 88:
 			r.host(host, false)
-		default:
+		case x < 92:
 			r.host(host, true)
+		case x < 96: // a container of this host starts
+			lid := fmt.Sprintf("local%04d", step)
+			joinEP(t, h, "net1", lid, fmt.Sprintf("10.20.0.%d/24", 100+step%100)) // no two alive at once
+			locals = append(locals, lid)
+		default: // one stops (and so none lives 100 steps)
+			if len(locals) > 0 {
+				i := rnd.IntN(len(locals))
+				leaveEP(t, h, "net1", locals[i])
+				locals = slices.Delete(locals, i, i+1)
+			}
+		}
+		if len(locals) > 0 && locals[0] != "local0001" && step-localStep(locals[0]) >= 90 {
+			leaveEP(t, h, "net1", locals[0])
+			locals = locals[1:]
 		}
 		if step%25 == 24 {
 			converged(t, s, plane, vni, fmt.Sprintf("step %d", step))

@@ -549,7 +549,7 @@ func (d *Driver) Join(ctx context.Context, r *network.JoinRequest) (*network.Joi
 	if err != nil {
 		return nil, fmt.Errorf("join %.12s: %w", ep.ID, err)
 	}
-	d.peers.kick()
+	d.peers.nudge()
 	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifName, DstPrefix: "eth"}}
 	if d.cfg.Names != nil {
 		resp.StaticRoutes = d.cfg.Names.Join(overlayOf(n), ep.ID, r.SandboxKey)
@@ -620,14 +620,16 @@ func (d *Driver) DeleteEndpoint(ctx context.Context, r *network.DeleteEndpointRe
 	if err := d.cfg.Plane.RemoveEndpoint(n.Overlay.VNI, ep.ID); err != nil {
 		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
 	}
-	if err := deleteEndpoint(ctx, d.cfg.Store, n.Overlay.Name, ep.ID); err != nil {
-		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
-	}
+	// Forgotten first: the peer sync then knows the record's deletion for
+	// this host's own, not another host's orphaning of a live endpoint.
 	d.mu.Lock()
 	delete(d.endpoints, ep.ID)
 	d.mu.Unlock()
+	if err := deleteEndpoint(ctx, d.cfg.Store, n.Overlay.Name, ep.ID); err != nil {
+		return fmt.Errorf("delete endpoint %.12s: %w", ep.ID, err)
+	}
 	d.dropMulticastRoute(ep.ID)
-	d.peers.kick()
+	d.peers.nudge()
 	d.log.Info("endpoint deleted", "network", short(n.ID), "endpoint", short(ep.ID))
 	return nil
 }

@@ -21,6 +21,7 @@ type plannedOverlay struct {
 	peers     []Peer           // its endpoints on other live hosts, by MAC
 	skipped   []RecordProblem  // its records of live hosts skipped (conflicts.go)
 	picked    map[string]Peer  // peers, by record key
+	own       int              // its endpoint records of this host in the mirror
 	claims    map[claimKey]int // per MAC and address claim, the well-formed records making it
 }
 
@@ -60,6 +61,7 @@ func (p *peerSync) plan(ctx context.Context) (map[string]*plannedOverlay, error)
 			continue
 		}
 		if po := add(rec.Network); po != nil {
+			po.own++
 			id := key[strings.LastIndex(key, "/")+1:]
 			po.endpoints = append(po.endpoints, &localEndpoint{ID: id, Network: rec.Network, Rec: rec})
 			seen[id] = true
@@ -156,7 +158,7 @@ func (p *peerSync) reconcile(ctx context.Context) (int, error) {
 			errs = append(errs, err)
 			continue
 		}
-		p.views[name] = newView(ov, po.picked, po.claims)
+		p.views[name] = newView(ov, po.picked, po.claims, po.own)
 	}
 	// Orphaned endpoints of this host are not in the plan until restored
 	// (restoreOrphans): removing their overlay first would delete the very

@@ -28,8 +28,9 @@ type peerSync struct {
 	host    string     // this host's underlay address, as records name it
 	under   netip.Addr // the same, parsed
 	log     *slog.Logger
-	metrics Metrics // nil: none
-	kickc   chan struct{}
+	metrics Metrics       // nil: none
+	kickc   chan struct{} // a full pass, soon
+	nudgec  chan struct{} // a pass, soon
 
 	// Mirrors of the store, owned by run's goroutine.
 	endpoints map[string]endpointRecord // by store key
@@ -100,7 +101,7 @@ type localHost interface {
 
 func newPeerSync(d *Driver) *peerSync {
 	return &peerSync{d: d, local: d, id: &d.id, st: d.cfg.Store, plane: d.cfg.Plane, host: d.host, under: d.cfg.HostAddr, log: d.log, metrics: d.cfg.Metrics,
-		kickc: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
+		kickc: make(chan struct{}, 1), nudgec: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
 		skipped: map[string]RecordProblem{}, dirtyViews: map[string]bool{}}
 }
 
@@ -115,6 +116,15 @@ func (p *peerSync) restoreLater() {
 func (p *peerSync) kick() {
 	select {
 	case p.kickc <- struct{}{}:
+	default:
+	}
+}
+
+// nudge asks for a pass soon: this process's endpoints changed (Join,
+// DeleteEndpoint). It is full only if an overlay may come or go.
+func (p *peerSync) nudge() {
+	select {
+	case p.nudgec <- struct{}{}:
 	default:
 	}
 }
@@ -173,6 +183,8 @@ func (p *peerSync) run(ctx context.Context) {
 		case <-p.kickc:
 			p.full = true
 			dirty()
+		case <-p.nudgec:
+			dirty()
 		case <-resync.C:
 			p.full = true
 			dirty()
@@ -192,7 +204,7 @@ func (p *peerSync) run(ctx context.Context) {
 			if !p.ready() {
 				continue
 			}
-			if p.full || p.views == nil {
+			if p.full || p.views == nil || p.overlayMayGo() {
 				p.fullPass(ctx)
 				continue
 			}
