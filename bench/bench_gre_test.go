@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/internal/dockerhosts"
+
 	"github.com/dnplabs/docker-net-plugin/guest"
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
 	"github.com/dnplabs/docker-net-plugin/internal/testenv"
@@ -121,7 +123,16 @@ func benchInGuest(t *testing.T, id string) {
 	}
 	copyFile(t, self, filepath.Join(dir, "bench.test"))
 	copyFile(t, harness.PluginBinary(t), filepath.Join(dir, "docker-net-plugin"))
-	env := []string{"DNP_BENCH=1", "DNP_BENCH_OUT=" + guest.JobDir + "/out", "DNP_PLUGIN_BIN=" + guest.JobDir + "/docker-net-plugin"}
+	// The guest has no Go toolchain: the test image's multicast tool is built here.
+	mcast, err := dockerhosts.BuildMcastTool()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "dnp-mcast"), mcast, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"DNP_BENCH=1", "DNP_BENCH_OUT=" + guest.JobDir + "/out", "DNP_PLUGIN_BIN=" + guest.JobDir + "/docker-net-plugin",
+		dockerhosts.McastToolEnv + "=" + guest.JobDir + "/dnp-mcast"}
 	if e := os.Getenv("DNP_DOCKER"); e != "" {
 		env = append(env, "DNP_DOCKER="+e)
 	}

@@ -90,7 +90,7 @@ func busyboxRootfs() ([]byte, error) {
 	if err := writeFile(tw, "bin/busybox", data, 0o755); err != nil {
 		return nil, err
 	}
-	mcast, err := buildMcastTool()
+	mcast, err := BuildMcastTool()
 	if err != nil {
 		return nil, err
 	}
@@ -128,9 +128,9 @@ func writeFile(tw *tar.Writer, name string, data []byte, mode int64) error {
 // building it (the test guest has no Go toolchain on its PATH).
 const McastToolEnv = "DNP_MCAST_BIN"
 
-// buildMcastTool builds internal/mcast/dnp-mcast as a static binary and
+// BuildMcastTool builds internal/mcast/dnp-mcast as a static binary and
 // returns it, or reads the one McastToolEnv names.
-func buildMcastTool() ([]byte, error) {
+func BuildMcastTool() ([]byte, error) {
 	if prebuilt := os.Getenv(McastToolEnv); prebuilt != "" {
 		return os.ReadFile(prebuilt)
 	}
