@@ -123,7 +123,7 @@ func TestBenchScale(t *testing.T) {
 	}
 	rec.note("Each remote endpoint is three kernel entries: a VXLAN forwarding entry (MAC to remote host), a static bridge "+
 		"entry and a permanent neighbour entry; plus one all-zero forwarding entry per remote host (%d).", simHosts)
-	rec.note("Every change waits for the plugin's short debounce of store events (driver/peers.go) before it is programmed.")
+	rec.note("Every change waits for the plugin's short debounce of store events (20 ms, driver/sync.go) before it is programmed, then applied as a delta, without reading the kernel tables (docs/scale.md). What Consul adds is its watch: every change returns the whole directory (docs/stores.md, \"At scale\").")
 	rec.save()
 }
 
