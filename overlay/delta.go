@@ -47,32 +47,16 @@ type Delta struct {
 // requests the kernel carried out, not counting deletes of entries that
 // were not there.
 func (n *Network) UpdatePeers(d Delta) (int, error) {
-	h := n.host
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s, err := h.open(n.ID)
-	if err != nil {
-		return 0, err
-	}
-	defer s.close()
-	info, err := readInfo(s.ov)
-	if err != nil {
-		return 0, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	dp, err := planDelta(d, info.local)
-	if err != nil {
-		return 0, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	var changes int
-	if info.encap == EncapGRE {
-		changes, err = updatePeersGRE(s, info, dp)
-	} else {
-		changes, err = h.updatePeersVXLAN(s, info, dp)
-	}
-	if err != nil {
-		return changes, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	return changes, nil
+	return n.program(func(s *handles, info netInfo) (int, error) {
+		dp, err := planDelta(d, info.local)
+		if err != nil {
+			return 0, err
+		}
+		if info.encap == EncapGRE {
+			return updatePeersGRE(s, info, dp)
+		}
+		return n.host.updatePeersVXLAN(s, info, dp)
+	})
 }
 
 // deltaPlan is a Delta checked, with only what is remote.

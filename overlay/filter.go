@@ -201,17 +201,28 @@ func (h *Host) filterProbe() error {
 	return err
 }
 
-// filterAddVNI makes VXLAN packets of vni subject to the filter; its
-// members stay as they are (none for a new VNI: nothing passes).
-func (h *Host) filterAddVNI(s *handles, vni uint32) error {
+// filterConn is the nftables connection of the network's namespace, with
+// the filter table made. It is nil when there is an error, and also
+// without one when this kernel has no nftables (noFilter warns once).
+func (h *Host) filterConn(s *handles) (*nftables.Conn, error) {
 	c, err := s.nft()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := h.ensureFilter(c); err != nil {
 		if h.noFilter(err) {
-			return nil
+			return nil, nil
 		}
+		return nil, err
+	}
+	return c, nil
+}
+
+// filterAddVNI makes VXLAN packets of vni subject to the filter; its
+// members stay as they are (none for a new VNI: nothing passes).
+func (h *Host) filterAddVNI(s *handles, vni uint32) error {
+	c, err := h.filterConn(s)
+	if c == nil {
 		return err
 	}
 	vnis, _, _ := filterSets(h.filterTable())
@@ -226,14 +237,8 @@ func (h *Host) filterAddVNI(s *handles, vni uint32) error {
 
 // filterSetMembers makes hosts exactly the members of vni.
 func (h *Host) filterSetMembers(s *handles, vni uint32, hosts []netip.Addr) (int, error) {
-	c, err := s.nft()
-	if err != nil {
-		return 0, err
-	}
-	if err := h.ensureFilter(c); err != nil {
-		if h.noFilter(err) {
-			return 0, nil
-		}
+	c, err := h.filterConn(s)
+	if c == nil {
 		return 0, err
 	}
 	_, m4, m6 := filterSets(h.filterTable())
@@ -285,14 +290,8 @@ func (h *Host) filterSetMembers(s *handles, vni uint32, hosts []netip.Addr) (int
 
 // filterAddMembers makes hosts members of vni, besides the others.
 func (h *Host) filterAddMembers(s *handles, vni uint32, hosts []netip.Addr) error {
-	c, err := s.nft()
-	if err != nil {
-		return err
-	}
-	if err := h.ensureFilter(c); err != nil {
-		if h.noFilter(err) {
-			return nil
-		}
+	c, err := h.filterConn(s)
+	if c == nil {
 		return err
 	}
 	_, m4, m6 := filterSets(h.filterTable())

@@ -153,26 +153,12 @@ func (n *Network) Groups() ([]netip.Addr, error) {
 // many entries it added or removed. GRE networks flood every group to
 // every host and are left as they are.
 func (n *Network) SetGroups(remote map[netip.Addr][]netip.Addr) (int, error) {
-	h := n.host
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s, err := h.open(n.ID)
-	if err != nil {
-		return 0, err
-	}
-	defer s.close()
-	info, err := readInfo(s.ov)
-	if err != nil {
-		return 0, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	if info.encap != EncapVXLAN {
-		return 0, nil
-	}
-	changes, err := setGroupsVXLAN(s.ovNS, info, remote)
-	if err != nil {
-		return changes, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	return changes, nil
+	return n.program(func(s *handles, info netInfo) (int, error) {
+		if info.encap != EncapVXLAN {
+			return 0, nil
+		}
+		return setGroupsVXLAN(s.ovNS, info, remote)
+	})
 }
 
 type groupHost struct{ group, host netip.Addr }

@@ -49,6 +49,32 @@ type table map[string]netlink.Neigh
 // Missing entries are added, stale ones removed, correct ones left alone;
 // it returns how many it changed (entries and tunnel ports).
 func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
+	return n.program(func(s *handles, info netInfo) (int, error) {
+		p, err := planPeers(peers, hosts, info.local)
+		if err != nil {
+			return 0, err
+		}
+		if info.encap == EncapGRE {
+			return setPeersGRE(s, info, p)
+		}
+		// The member hosts first: the new ones may answer at once. (Not
+		// counted: changes are forwarding and neighbour entries.)
+		if info.encrypted {
+			_, err = n.host.cryptSetMembers(info.vni, p.hosts)
+		} else {
+			_, err = n.host.filterSetMembers(s, info.vni, p.hosts)
+		}
+		if err != nil {
+			return 0, err
+		}
+		return setPeersVXLAN(s, info, p)
+	})
+}
+
+// program runs fn with the host's lock held, on the network's namespace
+// handles and what its kernel objects say of it, and names the network in
+// fn's error. It returns fn's count of changes.
+func (n *Network) program(fn func(s *handles, info netInfo) (int, error)) (int, error) {
 	h := n.host
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -61,25 +87,7 @@ func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("network %s: %w", n.ID, err)
 	}
-	p, err := planPeers(peers, hosts, info.local)
-	if err != nil {
-		return 0, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	var changes int
-	if info.encap == EncapGRE {
-		changes, err = setPeersGRE(s, info, p)
-	} else {
-		// The member hosts first: the new ones may answer at once. (Not
-		// counted: changes are forwarding and neighbour entries.)
-		if info.encrypted {
-			_, err = h.cryptSetMembers(info.vni, p.hosts)
-		} else {
-			_, err = h.filterSetMembers(s, info.vni, p.hosts)
-		}
-		if err == nil {
-			changes, err = setPeersVXLAN(s, info, p)
-		}
-	}
+	changes, err := fn(s, info)
 	if err != nil {
 		return changes, fmt.Errorf("network %s: %w", n.ID, err)
 	}
