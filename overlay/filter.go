@@ -296,11 +296,7 @@ func (h *Host) filterAddMembers(s *handles, vni uint32, hosts []netip.Addr) erro
 	}
 	_, m4, m6 := filterSets(h.filterTable())
 	for _, ip := range hosts {
-		set := m6
-		if ip.Is4() {
-			set = m4
-		}
-		if err := c.SetAddElements(set, []nftables.SetElement{{Key: memberKey(vni, ip)}}); err != nil {
+		if err := c.SetAddElements(memberSet(m4, m6, ip), []nftables.SetElement{{Key: memberKey(vni, ip)}}); err != nil {
 			return fmt.Errorf("nftables: add member %s of vni %d: %w", ip, vni, err)
 		}
 	}
@@ -308,6 +304,14 @@ func (h *Host) filterAddMembers(s *handles, vni uint32, hosts []netip.Addr) erro
 		return fmt.Errorf("nftables: add members of vni %d: %w", vni, err)
 	}
 	return nil
+}
+
+// memberSet is m4 or m6, for ip's family.
+func memberSet(m4, m6 *nftables.Set, ip netip.Addr) *nftables.Set {
+	if ip.Is4() {
+		return m4
+	}
+	return m6
 }
 
 // filterRemoveMembers makes hosts no members of vni; the others stay.
@@ -324,11 +328,7 @@ func (h *Host) filterRemoveMembers(s *handles, vni uint32, hosts []netip.Addr) e
 	// One transaction each: one that deletes a missing element fails as a
 	// whole.
 	for _, ip := range hosts {
-		set := m6
-		if ip.Is4() {
-			set = m4
-		}
-		if err := c.SetDeleteElements(set, []nftables.SetElement{{Key: memberKey(vni, ip)}}); err != nil {
+		if err := c.SetDeleteElements(memberSet(m4, m6, ip), []nftables.SetElement{{Key: memberKey(vni, ip)}}); err != nil {
 			return fmt.Errorf("nftables: remove member %s of vni %d: %w", ip, vni, err)
 		}
 		if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
