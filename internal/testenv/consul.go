@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -97,7 +98,8 @@ func StartConsulWith(t testing.TB, o ServerOptions, cc ConsulConfig) *Server {
 
 // consulWrites succeeds once a KV write and delete go through the agent at
 // base (with token, if any), that is once it has joined and the cluster has
-// a leader whose raft applies writes (an open port is not enough).
+// a leader whose raft applies writes (an open port is not enough), and a
+// session can be made there.
 func consulWrites(hc *http.Client, base, token string) func() error {
 	do := func(method string) error {
 		req, err := http.NewRequest(method, base+"/v1/kv/testenv-ready-"+strconv.Itoa(os.Getpid()), strings.NewReader("1"))
@@ -118,11 +120,51 @@ func consulWrites(hc *http.Client, base, token string) func() error {
 		}
 		return nil
 	}
+	// A session needs this agent's node in the catalog, which comes a
+	// little after the leader: the plugin's registration is a session.
+	session := func() error {
+		req, err := http.NewRequest(http.MethodPut, base+"/v1/session/create", strings.NewReader(`{"TTL":"10s"}`))
+		if err != nil {
+			return err
+		}
+		if token != "" {
+			req.Header.Set("X-Consul-Token", token)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("PUT /v1/session/create: %s %q", resp.Status, body)
+		}
+		var s struct{ ID string }
+		if err := json.Unmarshal(body, &s); err != nil || s.ID == "" {
+			return fmt.Errorf("PUT /v1/session/create: %q: %v", body, err)
+		}
+		req, err = http.NewRequest(http.MethodPut, base+"/v1/session/destroy/"+s.ID, nil)
+		if err != nil {
+			return err
+		}
+		if token != "" {
+			req.Header.Set("X-Consul-Token", token)
+		}
+		resp2, err := hc.Do(req)
+		if err != nil {
+			return err
+		}
+		resp2.Body.Close()
+		return nil
+	}
 	return func() error {
 		if err := do(http.MethodPut); err != nil {
 			return err
 		}
-		return do(http.MethodDelete)
+		if err := do(http.MethodDelete); err != nil {
+			return err
+		}
+		return session()
 	}
 }
 
