@@ -73,7 +73,7 @@ func New() *Metrics {
 		}),
 		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "dnp_reconcile_runs_total",
-			Help: "Runs of the reconciliation of this host's kernel with the store, by result (ok or error).",
+			Help: "Passes of the peer sync over this host's kernel (deltas and full reconciliations with the store), by result (ok or error).",
 		}, []string{"result"}),
 		changes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dnp_reconcile_changes_total",
