@@ -200,12 +200,15 @@ func createReq(id, subnet string, opts map[string]string) *network.CreateNetwork
 	}
 }
 
+// eventually waits for ok, failing after 15 s: several store watches and
+// once-a-second polls (multicast) may lie between a change and what it
+// makes, on a machine busy with other tests.
 func eventually(t *testing.T, what string, ok func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for !ok() {
 		if time.Now().After(deadline) {
-			t.Fatalf("not true within 5s: %s", what)
+			t.Fatalf("not true within 15s: %s", what)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
