@@ -314,15 +314,26 @@ func memberSet(m4, m6 *nftables.Set, ip netip.Addr) *nftables.Set {
 	return m6
 }
 
-// filterRemoveMembers makes hosts no members of vni; the others stay.
-func (h *Host) filterRemoveMembers(s *handles, vni uint32, hosts []netip.Addr) error {
+// existingFilter is the nftables connection of the network's namespace and
+// the filter table, if the table is there: nil when there is an error, and
+// also without one when there is no table or no nftables.
+func (h *Host) existingFilter(s *handles) (*nftables.Conn, *nftables.Table, error) {
 	c, err := s.nft()
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	t := h.filterTable()
 	if _, err := c.ListTableOfFamily(t.Name, t.Family); errors.Is(err, unix.ENOENT) || h.noFilter(err) {
-		return nil
+		return nil, nil, nil
+	}
+	return c, t, nil
+}
+
+// filterRemoveMembers makes hosts no members of vni; the others stay.
+func (h *Host) filterRemoveMembers(s *handles, vni uint32, hosts []netip.Addr) error {
+	c, t, err := h.existingFilter(s)
+	if c == nil {
+		return err
 	}
 	_, m4, m6 := filterSets(t)
 	// One transaction each: one that deletes a missing element fails as a
@@ -341,13 +352,9 @@ func (h *Host) filterRemoveMembers(s *handles, vni uint32, hosts []netip.Addr) e
 // filterRemoveVNI forgets vni and its members; the table goes with the
 // last VNI.
 func (h *Host) filterRemoveVNI(s *handles, vni uint32) error {
-	c, err := s.nft()
-	if err != nil {
+	c, t, err := h.existingFilter(s)
+	if c == nil {
 		return err
-	}
-	t := h.filterTable()
-	if _, err := c.ListTableOfFamily(t.Name, t.Family); errors.Is(err, unix.ENOENT) || h.noFilter(err) {
-		return nil
 	}
 	if _, err := h.filterSetMembers(s, vni, nil); err != nil {
 		return err

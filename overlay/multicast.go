@@ -114,35 +114,26 @@ type mdbEntry struct {
 // track link-local IPv4 groups (224.0.0.0/24) nor ff02::1. A GRE network,
 // which does not snoop, has none.
 func (n *Network) Groups() ([]netip.Addr, error) {
-	h := n.host
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s, err := h.open(n.ID)
-	if err != nil {
-		return nil, err
-	}
-	defer s.close()
-	info, err := readInfo(s.ov)
-	if err != nil {
-		return nil, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	if info.encap != EncapVXLAN {
-		return nil, nil
-	}
-	dump, err := listMDB(s.ovNS)
-	if err != nil {
-		return nil, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	brIndex := info.br.Attrs().Index
-	var groups []netip.Addr
-	for _, e := range dump.entries {
-		if e.dev != brIndex || e.port == brIndex || e.port == info.vx.Index {
-			continue // another device's, the bridge's own, or remote
+	return inNetwork(n, func(s *handles) ([]netip.Addr, error) {
+		info, err := readInfo(s.ov)
+		if err != nil || info.encap != EncapVXLAN {
+			return nil, err
 		}
-		groups = append(groups, e.group)
-	}
-	slices.SortFunc(groups, func(a, b netip.Addr) int { return a.Compare(b) })
-	return slices.Compact(groups), nil
+		dump, err := listMDB(s.ovNS)
+		if err != nil {
+			return nil, err
+		}
+		brIndex := info.br.Attrs().Index
+		var groups []netip.Addr
+		for _, e := range dump.entries {
+			if e.dev != brIndex || e.port == brIndex || e.port == info.vx.Index {
+				continue // another device's, the bridge's own, or remote
+			}
+			groups = append(groups, e.group)
+		}
+		slices.SortFunc(groups, func(a, b netip.Addr) int { return a.Compare(b) })
+		return slices.Compact(groups), nil
+	})
 }
 
 // SetGroups makes the network send each multicast group in remote to

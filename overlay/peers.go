@@ -75,23 +75,32 @@ func (n *Network) SetPeers(peers []Peer, hosts []netip.Addr) (int, error) {
 // handles and what its kernel objects say of it, and names the network in
 // fn's error. It returns fn's count of changes.
 func (n *Network) program(fn func(s *handles, info netInfo) (int, error)) (int, error) {
+	return inNetwork(n, func(s *handles) (int, error) {
+		info, err := readInfo(s.ov)
+		if err != nil {
+			return 0, err
+		}
+		return fn(s, info)
+	})
+}
+
+// inNetwork runs fn with the host's lock held, on the network's namespace
+// handles, and names the network in fn's error.
+func inNetwork[T any](n *Network, fn func(s *handles) (T, error)) (T, error) {
 	h := n.host
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s, err := h.open(n.ID)
 	if err != nil {
-		return 0, err
+		var zero T
+		return zero, err
 	}
 	defer s.close()
-	info, err := readInfo(s.ov)
+	v, err := fn(s)
 	if err != nil {
-		return 0, fmt.Errorf("network %s: %w", n.ID, err)
+		return v, fmt.Errorf("network %s: %w", n.ID, err)
 	}
-	changes, err := fn(s, info)
-	if err != nil {
-		return changes, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	return changes, nil
+	return v, nil
 }
 
 func setPeersVXLAN(s *handles, info netInfo, p peerPlan) (int, error) {

@@ -91,26 +91,20 @@ type NeighEntry struct {
 // State reads the network's devices, FDB and neighbour entries from the
 // kernel.
 func (n *Network) State() (*State, error) {
-	h := n.host
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s, err := h.open(n.ID)
-	if err != nil {
-		return nil, err
-	}
-	defer s.close()
-	st, err := readState(s)
-	if err != nil {
-		return nil, fmt.Errorf("network %s: %w", n.ID, err)
-	}
-	st.ID, st.NetNS = n.ID, n.NetNS
-	if st.Encap == EncapVXLAN {
-		if st.Filter, err = h.filterState(s, st.VNI); err != nil {
-			return nil, fmt.Errorf("network %s: %w", n.ID, err)
+	return inNetwork(n, func(s *handles) (*State, error) {
+		st, err := readState(s)
+		if err != nil {
+			return nil, err
 		}
-		st.SocketNS = h.socketNS(s)
-	}
-	return st, nil
+		st.ID, st.NetNS = n.ID, n.NetNS
+		if st.Encap == EncapVXLAN {
+			if st.Filter, err = n.host.filterState(s, st.VNI); err != nil {
+				return nil, err
+			}
+			st.SocketNS = n.host.socketNS(s)
+		}
+		return st, nil
+	})
 }
 
 func readState(s *handles) (*State, error) {

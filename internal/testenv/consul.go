@@ -101,70 +101,46 @@ func StartConsulWith(t testing.TB, o ServerOptions, cc ConsulConfig) *Server {
 // a leader whose raft applies writes (an open port is not enough), and a
 // session can be made there.
 func consulWrites(hc *http.Client, base, token string) func() error {
-	do := func(method string) error {
-		req, err := http.NewRequest(method, base+"/v1/kv/testenv-ready-"+strconv.Itoa(os.Getpid()), strings.NewReader("1"))
+	// call sends one request and returns the answer's body, or why not.
+	call := func(method, path, body string) ([]byte, error) {
+		req, err := http.NewRequest(method, base+path, strings.NewReader(body))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if token != "" {
 			req.Header.Set("X-Consul-Token", token)
 		}
 		resp, err := hc.Do(req)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		out, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("%s /v1/kv: %s %q", method, resp.Status, body)
+			return nil, fmt.Errorf("%s %s: %s %q", method, path, resp.Status, out)
 		}
-		return nil
+		return out, nil
 	}
-	// A session needs this agent's node in the catalog, which comes a
-	// little after the leader: the plugin's registration is a session.
-	session := func() error {
-		req, err := http.NewRequest(http.MethodPut, base+"/v1/session/create", strings.NewReader(`{"TTL":"10s"}`))
-		if err != nil {
+	key := "/v1/kv/testenv-ready-" + strconv.Itoa(os.Getpid())
+	return func() error {
+		if _, err := call(http.MethodPut, key, "1"); err != nil {
 			return err
 		}
-		if token != "" {
-			req.Header.Set("X-Consul-Token", token)
-		}
-		resp, err := hc.Do(req)
-		if err != nil {
+		if _, err := call(http.MethodDelete, key, ""); err != nil {
 			return err
 		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("PUT /v1/session/create: %s %q", resp.Status, body)
+		// A session needs this agent's node in the catalog, which comes a
+		// little after the leader: the plugin's registration is a session.
+		out, err := call(http.MethodPut, "/v1/session/create", `{"TTL":"10s"}`)
+		if err != nil {
+			return err
 		}
 		var s struct{ ID string }
-		if err := json.Unmarshal(body, &s); err != nil || s.ID == "" {
-			return fmt.Errorf("PUT /v1/session/create: %q: %v", body, err)
+		if err := json.Unmarshal(out, &s); err != nil || s.ID == "" {
+			return fmt.Errorf("PUT /v1/session/create: %q: %v", out, err)
 		}
-		req, err = http.NewRequest(http.MethodPut, base+"/v1/session/destroy/"+s.ID, nil)
-		if err != nil {
-			return err
-		}
-		if token != "" {
-			req.Header.Set("X-Consul-Token", token)
-		}
-		resp2, err := hc.Do(req)
-		if err != nil {
-			return err
-		}
-		resp2.Body.Close()
-		return nil
-	}
-	return func() error {
-		if err := do(http.MethodPut); err != nil {
-			return err
-		}
-		if err := do(http.MethodDelete); err != nil {
-			return err
-		}
-		return session()
+		_, err = call(http.MethodPut, "/v1/session/destroy/"+s.ID, "")
+		return err
 	}
 }
 
