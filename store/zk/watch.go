@@ -236,19 +236,24 @@ func (w *watcher) load(ctx context.Context, p string, isRoot bool) (bool, error)
 	if n == nil {
 		n = &wnode{}
 	}
+	// arm runs a read of p that arms a watch; gone: p does not exist (and
+	// is forgotten).
+	arm := func(read func() error) (gone bool, err error) {
+		err = call(ctx, read)
+		if errors.Is(err, zk.ErrNoNode) {
+			w.forget(p)
+			return true, nil
+		}
+		return false, err
+	}
 	if !isRoot && !n.dataArmed {
 		var data []byte
 		var st *zk.Stat
-		err := call(ctx, func() error {
-			var err error
+		gone, err := arm(func() (err error) {
 			data, st, _, err = conn.GetW(p)
 			return err
 		})
-		if errors.Is(err, zk.ErrNoNode) {
-			w.forget(p)
-			return false, nil
-		}
-		if err != nil {
+		if gone || err != nil {
 			return false, err
 		}
 		n.value, n.isKey = decode(data)
@@ -257,16 +262,11 @@ func (w *watcher) load(ctx context.Context, p string, isRoot bool) (bool, error)
 	}
 	if !n.childArmed {
 		var names []string
-		err := call(ctx, func() error {
-			var err error
+		gone, err := arm(func() (err error) {
 			names, _, _, err = conn.ChildrenW(p)
 			return err
 		})
-		if errors.Is(err, zk.ErrNoNode) {
-			w.forget(p)
-			return false, nil
-		}
-		if err != nil {
+		if gone || err != nil {
 			return false, err
 		}
 		sort.Strings(names)
