@@ -65,14 +65,7 @@ func TestBenchChurn(t *testing.T) {
 	if quick() {
 		rec.note(quickNote)
 	}
-	for _, kind := range controlStores {
-		ok := t.Run(kind, func(t *testing.T) {
-			rec.res.Rows = append(rec.res.Rows, churnOn(t, rec, kind, rate, duration, background)...)
-		})
-		if !ok {
-			rec.note("%s: the benchmark failed (see the log); the rows it did not finish are missing.", kind)
-		}
-	}
+	onEachStore(t, rec, func(t *testing.T, kind string) []Row { return churnOn(t, rec, kind, rate, duration, background) })
 	rec.save()
 }
 

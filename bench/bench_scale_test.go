@@ -23,6 +23,19 @@ import (
 // 100,000 children of one directory.)
 var controlStores = []string{"etcd", "consul"}
 
+// onEachStore runs rows as a subtest per store of controlStores and adds
+// what each returns to the section; a store whose run failed leaves a note.
+func onEachStore(t *testing.T, rec *recorder, rows func(t *testing.T, kind string) []Row) {
+	for _, kind := range controlStores {
+		ok := t.Run(kind, func(t *testing.T) {
+			rec.res.Rows = append(rec.res.Rows, rows(t, kind)...)
+		})
+		if !ok {
+			rec.note("%s: the benchmark failed (see the log); the rows it did not finish are missing.", kind)
+		}
+	}
+}
+
 // Simulated remote hosts: this many live host keys, their endpoints spread
 // over them round robin.
 const simHosts = 100
@@ -113,14 +126,7 @@ func TestBenchScale(t *testing.T) {
 	if quick() {
 		rec.note(quickNote)
 	}
-	for _, kind := range controlStores {
-		ok := t.Run(kind, func(t *testing.T) {
-			rec.res.Rows = append(rec.res.Rows, scaleOn(t, rec, kind, sizes, runs, runsLarge)...)
-		})
-		if !ok {
-			rec.note("%s: the benchmark failed (see the log); the rows it did not finish are missing.", kind)
-		}
-	}
+	onEachStore(t, rec, func(t *testing.T, kind string) []Row { return scaleOn(t, rec, kind, sizes, runs, runsLarge) })
 	rec.note("Each remote endpoint is three kernel entries: a VXLAN forwarding entry (MAC to remote host), a static bridge "+
 		"entry and a permanent neighbour entry; plus one all-zero forwarding entry per remote host (%d).", simHosts)
 	rec.note("Every change waits for the plugin's short debounce of store events (20 ms, driver/sync.go) before it is programmed, then applied as a delta, without reading the kernel tables (docs/scale.md). What Consul adds is its watch: every change returns the whole directory (docs/stores.md, \"At scale\").")

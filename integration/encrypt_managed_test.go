@@ -102,18 +102,7 @@ func TestManagedEncrypted(t *testing.T) {
 	const lifecycle = 120 // 12 s
 	runs = pingBoth(lifecycle)
 	time.Sleep(time.Second)
-	down := time.Now()
-	for _, args := range [][]string{
-		{"plugin", "disable", "-f", managedName},
-		{"plugin", "set", managedName, "DNP_LOG_LEVEL=info"},
-		{"plugin", "enable", managedName},
-	} {
-		h1.MustDocker(t, args...)
-	}
-	if err := plugins[h1].WaitReady(); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("h1: plugin disabled, set and enabled again in %s", time.Since(down).Round(time.Millisecond))
+	down := reconfigure(t, h1, plugins[h1])
 	var replaced string
 	waitFor(t, 30*time.Second, "h1: the data path container replaced (its log level changed)", func() bool {
 		ids := cryptContainers(t, h1)

@@ -51,6 +51,26 @@ func managedPluginDir(t testing.TB) string {
 
 // installManaged installs the plugin as a managed plugin on h with
 // managedSettings and then settings.
+// reconfigure disables h's managed plugin, sets another log level and
+// enables it again, as an operator changing a setting does, and waits
+// until it answers. It returns when it began.
+func reconfigure(t *testing.T, h *harness.Host, p *harness.ManagedPlugin) time.Time {
+	t.Helper()
+	down := time.Now()
+	for _, args := range [][]string{
+		{"plugin", "disable", "-f", managedName},
+		{"plugin", "set", managedName, "DNP_LOG_LEVEL=info"},
+		{"plugin", "enable", managedName},
+	} {
+		h.MustDocker(t, args...)
+	}
+	if err := p.WaitReady(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: plugin disabled, set and enabled again in %s", h.Name, time.Since(down).Round(time.Millisecond))
+	return down
+}
+
 func installManaged(t *testing.T, c *harness.Cluster, h *harness.Host, settings ...string) *harness.ManagedPlugin {
 	t.Helper()
 	settings = append(managedSettings(t, c, h), settings...)
@@ -233,18 +253,7 @@ func TestManagedPluginEtcd(t *testing.T) {
 	const lifecycle = 100 // 10 s
 	runs := []*pingRun{startPingRun(h1, "blue-h1", ips["h2"], lifecycle), startPingRun(h2, "blue-h2", ips["h1"], lifecycle)}
 	time.Sleep(time.Second)
-	down := time.Now()
-	for _, args := range [][]string{
-		{"plugin", "disable", "-f", managedName},
-		{"plugin", "set", managedName, "DNP_LOG_LEVEL=info"},
-		{"plugin", "enable", managedName},
-	} {
-		h1.MustDocker(t, args...)
-	}
-	if err := plugins["h1"].WaitReady(); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("h1: plugin disabled, set and enabled again in %s", time.Since(down).Round(time.Millisecond))
+	reconfigure(t, h1, plugins["h1"])
 	for _, r := range runs {
 		select {
 		case <-r.done:
