@@ -24,6 +24,9 @@ type Process struct {
 	Dir   string        // working directory; the log is Dir/Name.log
 	Ready func() error  // nil once the server answers
 	Wait  time.Duration // how long Start waits for Ready (default 30s)
+	// Prepare, if set, runs before every start (to repair what a stop
+	// may have left, as an operator would before starting the server).
+	Prepare func() error
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -37,6 +40,11 @@ func (p *Process) Start() error {
 	defer p.mu.Unlock()
 	if p.cmd != nil {
 		return fmt.Errorf("%s already running", p.Name)
+	}
+	if p.Prepare != nil {
+		if err := p.Prepare(); err != nil {
+			return fmt.Errorf("prepare %s: %w", p.Name, err)
+		}
 	}
 	logPath := filepath.Join(p.Dir, p.Name+".log")
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)

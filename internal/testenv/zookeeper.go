@@ -80,12 +80,39 @@ func startZooKeeper(t testing.TB, o ServerOptions, extra []string) *Server {
 		Args: o.Command([]string{java, "-Xmx256m",
 			"-cp", zkJar + ":" + slf4jJar,
 			"org.apache.zookeeper.server.quorum.QuorumPeerMain", "zoo.cfg"}),
-		Dir:   dir,
-		Ready: zkReady(addr, o.NetNS),
+		Dir:     dir,
+		Ready:   zkReady(addr, o.NetNS),
+		Prepare: zkDropTornLogs(filepath.Join(dir, "data")),
 	}}
 	p.Start(t)
 	t.Cleanup(func() { p.Stop(t) })
 	return &Server{Process: p, Scheme: "zk", Addr: addr}
+}
+
+// zkDropTornLogs returns a Prepare step for a ZooKeeper server with data
+// directory data: it removes transaction logs shorter than their 16-byte
+// file header. A server stopped between creating a new log and writing its
+// header leaves such a file, holding no transaction, and ZooKeeper 3.8
+// then refuses to start (EOFException in FileHeader.deserialize).
+func zkDropTornLogs(data string) func() error {
+	return func() error {
+		logs, err := filepath.Glob(filepath.Join(data, "version-2", "log.*"))
+		if err != nil {
+			return err
+		}
+		for _, l := range logs {
+			fi, err := os.Stat(l)
+			if err != nil {
+				return err
+			}
+			if fi.Size() < 16 {
+				if err := os.Remove(l); err != nil {
+					return fmt.Errorf("remove torn zookeeper log: %w", err)
+				}
+			}
+		}
+		return nil
+	}
 }
 
 // zkReady asks the server "srvr": it answers with its version only once it
