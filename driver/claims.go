@@ -268,11 +268,10 @@ var errSwarmRange = fmt.Errorf("option %s is for plain hosts' networks: in swarm
 // rewrite of its endpoint's record, so none outlives an endpoint deleted
 // meanwhile. A claim another endpoint already holds is logged.
 func (p *peerSync) backfillClaims(ctx context.Context) error {
-	d := p.d
-	s := d.cfg.Store
+	s := p.st
 	byOverlay := map[string][]string{}
 	for key, rec := range p.endpoints {
-		if rec.Host == d.host {
+		if rec.Host == p.host {
 			byOverlay[overlayOfKey(key)] = append(byOverlay[overlayOfKey(key)], key)
 		}
 	}
@@ -297,7 +296,7 @@ func (p *peerSync) backfillClaims(ctx context.Context) error {
 			for _, c := range claimsOf(overlay, rec) {
 				if h, ok := held[c.Key]; ok {
 					if h.Endpoint != id {
-						d.log.Warn("endpoint of this host shares a MAC or address with another endpoint of the overlay (both recorded before claims existed); the peer sync keeps one",
+						p.log.Warn("endpoint of this host shares a MAC or address with another endpoint of the overlay (both recorded before claims existed); the peer sync keeps one",
 							"overlay", overlay, "endpoint", short(id), "claim", c.What, "holder", short(h.Endpoint), "holder_host", h.Host)
 					}
 					continue
@@ -323,7 +322,7 @@ func (p *peerSync) backfillClaims(ctx context.Context) error {
 		}
 	}
 	if created > 0 {
-		d.log.Info("claimed the MACs and addresses of endpoints recorded by an earlier version", "claims", created)
+		p.log.Info("claimed the MACs and addresses of endpoints recorded by an earlier version", "claims", created)
 	}
 	return errors.Join(errs...)
 }

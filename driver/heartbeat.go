@@ -29,29 +29,29 @@ type seenRecord struct {
 // and releases it when ctx ends (or, with Config.KeepLiveOnStop and
 // endpoints still here, leaves it to lapse).
 func (p *peerSync) register(ctx context.Context) {
-	rec := hostRecord{Addr: p.d.host, ID: p.d.cfg.MachineID, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.d.cfg.PublicKey}
+	rec := hostRecord{Addr: p.host, ID: p.machineID, Name: hostname(), Started: time.Now().UTC().Format(time.RFC3339), Key: p.publicKey}
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
 		// The key lives until Release, not until ctx ends: a store deletes
 		// a registration whose context ends.
-		reg, err := p.d.cfg.Store.RegisterIf(context.WithoutCancel(ctx), hostKey(p.d.host), encode(rec), p.d.cfg.LiveTTL, mayTakeOver(rec))
+		reg, err := p.st.RegisterIf(context.WithoutCancel(ctx), hostKey(p.host), encode(rec), p.liveTTL, mayTakeOver(rec))
 		var conflict *IdentityConflict
 		if errors.As(err, &conflict) {
-			p.d.id.refuse(fmt.Errorf("the plugin refuses to work: %w", conflict))
-			p.d.log.Error("this plugin refuses to work: another machine holds this host's advertise address", "err", conflict)
+			p.id.refuse(fmt.Errorf("the plugin refuses to work: %w", conflict))
+			p.log.Error("this plugin refuses to work: another machine holds this host's advertise address", "err", conflict)
 			return
 		}
 		if err == nil {
-			p.d.id.setRegistered()
+			p.id.setRegistered()
 			p.kick()
-			p.d.log.Info("host registered", "host", p.d.host, "machine_id", rec.ID, "ttl", p.d.cfg.LiveTTL.String())
+			p.log.Info("host registered", "host", p.host, "machine_id", rec.ID, "ttl", p.liveTTL.String())
 			p.heartbeat(ctx, rec)
 			rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			if p.d.cfg.KeepLiveOnStop {
-				if n, err := p.d.endpointsHere(rctx); n > 0 || err != nil {
-					p.d.keptLive.Store(true)
-					p.d.log.Info("stopping with endpoints on this host: its live key stays until it lapses, so a plugin back within the TTL loses nothing",
-						"endpoints", n, "ttl", p.d.cfg.LiveTTL.String(), "err", err)
+			if p.keepLive {
+				if n, err := p.local.endpointsHere(rctx); n > 0 || err != nil {
+					p.local.setKeptLive()
+					p.log.Info("stopping with endpoints on this host: its live key stays until it lapses, so a plugin back within the TTL loses nothing",
+						"endpoints", n, "ttl", p.liveTTL.String(), "err", err)
 					p.lastSeen(rctx, rec)
 					return
 				}
@@ -60,7 +60,7 @@ func (p *peerSync) register(ctx context.Context) {
 			p.lastSeen(rctx, rec)
 			return
 		}
-		p.d.log.Warn("cannot register host yet", "err", err)
+		p.log.Warn("cannot register host yet", "err", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -72,12 +72,12 @@ func (p *peerSync) register(ctx context.Context) {
 // heartbeat writes this host's last-seen time now and every seenEvery
 // until ctx ends.
 func (p *peerSync) heartbeat(ctx context.Context, rec hostRecord) {
-	t := time.NewTicker(p.d.seenEvery())
+	t := time.NewTicker(seenEvery(p.staleAfter))
 	defer t.Stop()
 	for {
 		wctx, cancel := context.WithTimeout(ctx, store.DefaultTimeout)
 		if err := p.writeSeen(wctx, rec); err != nil && ctx.Err() == nil {
-			p.d.log.Debug("cannot write last-seen time", "host", p.d.host, "err", err)
+			p.log.Debug("cannot write last-seen time", "host", p.host, "err", err)
 		}
 		cancel()
 		select {
@@ -90,23 +90,23 @@ func (p *peerSync) heartbeat(ctx context.Context, rec hostRecord) {
 
 func (p *peerSync) writeSeen(ctx context.Context, rec hostRecord) error {
 	seen := seenRecord{Addr: rec.Addr, Name: rec.Name, Seen: time.Now().UTC().Format(time.RFC3339)}
-	_, err := p.d.cfg.Store.Put(ctx, seenKey(p.d.host), encode(seen))
+	_, err := p.st.Put(ctx, seenKey(p.host), encode(seen))
 	return err
 }
 
 // lastSeen records a clean stop: the last-seen time of a host that still
 // has Docker networks, or no trace at all of one that has none.
 func (p *peerSync) lastSeen(ctx context.Context, rec hostRecord) {
-	nets, err := p.d.cfg.Store.List(ctx, netmapOf(p.d.host))
+	nets, err := p.st.List(ctx, netmapOf(p.host))
 	switch {
 	case err != nil:
 	case len(nets) == 0:
-		err = p.d.cfg.Store.Delete(ctx, seenKey(p.d.host))
+		err = p.st.Delete(ctx, seenKey(p.host))
 	default:
 		err = p.writeSeen(ctx, rec)
 	}
 	if err != nil {
-		p.d.log.Debug("cannot record the last-seen time", "host", p.d.host, "err", err)
+		p.log.Debug("cannot record the last-seen time", "host", p.host, "err", err)
 	}
 }
 

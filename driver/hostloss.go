@@ -41,12 +41,11 @@ type orphanRecord struct {
 // Right after this host's view of hosts/ was (re)loaded it waits one
 // liveness TTL, as hosts may still be re-registering.
 func (p *peerSync) collectLost(ctx context.Context) error {
-	d := p.d
-	if !p.hosts[d.host] {
+	if !p.hosts[p.host] {
 		return nil
 	}
 	for h := range p.hosts {
-		if addrLess(h, d.host) {
+		if addrLess(h, p.host) {
 			return nil
 		}
 	}
@@ -59,14 +58,14 @@ func (p *peerSync) collectLost(ctx context.Context) error {
 	if len(lost) == 0 {
 		return nil
 	}
-	if wait := d.cfg.LiveTTL - time.Since(p.hostsLoaded); wait > 0 {
+	if wait := p.liveTTL - time.Since(p.hostsLoaded); wait > 0 {
 		time.AfterFunc(wait, p.kick)
 		return nil
 	}
 	slices.SortFunc(lost, func(a, b string) int { return strings.Compare(a, b) })
 	var errs []error
 	for _, h := range lost {
-		errs = append(errs, orphanHost(ctx, d.cfg.Store, h, d.log.With("lost_host", h)))
+		errs = append(errs, orphanHost(ctx, p.st, h, p.log.With("lost_host", h)))
 	}
 	return errors.Join(errs...)
 }
@@ -152,18 +151,16 @@ func orphanHost(ctx context.Context, s store.Store, host string, log interface {
 // restoreOrphans takes back this host's orphaned endpoints whose
 // interface survived in the kernel, and drops the others.
 func (p *peerSync) restoreOrphans(ctx context.Context) error {
-	d := p.d
-	s := d.cfg.Store
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	kvs, err := s.List(ctx, orphansOf(d.host))
+	kvs, err := p.st.List(ctx, orphansOf(p.host))
 	if err != nil {
 		return fmt.Errorf("list orphaned endpoints: %w", err)
 	}
 	var errs []error
 	kept := map[uint32]bool{}
 	for _, kv := range kvs {
-		vni, err := d.restoreOrphan(ctx, kv)
+		vni, err := p.local.restoreOrphan(ctx, kv)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -311,8 +308,7 @@ type OrphanedEndpoint struct {
 
 // orphaned lists this host's orphaned endpoints.
 func (p *peerSync) orphaned(ctx context.Context) ([]OrphanedEndpoint, error) {
-	d := p.d
-	kvs, err := d.cfg.Store.List(ctx, orphansOf(d.host))
+	kvs, err := p.st.List(ctx, orphansOf(p.host))
 	if err != nil {
 		return nil, fmt.Errorf("list orphaned endpoints: %w", err)
 	}
@@ -323,7 +319,7 @@ func (p *peerSync) orphaned(ctx context.Context) ([]OrphanedEndpoint, error) {
 			continue
 		}
 		oe := OrphanedEndpoint{ID: o.ID, Overlay: o.Overlay, IPv4: o.Endpoint.IPv4, Conflict: o.Conflict}
-		if n, err := d.network(ctx, o.Endpoint.Network); err == nil {
+		if n, err := p.local.network(ctx, o.Endpoint.Network); err == nil {
 			oe.VNI = n.Overlay.VNI
 		}
 		out = append(out, oe)

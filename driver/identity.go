@@ -96,15 +96,15 @@ func (d *Driver) Refused() error {
 // names another machine: while this plugin was cut off from the store for
 // longer than the liveness TTL, another machine registered its address.
 func (p *peerSync) checkOwnKey(value []byte) {
-	if p.d.cfg.MachineID == "" || !p.d.id.ours() {
+	if p.machineID == "" || !p.id.ours() {
 		return
 	}
 	var holder hostRecord
-	if json.Unmarshal(value, &holder) != nil || holder.ID == "" || holder.ID == p.d.cfg.MachineID {
+	if json.Unmarshal(value, &holder) != nil || holder.ID == "" || holder.ID == p.machineID {
 		return
 	}
-	self := hostRecord{Addr: p.d.host, ID: p.d.cfg.MachineID, Name: hostname()}
-	err := &IdentityConflict{Addr: p.d.host, Holder: holder, Self: self}
-	p.d.id.refuse(fmt.Errorf("the plugin refuses to work: %w", err))
-	p.d.log.Error("this plugin refuses to work: another machine took over this host's advertise address while this plugin was cut off from the store", "err", err)
+	self := hostRecord{Addr: p.host, ID: p.machineID, Name: hostname()}
+	err := &IdentityConflict{Addr: p.host, Holder: holder, Self: self}
+	p.id.refuse(fmt.Errorf("the plugin refuses to work: %w", err))
+	p.log.Error("this plugin refuses to work: another machine took over this host's advertise address while this plugin was cut off from the store", "err", err)
 }

@@ -334,7 +334,7 @@ func DesiredState(ctx context.Context, st store.Store, addr netip.Addr) (*HostPl
 	for name, po := range planned {
 		known[name] = overlayOf(po.net)
 	}
-	out.Skipped = recordProblems(p.endpoints, known, func(h string) bool { return p.hosts[h] || h == p.d.host })
+	out.Skipped = recordProblems(p.endpoints, known, func(h string) bool { return p.hosts[h] || h == p.host })
 	for _, po := range planned {
 		pov := PlannedOverlay{Overlay: overlayOf(po.net), Networks: po.networks, Peers: po.peers}
 		for _, ep := range po.endpoints {

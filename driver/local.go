@@ -40,3 +40,5 @@ func (d *Driver) lockHost(ctx context.Context) (func(), error) {
 	}
 	return d.cfg.HostLock(ctx)
 }
+
+func (d *Driver) setKeptLive() { d.keptLive.Store(true) }

@@ -60,7 +60,7 @@ type KnownEndpoint struct {
 // observeNames hands the store's endpoints and live hosts, as the peer
 // sync mirrors them, to the name service.
 func (p *peerSync) observeNames() {
-	ns := p.d.cfg.Names
+	ns := p.names
 	if ns == nil {
 		return
 	}

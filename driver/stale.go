@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -37,23 +38,23 @@ func (d *Driver) staleAfter() time.Duration {
 // seenEvery is how often a registered host writes its last-seen time: every
 // 30 s, more often when the grace period is short (tests), so that a host's
 // last sign of life is known to a tenth of the grace period.
-func (d *Driver) seenEvery() time.Duration {
-	return min(seenInterval, max(d.staleAfter()/10, time.Second))
+func seenEvery(staleAfter time.Duration) time.Duration {
+	return min(seenInterval, max(staleAfter/10, time.Second))
 }
 
 // purgeEvery is how often the collecting host looks for stale hosts.
-func (d *Driver) purgeEvery() time.Duration {
-	return min(max(d.staleAfter()/4, time.Second), 5*time.Minute)
+func purgeEvery(staleAfter time.Duration) time.Duration {
+	return min(max(staleAfter/4, time.Second), 5*time.Minute)
 }
 
 // collector says whether this host is the one that handles lost hosts:
 // the live host with the lowest address.
 func (p *peerSync) collector() bool {
-	if !p.hosts[p.d.host] {
+	if !p.hosts[p.host] {
 		return false
 	}
 	for h := range p.hosts {
-		if addrLess(h, p.d.host) {
+		if addrLess(h, p.host) {
 			return false
 		}
 	}
@@ -68,10 +69,10 @@ func (p *peerSync) purgeStale(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	stale, err := staleHosts(ctx, p.d.cfg.Store, p.d.staleAfter(), time.Now())
+	stale, err := staleHosts(ctx, p.st, p.staleAfter, time.Now())
 	var errs []error
 	for _, h := range stale {
-		if err := purgeHost(ctx, p.d.cfg.Store, h, p.d); err != nil {
+		if err := purgeHost(ctx, p.st, h, p.log, p.staleAfter); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -177,8 +178,8 @@ func goneHosts(ctx context.Context, s store.Store) ([]StaleHost, error) {
 // last-seen record. It does nothing while the host is live, and every
 // write is conditional, so a host that comes back meanwhile keeps what it
 // wrote since.
-func purgeHost(ctx context.Context, s store.Store, host string, d *Driver) error {
-	log := d.log.With("stale_host", host)
+func purgeHost(ctx context.Context, s store.Store, host string, log *slog.Logger, grace time.Duration) error {
+	log = log.With("stale_host", host)
 	back := func() bool {
 		_, err := s.Get(ctx, hostKey(host))
 		return err == nil
@@ -241,7 +242,7 @@ func purgeHost(ctx context.Context, s store.Store, host string, d *Driver) error
 			del(kv)
 		}
 	}
-	released, err := ipam.PurgeHost(ctx, s, host, d.log)
+	released, err := ipam.PurgeHost(ctx, s, host, log)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -249,6 +250,6 @@ func purgeHost(ctx context.Context, s store.Store, host string, d *Driver) error
 		del(seenKV)
 	}
 	log.Info("stale host purged: gone longer than the grace period; its networks, overlays, orphaned endpoints, multicast groups and addresses released",
-		"grace", d.staleAfter().String(), "networks", len(nets), "orphaned_endpoints", len(orphans), "overlays_left", left, "ipam_released", released)
+		"grace", grace.String(), "networks", len(nets), "orphaned_endpoints", len(orphans), "overlays_left", left, "ipam_released", released)
 	return errors.Join(errs...)
 }

@@ -15,22 +15,26 @@ import (
 // forwarding and neighbour entry per endpoint on another live host. It
 // registers this host's live key and watches endpoints/ and hosts/.
 type peerSync struct {
-	// The driver around it, for this host's networks and endpoints and
-	// its share of the kernel (local), and for looking after lost hosts,
-	// orphans and claims (hostloss.go, claims.go, stale.go), the live key
-	// (heartbeat.go) and the name service (names.go).
-	d     *Driver
+	// What it needs of the driver around it (local.go): this host's
+	// networks and endpoints and its share of the kernel.
 	local localHost
 	id    *identity // whether the live key is this machine's
 	// From the driver's Config.
-	st      store.Store
-	plane   DataPlane
-	host    string     // this host's underlay address, as records name it
-	under   netip.Addr // the same, parsed
-	log     *slog.Logger
-	metrics Metrics       // nil: none
-	kickc   chan struct{} // a full pass, soon
-	nudgec  chan struct{} // a pass, soon
+	st         store.Store
+	plane      DataPlane
+	host       string     // this host's underlay address, as records name it
+	under      netip.Addr // the same, parsed
+	log        *slog.Logger
+	metrics    Metrics     // nil: none
+	names      NameService // nil: no names across hosts
+	machineID  string
+	publicKey  string
+	liveTTL    time.Duration
+	keepLive   bool          // Config.KeepLiveOnStop
+	staleAfter time.Duration // grace period before a gone host is purged
+
+	kickc  chan struct{} // a full pass, soon
+	nudgec chan struct{} // a pass, soon
 
 	// Mirrors of the store, owned by run's goroutine.
 	endpoints map[string]endpointRecord // by store key
@@ -97,10 +101,20 @@ type localHost interface {
 	holdJoins() func()
 	ensureOverlay(ov Overlay) error
 	removeOverlay(vni uint32) error
+	// endpointsHere counts this host's endpoints, those the store records
+	// and those this process knows of.
+	endpointsHere(ctx context.Context) (int, error)
+	// setKeptLive records that the plugin stopped leaving its live key to
+	// lapse.
+	setKeptLive()
+	// restoreOrphan takes back one orphaned endpoint of this host, or
+	// drops its record (hostloss.go).
+	restoreOrphan(ctx context.Context, kv store.KV) (uint32, error)
 }
 
 func newPeerSync(d *Driver) *peerSync {
-	return &peerSync{d: d, local: d, id: &d.id, st: d.cfg.Store, plane: d.cfg.Plane, host: d.host, under: d.cfg.HostAddr, log: d.log, metrics: d.cfg.Metrics,
+	return &peerSync{local: d, id: &d.id, st: d.cfg.Store, plane: d.cfg.Plane, host: d.host, under: d.cfg.HostAddr, log: d.log, metrics: d.cfg.Metrics,
+		names: d.cfg.Names, machineID: d.cfg.MachineID, publicKey: d.cfg.PublicKey, liveTTL: d.cfg.LiveTTL, keepLive: d.cfg.KeepLiveOnStop, staleAfter: d.staleAfter(),
 		kickc: make(chan struct{}, 1), nudgec: make(chan struct{}, 1), endpoints: map[string]endpointRecord{}, hosts: map[string]bool{},
 		skipped: map[string]RecordProblem{}, dirtyViews: map[string]bool{}}
 }
@@ -154,7 +168,7 @@ func (p *peerSync) run(ctx context.Context) {
 		for range hosts {
 		}
 	}()
-	purge := time.NewTicker(p.d.purgeEvery()) // stale.go
+	purge := time.NewTicker(purgeEvery(p.staleAfter)) // stale.go
 	defer purge.Stop()
 	resync := time.NewTicker(resyncEvery)
 	defer resync.Stop()
