@@ -16,11 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dnplabs/docker-net-plugin/driver"
+	"github.com/dnplabs/docker-net-plugin/overlay"
 )
-
-// bridgeName is the overlay's bridge in its namespace (package overlay),
-// which holds the subnets' gateway addresses on every host.
-const bridgeName = "br0"
 
 // server is one name server: UDP and TCP on the name server's address,
 // port 53, in one network namespace.
@@ -130,12 +127,12 @@ func prepareOverlay(nsPath string, addr netip.Addr, ov driver.Overlay) error {
 		return fmt.Errorf("netlink in %s: %w", nsPath, err)
 	}
 	defer h.Close()
-	if err := ensureAddr(h, bridgeName, addr); err != nil {
+	if err := ensureAddr(h, overlay.BridgeDevice, addr); err != nil {
 		return err
 	}
-	br, err := h.LinkByName(bridgeName)
+	br, err := h.LinkByName(overlay.BridgeDevice)
 	if err != nil {
-		return fmt.Errorf("find %s: %w", bridgeName, err)
+		return fmt.Errorf("find %s: %w", overlay.BridgeDevice, err)
 	}
 	for i, sub := range ov.Subnets {
 		if !sub.Addr().Is4() || (i < len(ov.Gateways) && ov.Gateways[i].IsValid()) {
@@ -144,7 +141,7 @@ func prepareOverlay(nsPath string, addr netip.Addr, ov driver.Overlay) error {
 		dst := &net.IPNet{IP: sub.Masked().Addr().AsSlice(), Mask: net.CIDRMask(sub.Bits(), 32)}
 		r := &netlink.Route{LinkIndex: br.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}
 		if err := h.RouteReplace(r); err != nil {
-			return fmt.Errorf("route %s on %s: %w", sub, bridgeName, err)
+			return fmt.Errorf("route %s on %s: %w", sub, overlay.BridgeDevice, err)
 		}
 	}
 	return nil

@@ -59,9 +59,9 @@ func (n *Network) AddEndpoint(ep Endpoint) (string, error) {
 
 func (n *Network) addEndpoint(s *handles, ep Endpoint) error {
 	hostName, pName := HostIfName(ep.ID), portName(ep.ID)
-	br, err := s.ov.LinkByName(bridgeName)
+	br, err := s.ov.LinkByName(BridgeDevice)
 	if err != nil {
-		return fmt.Errorf("find %s (run EnsureNetwork): %w", bridgeName, err)
+		return fmt.Errorf("find %s (run EnsureNetwork): %w", BridgeDevice, err)
 	}
 	hostEnd, err := s.host.LinkByName(hostName)
 	if err != nil && !isNotFound(err) {
@@ -109,7 +109,7 @@ func (n *Network) addEndpoint(s *handles, ep Endpoint) error {
 	}
 	if port.Attrs().MasterIndex != br.Attrs().Index {
 		if err := s.ov.LinkSetMaster(port, br); err != nil {
-			return fmt.Errorf("attach %s to %s: %w", pName, bridgeName, err)
+			return fmt.Errorf("attach %s to %s: %w", pName, BridgeDevice, err)
 		}
 	}
 	if err := setUp(s.ov, pName); err != nil {

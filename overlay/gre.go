@@ -183,9 +183,9 @@ func tunnelRemote(l netlink.Link) netip.Addr {
 // every existing tunnel port either fitting cfg (then its port settings
 // are repaired) or deleted, for SetPeers to make again.
 func ensureGRE(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error {
-	l, err := s.ov.LinkByName(vxlanName)
+	l, err := s.ov.LinkByName(VXLANDevice)
 	if err != nil && !isNotFound(err) {
-		return fmt.Errorf("find %s: %w", vxlanName, err)
+		return fmt.Errorf("find %s: %w", VXLANDevice, err)
 	}
 	if l != nil { // from an earlier encap=vxlan config
 		if err := deleteLink(s.ov, l); err != nil {
@@ -294,7 +294,7 @@ func configurePort(ov *netlink.Handle, l netlink.Link, br netlink.Link, mtu int)
 	}
 	if l.Attrs().MasterIndex != br.Attrs().Index {
 		if err := ov.LinkSetMaster(l, br); err != nil {
-			return fmt.Errorf("attach %s to %s: %w", name, bridgeName, err)
+			return fmt.Errorf("attach %s to %s: %w", name, BridgeDevice, err)
 		}
 	}
 	if err := ov.LinkSetLearning(l, false); err != nil {

@@ -239,7 +239,7 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 			continue
 		}
 		if err != nil {
-			return changes, fmt.Errorf("add MDB entry %s on %s: %w", g, vxlanName, err)
+			return changes, fmt.Errorf("add MDB entry %s on %s: %w", g, VXLANDevice, err)
 		}
 		changes++
 	}
@@ -248,7 +248,7 @@ func setGroupsVXLAN(ns netns.NsHandle, info netInfo, remote map[netip.Addr][]net
 			continue
 		}
 		if err := changeMDB(sock, unix.RTM_DELMDB, 0, brIndex, vxIndex, g, netip.Addr{}); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
-			return changes, fmt.Errorf("delete MDB entry %s on %s: %w", g, vxlanName, err)
+			return changes, fmt.Errorf("delete MDB entry %s on %s: %w", g, VXLANDevice, err)
 		}
 		changes++
 	}
@@ -310,7 +310,7 @@ func setBridgeMulticast(ns netns.NsHandle, br netlink.Link, snoop bool) error {
 		}
 		req.AddData(info)
 		if err := executeIn(ns, req, 0, nil); err != nil {
-			return fmt.Errorf("%s multicast snooping settings: %w", bridgeName, err)
+			return fmt.Errorf("%s multicast snooping settings: %w", BridgeDevice, err)
 		}
 	}
 	return nil

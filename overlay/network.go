@@ -433,18 +433,18 @@ type netInfo struct {
 // readInfo finds a network's bridge and encapsulation: a VXLAN network by
 // its vxlan0, a GRE network by the bridge's alias.
 func readInfo(ov *netlink.Handle) (netInfo, error) {
-	l, vxErr := ov.LinkByName(vxlanName)
+	l, vxErr := ov.LinkByName(VXLANDevice)
 	if vxErr != nil && !isNotFound(vxErr) {
-		return netInfo{}, fmt.Errorf("find %s: %w", vxlanName, vxErr)
+		return netInfo{}, fmt.Errorf("find %s: %w", VXLANDevice, vxErr)
 	}
-	br, err := ov.LinkByName(bridgeName)
+	br, err := ov.LinkByName(BridgeDevice)
 	if err != nil {
-		return netInfo{}, fmt.Errorf("find %s (run EnsureNetwork): %w", bridgeName, err)
+		return netInfo{}, fmt.Errorf("find %s (run EnsureNetwork): %w", BridgeDevice, err)
 	}
 	if l != nil {
 		vx, ok := l.(*netlink.Vxlan)
 		if !ok {
-			return netInfo{}, fmt.Errorf("%s is a %s device, not vxlan (run EnsureNetwork)", vxlanName, l.Type())
+			return netInfo{}, fmt.Errorf("%s is a %s device, not vxlan (run EnsureNetwork)", VXLANDevice, l.Type())
 		}
 		local, _ := netip.AddrFromSlice(vx.SrcAddr)
 		return netInfo{
@@ -455,7 +455,7 @@ func readInfo(ov *netlink.Handle) (netInfo, error) {
 	if vni, local, ok := parseGREAlias(br.Attrs().Alias); ok {
 		return netInfo{encap: EncapGRE, vni: vni, local: local, br: br}, nil
 	}
-	return netInfo{}, fmt.Errorf("find %s (run EnsureNetwork): %w", vxlanName, vxErr)
+	return netInfo{}, fmt.Errorf("find %s (run EnsureNetwork): %w", VXLANDevice, vxErr)
 }
 
 func setUp(h *netlink.Handle, name string) error {
@@ -474,14 +474,14 @@ func setUp(h *netlink.Handle, name string) error {
 
 // ensureBridge makes br0 exist as an up bridge with the given MTU and alias.
 func ensureBridge(ov *netlink.Handle, mtu int, alias string) (netlink.Link, error) {
-	l, err := ov.LinkByName(bridgeName)
+	l, err := ov.LinkByName(BridgeDevice)
 	if err != nil && !isNotFound(err) {
-		return nil, fmt.Errorf("find %s: %w", bridgeName, err)
+		return nil, fmt.Errorf("find %s: %w", BridgeDevice, err)
 	}
 	if l != nil {
 		if _, ok := l.(*netlink.Bridge); !ok {
 			if err := ov.LinkDel(l); err != nil {
-				return nil, fmt.Errorf("delete non-bridge %s: %w", bridgeName, err)
+				return nil, fmt.Errorf("delete non-bridge %s: %w", BridgeDevice, err)
 			}
 			l = nil
 		}
@@ -491,28 +491,28 @@ func ensureBridge(ov *netlink.Handle, mtu int, alias string) (netlink.Link, erro
 		br := &netlink.Bridge{
 			// A fixed MAC: otherwise the bridge takes its lowest port's
 			// and changes it as ports come and go (bad for a gateway).
-			LinkAttrs: netlink.LinkAttrs{Name: bridgeName, MTU: mtu, HardwareAddr: randomMAC()},
+			LinkAttrs: netlink.LinkAttrs{Name: BridgeDevice, MTU: mtu, HardwareAddr: randomMAC()},
 			// Off until ensureDevices sets it for the encapsulation.
 			MulticastSnooping: &off,
 		}
 		if err := ov.LinkAdd(br); err != nil {
-			return nil, fmt.Errorf("create %s: %w", bridgeName, err)
+			return nil, fmt.Errorf("create %s: %w", BridgeDevice, err)
 		}
-		if l, err = ov.LinkByName(bridgeName); err != nil {
-			return nil, fmt.Errorf("find new %s: %w", bridgeName, err)
+		if l, err = ov.LinkByName(BridgeDevice); err != nil {
+			return nil, fmt.Errorf("find new %s: %w", BridgeDevice, err)
 		}
 	}
 	if l.Attrs().MTU != mtu {
 		if err := ov.LinkSetMTU(l, mtu); err != nil {
-			return nil, fmt.Errorf("set %s MTU %d: %w", bridgeName, mtu, err)
+			return nil, fmt.Errorf("set %s MTU %d: %w", BridgeDevice, mtu, err)
 		}
 	}
 	if l.Attrs().Alias != alias {
 		if err := ov.LinkSetAlias(l, alias); err != nil {
-			return nil, fmt.Errorf("set %s alias: %w", bridgeName, err)
+			return nil, fmt.Errorf("set %s alias: %w", BridgeDevice, err)
 		}
 	}
-	if err := setUp(ov, bridgeName); err != nil {
+	if err := setUp(ov, BridgeDevice); err != nil {
 		return nil, err
 	}
 	return l, nil
@@ -526,15 +526,15 @@ func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error 
 	if err := removeTunnels(s.ov); err != nil {
 		return err
 	}
-	l, err := s.ov.LinkByName(vxlanName)
+	l, err := s.ov.LinkByName(VXLANDevice)
 	if err != nil && !isNotFound(err) {
-		return fmt.Errorf("find %s: %w", vxlanName, err)
+		return fmt.Errorf("find %s: %w", VXLANDevice, err)
 	}
 	if l != nil {
 		if why := vxlanMismatch(s, l, cfg); why != "" {
 			slog.Info("replacing VXLAN device", "network", cfg.ID, "reason", why)
 			if err := s.ov.LinkDel(l); err != nil {
-				return fmt.Errorf("delete wrong %s: %w", vxlanName, err)
+				return fmt.Errorf("delete wrong %s: %w", VXLANDevice, err)
 			}
 			l = nil
 		}
@@ -544,7 +544,7 @@ func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error 
 			// Created by the host (or crypt) handle with a target
 			// namespace: the device appears in the overlay namespace while
 			// its UDP socket stays in the host (crypt) namespace.
-			LinkAttrs: netlink.LinkAttrs{Name: vxlanName, MTU: mtu, Namespace: netlink.NsFd(s.ovNS)},
+			LinkAttrs: netlink.LinkAttrs{Name: VXLANDevice, MTU: mtu, Namespace: netlink.NsFd(s.ovNS)},
 			VxlanId:   int(cfg.VNI),
 			SrcAddr:   net.IP(cfg.LocalIP.AsSlice()),
 			Port:      VXLANPort,
@@ -552,39 +552,39 @@ func ensureVXLAN(s *handles, br netlink.Link, cfg NetworkConfig, mtu int) error 
 		}
 		if err := s.sock.LinkAdd(vx); err != nil {
 			if errors.Is(err, unix.EEXIST) {
-				return fmt.Errorf("create %s: VNI %d is already used by another VXLAN device of this host: %w", vxlanName, cfg.VNI, err)
+				return fmt.Errorf("create %s: VNI %d is already used by another VXLAN device of this host: %w", VXLANDevice, cfg.VNI, err)
 			}
-			return fmt.Errorf("create %s (VNI %d, local %s): %w", vxlanName, cfg.VNI, cfg.LocalIP, err)
+			return fmt.Errorf("create %s (VNI %d, local %s): %w", VXLANDevice, cfg.VNI, cfg.LocalIP, err)
 		}
-		if l, err = s.ov.LinkByName(vxlanName); err != nil {
-			return fmt.Errorf("find new %s: %w", vxlanName, err)
+		if l, err = s.ov.LinkByName(VXLANDevice); err != nil {
+			return fmt.Errorf("find new %s: %w", VXLANDevice, err)
 		}
 	}
 	if l.Attrs().MTU != mtu {
 		if err := s.ov.LinkSetMTU(l, mtu); err != nil {
-			return fmt.Errorf("set %s MTU %d: %w", vxlanName, mtu, err)
+			return fmt.Errorf("set %s MTU %d: %w", VXLANDevice, mtu, err)
 		}
 	}
 	if l.Attrs().MasterIndex != br.Attrs().Index {
 		if err := s.ov.LinkSetMaster(l, br); err != nil {
-			return fmt.Errorf("attach %s to %s: %w", vxlanName, bridgeName, err)
+			return fmt.Errorf("attach %s to %s: %w", VXLANDevice, BridgeDevice, err)
 		}
 	}
 	// Remote MACs come only from SetPeers, never from traffic.
 	if err := s.ov.LinkSetLearning(l, false); err != nil {
-		return fmt.Errorf("bridge port %s: learning off: %w", vxlanName, err)
+		return fmt.Errorf("bridge port %s: learning off: %w", VXLANDevice, err)
 	}
 	// Answer ARP/ND for known remote addresses on this host instead of
 	// sending the request to every remote host.
 	if err := s.ov.LinkSetBrNeighSuppress(l, true); err != nil {
-		return fmt.Errorf("bridge port %s: neigh_suppress on: %w", vxlanName, err)
+		return fmt.Errorf("bridge port %s: neigh_suppress on: %w", VXLANDevice, err)
 	}
 	// Never a multicast router port, which would get every group: remote
 	// hosts get the groups SetGroups names.
 	if err := setMulticastRouter(s.ovNS, l, mdbRouterDisabled); err != nil {
 		return err
 	}
-	return setUp(s.ov, vxlanName)
+	return setUp(s.ov, VXLANDevice)
 }
 
 // vxlanMismatch says why an existing vxlan0 does not fit cfg ("" if it
@@ -593,28 +593,28 @@ func vxlanMismatch(s *handles, l netlink.Link, cfg NetworkConfig) string {
 	vx, ok := l.(*netlink.Vxlan)
 	switch {
 	case !ok:
-		return fmt.Sprintf("%s is a %s device, not vxlan", vxlanName, l.Type())
+		return fmt.Sprintf("%s is a %s device, not vxlan", VXLANDevice, l.Type())
 	case vx.VxlanId != int(cfg.VNI):
-		return fmt.Sprintf("%s has VNI %d, want %d", vxlanName, vx.VxlanId, cfg.VNI)
+		return fmt.Sprintf("%s has VNI %d, want %d", VXLANDevice, vx.VxlanId, cfg.VNI)
 	case !vx.SrcAddr.Equal(net.IP(cfg.LocalIP.AsSlice())):
-		return fmt.Sprintf("%s sends from %s, want %s", vxlanName, vx.SrcAddr, cfg.LocalIP)
+		return fmt.Sprintf("%s sends from %s, want %s", VXLANDevice, vx.SrcAddr, cfg.LocalIP)
 	case vx.Port != VXLANPort:
-		return fmt.Sprintf("%s uses UDP port %d, want %d", vxlanName, vx.Port, VXLANPort)
+		return fmt.Sprintf("%s uses UDP port %d, want %d", VXLANDevice, vx.Port, VXLANPort)
 	case vx.Learning:
-		return vxlanName + " learns MACs from traffic; it must only have the entries the plugin programs"
+		return VXLANDevice + " learns MACs from traffic; it must only have the entries the plugin programs"
 	case vx.Proxy || vx.L2miss || vx.L3miss || vx.FlowBased:
-		return vxlanName + " has proxy, miss or flow-based mode on"
+		return VXLANDevice + " has proxy, miss or flow-based mode on"
 	case vx.Group != nil && !vx.Group.IsUnspecified():
-		return vxlanName + " has a multicast group"
+		return VXLANDevice + " has a multicast group"
 	}
 	// The socket must be in the host (crypt) namespace: the device's link
 	// namespace, as seen from the overlay namespace.
 	id, err := s.ov.GetNetNsIdByFd(int(s.sockNS))
 	if err != nil || id < 0 || vx.NetNsID != id {
 		if cfg.Encrypted {
-			return "the UDP socket of " + vxlanName + " is not in the crypt namespace"
+			return "the UDP socket of " + VXLANDevice + " is not in the crypt namespace"
 		}
-		return "the UDP socket of " + vxlanName + " is not in the host namespace"
+		return "the UDP socket of " + VXLANDevice + " is not in the host namespace"
 	}
 	return ""
 }
@@ -623,7 +623,7 @@ func vxlanMismatch(s *handles, l netlink.Link, cfg NetworkConfig) string {
 func ensureGateways(ov *netlink.Handle, br netlink.Link, want []netip.Prefix) error {
 	addrs, err := dump(func() ([]netlink.Addr, error) { return ov.AddrList(br, netlink.FAMILY_ALL) })
 	if err != nil {
-		return fmt.Errorf("list %s addresses: %w", bridgeName, err)
+		return fmt.Errorf("list %s addresses: %w", BridgeDevice, err)
 	}
 	have := map[netip.Prefix]bool{}
 	for _, a := range addrs {
@@ -633,7 +633,7 @@ func ensureGateways(ov *netlink.Handle, br netlink.Link, want []netip.Prefix) er
 		}
 		if !slices.Contains(want, p) {
 			if err := ov.AddrDel(br, &a); err != nil {
-				return fmt.Errorf("remove %s from %s: %w", p, bridgeName, err)
+				return fmt.Errorf("remove %s from %s: %w", p, BridgeDevice, err)
 			}
 			continue
 		}
@@ -649,7 +649,7 @@ func ensureGateways(ov *netlink.Handle, br netlink.Link, want []netip.Prefix) er
 			a.Flags = unix.IFA_F_NODAD
 		}
 		if err := ov.AddrAdd(br, a); err != nil {
-			return fmt.Errorf("add gateway %s to %s: %w", p, bridgeName, err)
+			return fmt.Errorf("add gateway %s to %s: %w", p, BridgeDevice, err)
 		}
 	}
 	return nil

@@ -64,8 +64,11 @@ const (
 	EncapVXLAN = "vxlan"
 	EncapGRE   = "gre"
 
-	bridgeName = "br0"
-	vxlanName  = "vxlan0"
+	// BridgeDevice is every overlay namespace's bridge, VXLANDevice its
+	// VXLAN device (VXLAN overlays only): the names other packages look
+	// them up by.
+	BridgeDevice = "br0"
+	VXLANDevice  = "vxlan0"
 	// greTunnelPrefix starts the names of GRE tunnel ports (plus 8 hex
 	// digits); greTempPrefix the names they have while being created.
 	greTunnelPrefix = "gre"

@@ -124,7 +124,7 @@ func setPeersVXLAN(s *handles, info netInfo, p peerPlan) (int, error) {
 		return entry{}, false
 	})
 	if err != nil {
-		return 0, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
+		return 0, fmt.Errorf("list FDB of %s: %w", VXLANDevice, err)
 	}
 	neigh, err := currentNeighEntries(nl, br)
 	if err != nil {
@@ -187,7 +187,7 @@ func currentNeighEntries(nl *nlSocket, brIndex int32) ([]entry, error) {
 			return neighEntry(brIndex, m.ip, m.mac), ok
 		})
 		if err != nil {
-			return nil, fmt.Errorf("list neighbours on %s: %w", bridgeName, err)
+			return nil, fmt.Errorf("list neighbours on %s: %w", BridgeDevice, err)
 		}
 		out = append(out, es...)
 	}
@@ -308,7 +308,7 @@ func currentNeigh(ov *netlink.Handle, brIndex int) (table, error) {
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		neighs, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(brIndex, fam) })
 		if err != nil {
-			return t, fmt.Errorf("list neighbours on %s: %w", bridgeName, err)
+			return t, fmt.Errorf("list neighbours on %s: %w", BridgeDevice, err)
 		}
 		for _, e := range neighs {
 			ip, ok := netip.AddrFromSlice(e.IP)

@@ -138,9 +138,9 @@ func readState(s *handles) (*State, error) {
 		}
 		st.Links = append(st.Links, ls)
 		switch {
-		case a.Name == vxlanName:
+		case a.Name == VXLANDevice:
 			vx, _ = l.(*netlink.Vxlan)
-		case a.Name == bridgeName:
+		case a.Name == BridgeDevice:
 			br = l
 		case isTunnelName(a.Name):
 			tunnels = append(tunnels, l)
@@ -157,10 +157,10 @@ func readState(s *handles) (*State, error) {
 		}
 		fdb, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(vx.Index, unix.AF_BRIDGE) })
 		if err != nil {
-			return nil, fmt.Errorf("list FDB of %s: %w", vxlanName, err)
+			return nil, fmt.Errorf("list FDB of %s: %w", VXLANDevice, err)
 		}
 		for _, e := range fdb {
-			st.addFDB(fdbEntryOf(e, vxlanName, netip.Addr{}))
+			st.addFDB(fdbEntryOf(e, VXLANDevice, netip.Addr{}))
 		}
 	}
 	if br != nil && vx == nil {
@@ -175,7 +175,7 @@ func readState(s *handles) (*State, error) {
 		for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 			neighs, err := dump(func() ([]netlink.Neigh, error) { return ov.NeighList(br.Attrs().Index, fam) })
 			if err != nil {
-				return nil, fmt.Errorf("list neighbours on %s: %w", bridgeName, err)
+				return nil, fmt.Errorf("list neighbours on %s: %w", BridgeDevice, err)
 			}
 			for _, e := range neighs {
 				if ne, ok := neighEntryOf(e); ok {
@@ -294,7 +294,7 @@ func (e FDBEntry) String() string {
 	if e.Self {
 		s += " self"
 	} else {
-		s += " master " + bridgeName
+		s += " master " + BridgeDevice
 	}
 	return s + " " + e.State
 }
@@ -328,7 +328,7 @@ func nudString(state int) string {
 
 // socketNS says where the network's VXLAN socket is.
 func (h *Host) socketNS(s *handles) string {
-	l, err := s.ov.LinkByName(vxlanName)
+	l, err := s.ov.LinkByName(VXLANDevice)
 	if err != nil {
 		return ""
 	}

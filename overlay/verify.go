@@ -234,7 +234,7 @@ func (v *verifier) run() error {
 	}
 	v.diff.Neigh = len(p.ips)
 	if gre {
-		v.diff.Devices = fmt.Sprintf("%s, %d GRE tunnel port(s)", bridgeName, len(p.hosts))
+		v.diff.Devices = fmt.Sprintf("%s, %d GRE tunnel port(s)", BridgeDevice, len(p.hosts))
 		v.diff.FDB = len(p.macs)
 		ports, err := v.tunnels(br, p)
 		if err != nil {
@@ -246,7 +246,7 @@ func (v *verifier) run() error {
 		}
 		return err
 	}
-	v.diff.Devices = bridgeName + ", " + vxlanName
+	v.diff.Devices = BridgeDevice + ", " + VXLANDevice
 	if err := v.vxlanFDB(p, info.vx); err != nil {
 		return err
 	}
@@ -266,27 +266,27 @@ func (v *verifier) devices() (netlink.Link, error) {
 	var br, vx netlink.Link
 	for _, l := range links {
 		switch l.Attrs().Name {
-		case bridgeName:
+		case BridgeDevice:
 			br = l
-		case vxlanName:
+		case VXLANDevice:
 			vx = l
 		}
 	}
 	gre := v.cfg.encap() == EncapGRE
 	mtu := v.diff.MTU
 	if br == nil {
-		v.add(Missing, RepairReconcile, "bridge "+bridgeName+" is missing")
+		v.add(Missing, RepairReconcile, "bridge "+BridgeDevice+" is missing")
 	} else if b, ok := br.(*netlink.Bridge); !ok {
-		v.wrong(fmt.Sprintf("%s is a %s device, not a bridge", bridgeName, br.Type()))
+		v.wrong(fmt.Sprintf("%s is a %s device, not a bridge", BridgeDevice, br.Type()))
 		br = nil
 	} else {
 		v.wrong(linkProblems(br, mtu, nil)...)
 		if alias := v.cfg.bridgeAlias(); br.Attrs().Alias != alias {
-			v.wrong(fmt.Sprintf("%s has alias %q, want %q", bridgeName, br.Attrs().Alias, alias))
+			v.wrong(fmt.Sprintf("%s has alias %q, want %q", BridgeDevice, br.Attrs().Alias, alias))
 		}
 		// VXLAN: snooping (multicast.go); GRE floods.
 		if snoop := b.MulticastSnooping; snoop != nil && *snoop == gre {
-			v.wrong(fmt.Sprintf("%s has multicast snooping %s, want %s", bridgeName, onOff(*snoop), onOff(!gre)))
+			v.wrong(fmt.Sprintf("%s has multicast snooping %s, want %s", BridgeDevice, onOff(*snoop), onOff(!gre)))
 		}
 		if err := v.gateways(br); err != nil {
 			return nil, err
@@ -294,9 +294,9 @@ func (v *verifier) devices() (netlink.Link, error) {
 	}
 	switch {
 	case gre && vx != nil:
-		v.wrong(fmt.Sprintf("%s is there, but the network's encap is %s", vxlanName, EncapGRE))
+		v.wrong(fmt.Sprintf("%s is there, but the network's encap is %s", VXLANDevice, EncapGRE))
 	case !gre && vx == nil:
-		v.add(Missing, RepairReconcile, "VXLAN device "+vxlanName+" is missing")
+		v.add(Missing, RepairReconcile, "VXLAN device "+VXLANDevice+" is missing")
 	case !gre:
 		if why := vxlanMismatch(v.s, vx, v.cfg); why != "" {
 			v.wrong(why)
@@ -324,7 +324,7 @@ func (v *verifier) ports(links []netlink.Link, br, vx netlink.Link) {
 	for _, l := range links {
 		a := l.Attrs()
 		switch {
-		case a.Name == "lo" || a.Name == bridgeName || (vx != nil && a.Name == vxlanName) || fallbackDevices[a.Name]:
+		case a.Name == "lo" || a.Name == BridgeDevice || (vx != nil && a.Name == VXLANDevice) || fallbackDevices[a.Name]:
 			continue
 		case gre && isTunnelName(a.Name):
 			continue // tunnels checks them
@@ -350,7 +350,7 @@ func (v *verifier) ports(links []netlink.Link, br, vx netlink.Link) {
 		if !ports[id] {
 			v.diff.Problems = append(v.diff.Problems, Problem{
 				Kind: Missing, Repair: RepairRecreate, Endpoint: id,
-				What: "has no port on " + bridgeName + ": its container is cut off (or is starting or stopping right now)",
+				What: "has no port on " + BridgeDevice + ": its container is cut off (or is starting or stopping right now)",
 			})
 		}
 	}
@@ -402,7 +402,7 @@ func (v *verifier) portFlags(l, br netlink.Link, isolated bool) error {
 func (v *verifier) gateways(br netlink.Link) error {
 	addrs, err := dump(func() ([]netlink.Addr, error) { return v.s.ov.AddrList(br, netlink.FAMILY_ALL) })
 	if err != nil {
-		return fmt.Errorf("list %s addresses: %w", bridgeName, err)
+		return fmt.Errorf("list %s addresses: %w", BridgeDevice, err)
 	}
 	var have []netip.Prefix
 	for _, a := range addrs {
@@ -412,12 +412,12 @@ func (v *verifier) gateways(br netlink.Link) error {
 		}
 		have = append(have, p)
 		if !slices.Contains(v.cfg.Gateways, p) {
-			v.wrong(fmt.Sprintf("%s has address %s, which is no gateway of the overlay", bridgeName, p))
+			v.wrong(fmt.Sprintf("%s has address %s, which is no gateway of the overlay", BridgeDevice, p))
 		}
 	}
 	for _, p := range v.cfg.Gateways {
 		if !slices.Contains(have, p) {
-			v.wrong(fmt.Sprintf("%s lacks the gateway address %s", bridgeName, p))
+			v.wrong(fmt.Sprintf("%s lacks the gateway address %s", BridgeDevice, p))
 		}
 	}
 	return nil
@@ -479,12 +479,12 @@ func (v *verifier) vxlanFDB(p peerPlan, vx *netlink.Vxlan) error {
 	v.diff.FDB = len(want)
 	fdb, err := dump(func() ([]netlink.Neigh, error) { return v.s.ov.NeighList(vx.Index, unix.AF_BRIDGE) })
 	if err != nil {
-		return fmt.Errorf("list FDB of %s: %w", vxlanName, err)
+		return fmt.Errorf("list FDB of %s: %w", VXLANDevice, err)
 	}
 	have := map[string]bool{}
 	for _, e := range fdb {
 		// Not the bridge's own (permanent) entry for the port's MAC.
-		if fe := fdbEntryOf(e, vxlanName, netip.Addr{}); (fe.Self && fe.Dst.IsValid()) || (!fe.Self && e.State&netlink.NUD_NOARP != 0) {
+		if fe := fdbEntryOf(e, VXLANDevice, netip.Addr{}); (fe.Self && fe.Dst.IsValid()) || (!fe.Self && e.State&netlink.NUD_NOARP != 0) {
 			have[fe.String()] = true
 		}
 	}

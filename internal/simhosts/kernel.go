@@ -10,12 +10,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-)
 
-// The devices of an overlay namespace (package overlay's names).
-const (
-	bridgeDev = "br0"
-	vxlanDev  = "vxlan0"
+	"github.com/dnplabs/docker-net-plugin/overlay"
 )
 
 // Kernel reads (and, for cold starts, clears) the peer entries of one
@@ -38,12 +34,12 @@ func OpenKernel(nsPath string) (*Kernel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netlink in %s: %w", nsPath, err)
 	}
-	br, err := h.LinkByName(bridgeDev)
+	br, err := h.LinkByName(overlay.BridgeDevice)
 	if err != nil {
 		h.Close()
 		return nil, fmt.Errorf("bridge in %s: %w", nsPath, err)
 	}
-	vx, err := h.LinkByName(vxlanDev)
+	vx, err := h.LinkByName(overlay.VXLANDevice)
 	if err != nil {
 		h.Close()
 		return nil, fmt.Errorf("vxlan device in %s: %w", nsPath, err)
