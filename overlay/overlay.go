@@ -49,6 +49,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -270,12 +271,4 @@ func isNotFound(err error) bool {
 
 // dump retries a netlink dump the kernel interrupted because the table
 // changed meanwhile.
-func dump[T any](f func() ([]T, error)) ([]T, error) {
-	for i := 0; ; i++ {
-		res, err := f()
-		if errors.Is(err, netlink.ErrDumpInterrupted) && i < 5 {
-			continue
-		}
-		return res, err
-	}
-}
+func dump[T any](f func() (T, error)) (T, error) { return sysutil.RetryDump(5, f) }

@@ -1,7 +1,6 @@
 package overlay
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -275,13 +274,7 @@ func (st *State) addFDB(e FDBEntry) {
 // protinfo reads a bridge port's flags, retrying a dump the kernel
 // interrupted.
 func protinfo(h *netlink.Handle, l netlink.Link) (netlink.Protinfo, error) {
-	for i := 0; ; i++ {
-		pi, err := h.LinkGetProtinfo(l)
-		if errors.Is(err, netlink.ErrDumpInterrupted) && i < 5 {
-			continue
-		}
-		return pi, err
-	}
+	return dump(func() (netlink.Protinfo, error) { return h.LinkGetProtinfo(l) })
 }
 
 // String prints the entry like `bridge fdb show`, with the remote host

@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 	"github.com/dnplabs/docker-net-plugin/overlay"
 )
 
@@ -51,15 +52,9 @@ func OpenKernel(nsPath string) (*Kernel, error) {
 func (k *Kernel) Close() { k.h.Close() }
 
 // dump retries a netlink dump the kernel interrupted because the table
-// changed meanwhile.
+// changed meanwhile (often, while thousands of entries come and go).
 func dump(list func() ([]netlink.Neigh, error)) ([]netlink.Neigh, error) {
-	for try := 0; ; try++ {
-		l, err := list()
-		if errors.Is(err, netlink.ErrDumpInterrupted) && try < 10 {
-			continue
-		}
-		return l, err
-	}
+	return sysutil.RetryDump(10, list)
 }
 
 func (k *Kernel) neighbours() ([]netlink.Neigh, error) {

@@ -3,10 +3,12 @@
 package sysutil
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 	"syscall"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -59,4 +61,17 @@ func WithFD(c syscall.Conn, fn func(fd int) error) error {
 		return err
 	}
 	return ferr
+}
+
+// RetryDump calls dump, and again up to retries more times while the
+// kernel interrupts it (netlink.ErrDumpInterrupted: the table changed
+// during the dump), and returns what the last call returned.
+func RetryDump[T any](retries int, dump func() (T, error)) (T, error) {
+	for i := 0; ; i++ {
+		res, err := dump()
+		if errors.Is(err, netlink.ErrDumpInterrupted) && i < retries {
+			continue
+		}
+		return res, err
+	}
 }

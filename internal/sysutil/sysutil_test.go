@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -71,5 +72,32 @@ func TestWithFD(t *testing.T) {
 	want := errors.New("from fn")
 	if err := WithFD(conn, func(int) error { return want }); err != want {
 		t.Errorf("WithFD returned %v, want fn's error", err)
+	}
+}
+
+// An interrupted dump is tried again, at most retries more times; any
+// other error ends it at once.
+func TestRetryDump(t *testing.T) {
+	interruptedFor := func(n int, calls *int) func() ([]int, error) {
+		return func() ([]int, error) {
+			*calls++
+			if *calls <= n {
+				return nil, netlink.ErrDumpInterrupted
+			}
+			return []int{*calls}, nil
+		}
+	}
+	calls := 0
+	if got, err := RetryDump(5, interruptedFor(3, &calls)); err != nil || len(got) != 1 || calls != 4 {
+		t.Errorf("interrupted 3 times, 5 retries: %v, %v after %d calls; want the 4th call's result", got, err, calls)
+	}
+	calls = 0
+	if _, err := RetryDump(5, interruptedFor(100, &calls)); !errors.Is(err, netlink.ErrDumpInterrupted) || calls != 6 {
+		t.Errorf("always interrupted, 5 retries: %v after %d calls; want ErrDumpInterrupted after 6", err, calls)
+	}
+	calls = 0
+	other := errors.New("no such device")
+	if _, err := RetryDump(5, func() (int, error) { calls++; return 0, other }); err != other || calls != 1 {
+		t.Errorf("another error: %v after %d calls; want it after 1", err, calls)
 	}
 }
