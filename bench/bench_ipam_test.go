@@ -75,21 +75,11 @@ func TestBenchIPAM(t *testing.T) {
 // returns a function giving a store URL under a prefix.
 func startStore(t *testing.T, kind string) func(prefix string) string {
 	t.Helper()
-	var srv *testenv.Server
-	switch kind {
-	case "bolt":
+	if kind == "bolt" {
 		dir := t.TempDir()
 		return func(prefix string) string { return "bolt://" + filepath.Join(dir, prefix+".db") }
-	case "etcd":
-		srv = testenv.StartEtcd(t, testenv.ServerOptions{})
-	case "consul":
-		srv = testenv.StartConsul(t, testenv.ServerOptions{})
-	case "zk":
-		srv = testenv.StartZooKeeper(t, testenv.ServerOptions{})
-	default:
-		t.Fatalf("unknown store %q", kind)
 	}
-	return srv.URL
+	return testenv.StartServer(t, kind, testenv.ServerOptions{}).URL
 }
 
 // openClients opens n clients of the store at url.

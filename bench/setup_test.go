@@ -133,17 +133,7 @@ func newClusterOn(t *testing.T, n int, kind string, opts harness.Options) *bench
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)
 	}
-	var srv *testenv.Server
-	switch so := (testenv.ServerOptions{IP: c.RootIP}); kind {
-	case "etcd":
-		srv = testenv.StartEtcd(t, so)
-	case "consul":
-		srv = testenv.StartConsul(t, so)
-	case "zk":
-		srv = testenv.StartZooKeeper(t, so)
-	default:
-		t.Fatalf("unknown store kind %q", kind)
-	}
+	srv := testenv.StartServer(t, kind, testenv.ServerOptions{IP: c.RootIP})
 	bc := &benchCluster{Cluster: c, StoreURL: srv.URL("dnp-" + c.ID)}
 	for _, h := range c.Hosts {
 		bc.Plugins = append(bc.Plugins, startPlugin(t, c, h, bc.StoreURL))

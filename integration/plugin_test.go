@@ -52,18 +52,7 @@ func kvServerProc(t *testing.T, c *harness.Cluster, kind string) (*testenv.Serve
 	if err := c.AttachRoot(); err != nil {
 		t.Fatal(err)
 	}
-	opts := testenv.ServerOptions{IP: c.RootIP}
-	var srv *testenv.Server
-	switch kind {
-	case "etcd":
-		srv = testenv.StartEtcd(t, opts)
-	case "consul":
-		srv = testenv.StartConsul(t, opts)
-	case "zk":
-		srv = testenv.StartZooKeeper(t, opts)
-	default:
-		t.Fatalf("unknown store kind %q", kind)
-	}
+	srv := testenv.StartServer(t, kind, testenv.ServerOptions{IP: c.RootIP})
 	// Stop the server during the cluster's teardown, after the containers
 	// and plugins are gone (not before, or every teardown call would wait
 	// on store timeouts); its own t.Cleanup then has nothing left to do.

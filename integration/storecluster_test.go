@@ -77,15 +77,7 @@ func testStoreClusterFailover(t *testing.T, kind string) {
 		members = append(members, testenv.ServerOptions{IP: n.UnderlayIP, NetNS: n.NetNS})
 	}
 	start := time.Now()
-	var sc *testenv.Cluster
-	switch kind {
-	case "etcd":
-		sc = testenv.StartEtcdCluster(t, members)
-	case "zk":
-		sc = testenv.StartZooKeeperEnsemble(t, members)
-	case "consul":
-		sc = testenv.StartConsulCluster(t, members)
-	}
+	sc := testenv.StartCluster(t, kind, members)
 	prefix := "dnp-" + c.ID
 	t.Logf("%s cluster of %d up in %s: %s", kind, len(sc.Members), time.Since(start).Round(time.Millisecond), sc.URL(prefix))
 

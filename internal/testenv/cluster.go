@@ -205,6 +205,23 @@ func etcdIsLeader(hc *http.Client, clientURL string) (bool, error) {
 	return st.Leader == st.Header.MemberID, nil
 }
 
+// StartCluster starts a cluster of kind etcd, zk or consul with one
+// server per entry of members, as StartEtcdCluster, StartZooKeeperEnsemble
+// or StartConsulCluster do.
+func StartCluster(t testing.TB, kind string, members []ServerOptions) *Cluster {
+	t.Helper()
+	switch kind {
+	case "etcd":
+		return StartEtcdCluster(t, members)
+	case "zk":
+		return StartZooKeeperEnsemble(t, members)
+	case "consul":
+		return StartConsulCluster(t, members)
+	}
+	t.Fatalf("unknown store kind %q (etcd, zk or consul)", kind)
+	return nil
+}
+
 // StartZooKeeperEnsemble runs a ZooKeeper ensemble with one server per
 // entry of members (its IP and namespace), each with its own client,
 // quorum and election ports and data directory, and waits until every

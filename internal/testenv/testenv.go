@@ -112,3 +112,19 @@ type Server struct {
 
 // URL is a store URL for this server under prefix.
 func (s *Server) URL(prefix string) string { return s.Scheme + "://" + s.Addr + "/" + prefix }
+
+// StartServer starts a server of kind etcd, consul or zk, as StartEtcd,
+// StartConsul or StartZooKeeper do.
+func StartServer(t testing.TB, kind string, o ServerOptions) *Server {
+	t.Helper()
+	switch kind {
+	case "etcd":
+		return StartEtcd(t, o)
+	case "consul":
+		return StartConsul(t, o)
+	case "zk":
+		return StartZooKeeper(t, o)
+	}
+	t.Fatalf("unknown store kind %q (etcd, consul or zk)", kind)
+	return nil
+}

@@ -27,16 +27,8 @@ func TestClusterFailover(t *testing.T) {
 
 func testClusterFailover(t *testing.T, kind string) {
 	members := []testenv.ServerOptions{{}, {}, {}} // 127.0.0.1, ports of their own
-	var c *testenv.Cluster
 	start := time.Now()
-	switch kind {
-	case "etcd":
-		c = testenv.StartEtcdCluster(t, members)
-	case "zk":
-		c = testenv.StartZooKeeperEnsemble(t, members)
-	case "consul":
-		c = testenv.StartConsulCluster(t, members)
-	}
+	c := testenv.StartCluster(t, kind, members)
 	t.Logf("%s cluster up in %s", kind, time.Since(start).Round(time.Millisecond))
 	url := c.URL("failover")
 	if kind == "consul" {
