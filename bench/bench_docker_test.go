@@ -3,17 +3,14 @@ package bench
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
-
 	"github.com/dnplabs/docker-net-plugin/integration/harness"
+	"github.com/dnplabs/docker-net-plugin/internal/simhosts"
 )
 
 // TestBenchAttach: wall time of `docker run --rm --init <img> true` on an
@@ -91,7 +88,7 @@ func TestBenchConvergence(t *testing.T) {
 	pOver, pBridge := mustPinger(t, h2, "pinger"), mustPinger(t, h1, "pinger-br")
 
 	// Neighbour entries appearing in host 2's overlay namespace.
-	programmed, err := watchNeigh(overlayNS(t, c.Cluster, h2))
+	programmed, err := simhosts.StartMonitor(overlayNS(t, c.Cluster, h2))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +123,7 @@ func TestBenchConvergence(t *testing.T) {
 		}
 		s.reply = r.at
 		if network == "conv" {
-			at, err := programmed.wait(ip, 30*time.Second)
+			at, err := programmed.WaitAdded(netip.MustParseAddr(ip), 30*time.Second)
 			if err != nil {
 				return s, err
 			}
@@ -203,85 +200,4 @@ func overlayNS(t *testing.T, c *harness.Cluster, h *harness.Host) string {
 		t.Fatalf("want one overlay namespace of %s, found %v", h.Name, found)
 	}
 	return found[0]
-}
-
-// neighWatch records when permanent IPv4 neighbour entries appear in one
-// namespace.
-type neighWatch struct {
-	mu   sync.Mutex
-	seen map[string]time.Time
-	err  error
-	kick chan struct{}
-	done chan struct{}
-}
-
-// watchNeigh subscribes to the neighbour events of the namespace at nsPath.
-// Close it when done.
-func watchNeigh(nsPath string) (*neighWatch, error) {
-	ns, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		return nil, err
-	}
-	defer ns.Close() // the subscription keeps its own socket in the namespace
-	w := &neighWatch{seen: map[string]time.Time{}, kick: make(chan struct{}, 1), done: make(chan struct{})}
-	ch := make(chan netlink.NeighUpdate, 1024)
-	err = netlink.NeighSubscribeWithOptions(ch, w.done, netlink.NeighSubscribeOptions{
-		Namespace: &ns,
-		ErrorCallback: func(err error) {
-			w.mu.Lock()
-			w.err = err
-			w.mu.Unlock()
-			w.wake()
-		},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("subscribe to neighbour events in %s: %w", nsPath, err)
-	}
-	go func() {
-		for u := range ch {
-			at := time.Now()
-			if u.Type != unix.RTM_NEWNEIGH || u.Family != unix.AF_INET || u.State&netlink.NUD_PERMANENT == 0 || u.IP == nil {
-				continue
-			}
-			w.mu.Lock()
-			if _, ok := w.seen[u.IP.String()]; !ok {
-				w.seen[u.IP.String()] = at
-			}
-			w.mu.Unlock()
-			w.wake()
-		}
-	}()
-	return w, nil
-}
-
-func (w *neighWatch) wake() {
-	select {
-	case w.kick <- struct{}{}:
-	default:
-	}
-}
-
-// Close ends the subscription.
-func (w *neighWatch) Close() { close(w.done) }
-
-// wait returns when the entry for ip appeared.
-func (w *neighWatch) wait(ip string, timeout time.Duration) (time.Time, error) {
-	deadline := time.After(timeout)
-	for {
-		w.mu.Lock()
-		at, ok := w.seen[ip]
-		err := w.err
-		w.mu.Unlock()
-		if ok {
-			return at, nil
-		}
-		if err != nil {
-			return time.Time{}, fmt.Errorf("neighbour events: %w", err)
-		}
-		select {
-		case <-w.kick:
-		case <-deadline:
-			return time.Time{}, fmt.Errorf("no neighbour entry for %s after %s", ip, timeout)
-		}
-	}
 }
