@@ -16,12 +16,7 @@ import (
 // would have made of the whole: VerifyNetwork finds nothing, SetPeers
 // nothing to change.
 func TestUpdatePeers(t *testing.T) {
-	for _, encap := range encaps {
-		t.Run(encap, func(t *testing.T) {
-			needEncap(t, encap)
-			testUpdatePeers(t, encap)
-		})
-	}
+	forEachEncap(t, testUpdatePeers)
 }
 
 func testUpdatePeers(t *testing.T, encap string) {

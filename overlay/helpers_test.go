@@ -227,6 +227,17 @@ func requireGRE() bool { return os.Getenv("DNP_REQUIRE_GRE") == "1" }
 // encaps are the encapsulations the data-plane tests run with.
 var encaps = []string{overlay.EncapVXLAN, overlay.EncapGRE}
 
+// forEachEncap runs test as a subtest per encapsulation, each skipped
+// (needEncap) where the kernel cannot carry it.
+func forEachEncap(t *testing.T, test func(t *testing.T, encap string)) {
+	for _, encap := range encaps {
+		t.Run(encap, func(t *testing.T) {
+			needEncap(t, encap)
+			test(t, encap)
+		})
+	}
+}
+
 // needEncap skips t where the running kernel cannot carry encap (GRE).
 // A kernel built without GRE is a property of the machine, not a missing
 // package, so that skips with t.Skipf also in CI (testenv.Missing would

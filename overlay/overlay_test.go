@@ -257,12 +257,7 @@ func TestEndpoints(t *testing.T) {
 }
 
 func TestSetPeersReconciles(t *testing.T) {
-	for _, encap := range encaps {
-		t.Run(encap, func(t *testing.T) {
-			needEncap(t, encap)
-			testSetPeersReconciles(t, encap)
-		})
-	}
+	forEachEncap(t, testSetPeersReconciles)
 }
 
 func testSetPeersReconciles(t *testing.T, encap string) {
@@ -449,12 +444,7 @@ func testSetPeersReconciles(t *testing.T, encap string) {
 // TestTwoHostsPing is the data plane end to end: two hosts, one container
 // each, reachable over VXLAN or GRE through static entries only.
 func TestTwoHostsPing(t *testing.T) {
-	for _, encap := range encaps {
-		t.Run(encap, func(t *testing.T) {
-			needEncap(t, encap)
-			testTwoHostsPing(t, encap)
-		})
-	}
+	forEachEncap(t, testTwoHostsPing)
 }
 
 func testTwoHostsPing(t *testing.T, encap string) {

@@ -19,12 +19,7 @@ import (
 // (RemoveDevice, EnsureNetwork and SetPeers again, the endpoint added
 // again) leave it clean.
 func TestVerifyNetwork(t *testing.T) {
-	for _, encap := range encaps {
-		t.Run(encap, func(t *testing.T) {
-			needEncap(t, encap)
-			testVerifyNetwork(t, encap)
-		})
-	}
+	forEachEncap(t, testVerifyNetwork)
 }
 
 func testVerifyNetwork(t *testing.T, encap string) {
