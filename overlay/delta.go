@@ -188,9 +188,9 @@ func updatePeersGRE(s *handles, info netInfo, dp deltaPlan) (int, error) {
 		if i, ok := ports[host]; ok {
 			return i, nil
 		}
-		l, err := s.ov.LinkByName(tunnelName(host))
-		if err != nil && !isNotFound(err) {
-			return 0, fmt.Errorf("find tunnel to %s: %w", host, err)
+		l, err := findTunnel(s.ov, host)
+		if err != nil {
+			return 0, err
 		}
 		if l != nil {
 			ports[host] = int32(l.Attrs().Index)
@@ -217,9 +217,9 @@ func updatePeersGRE(s *handles, info netInfo, dp deltaPlan) (int, error) {
 	changes := 0
 	hostID := hostNSID(s)
 	for _, remote := range dp.addHosts {
-		l, err := s.ov.LinkByName(tunnelName(remote))
-		if err != nil && !isNotFound(err) {
-			return changes, fmt.Errorf("find tunnel to %s: %w", remote, err)
+		l, err := findTunnel(s.ov, remote)
+		if err != nil {
+			return changes, err
 		}
 		l, c, err := ensureTunnel(s, info, remote, l, hostID)
 		changes += c
@@ -267,12 +267,12 @@ func updatePeersGRE(s *handles, info netInfo, dp deltaPlan) (int, error) {
 	}
 
 	for _, remote := range dp.removeHosts {
-		l, err := s.ov.LinkByName(tunnelName(remote))
-		if isNotFound(err) {
-			continue
-		}
+		l, err := findTunnel(s.ov, remote)
 		if err != nil {
-			return changes, fmt.Errorf("find tunnel to %s: %w", remote, err)
+			return changes, err
+		}
+		if l == nil {
+			continue
 		}
 		if err := deleteLink(s.ov, l); err != nil {
 			return changes, err

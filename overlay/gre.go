@@ -70,6 +70,18 @@ func tunnelName(remote netip.Addr) string {
 	return greTunnelPrefix + hash8(remote.String())
 }
 
+// findTunnel returns the tunnel port to remote, or nil if there is none.
+func findTunnel(ov *netlink.Handle, remote netip.Addr) (netlink.Link, error) {
+	l, err := ov.LinkByName(tunnelName(remote))
+	if isNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("find tunnel to %s: %w", remote, err)
+	}
+	return l, nil
+}
+
 // tempTunnelName is the name a tunnel has in the host namespace while it
 // is being made. It differs per network (VNI) so that networks do not
 // collide there, and is deterministic so that a leftover of an
