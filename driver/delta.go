@@ -59,9 +59,9 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 		return
 	}
 	v := p.views[overlayOfKey(key)]
-	self := p.host
+	own := (old != nil && old.Host == p.host) || (now != nil && now.Host == p.host)
 	if v == nil {
-		if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
+		if own {
 			p.full = true // an overlay comes to this host (or was not built)
 		}
 		return // else an overlay this host does not have
@@ -70,7 +70,7 @@ func (p *peerSync) noteEndpoint(key string, old, now *endpointRecord) {
 		p.full = true // another record may win what it was refused
 		return
 	}
-	if (old != nil && old.Host == self) || (now != nil && now.Host == self) {
+	if own {
 		p.noteOwn(v, idOfKey(key), old, now)
 		return
 	}
