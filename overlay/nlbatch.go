@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"syscall"
 
+	"github.com/dnplabs/docker-net-plugin/internal/sysutil"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -234,36 +234,15 @@ func (s *nlSocket) setup() error {
 
 func (s *nlSocket) close() { unix.Close(s.fd) }
 
-// socketIn opens a netlink socket in ns on a thread of its own that goes
-// back to its namespace afterwards (or ends, if it cannot).
+// socketIn opens a netlink socket in ns.
 func socketIn(ns netns.NsHandle) (int, error) {
-	type result struct {
-		fd  int
-		err error
-	}
-	res := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			res <- result{-1, err}
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			res <- result{-1, err}
-			return
-		}
-		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		res <- result{fd, err}
-	}()
-	r := <-res
-	return r.fd, r.err
+	fd := -1
+	err := sysutil.InNetNSHandle(ns, ns.String(), func() error {
+		var err error
+		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+		return err
+	})
+	return fd, err
 }
 
 func (s *nlSocket) send(b []byte) error {

@@ -21,6 +21,17 @@ func InNetNS(path string, fn func() error) error {
 	if path == "" {
 		return fn()
 	}
+	target, err := netns.GetFromPath(path)
+	if err != nil {
+		return fmt.Errorf("open namespace %s: %w", path, err)
+	}
+	defer target.Close()
+	return InNetNSHandle(target, path, fn)
+}
+
+// InNetNSHandle is InNetNS for a namespace already open; name names it in
+// errors.
+func InNetNSHandle(target netns.NsHandle, name string, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -30,14 +41,8 @@ func InNetNS(path string, fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		target, err := netns.GetFromPath(path)
-		if err != nil {
-			errc <- fmt.Errorf("open namespace %s: %w", path, err)
-			return
-		}
-		defer target.Close()
 		if err := netns.Set(target); err != nil {
-			errc <- fmt.Errorf("enter namespace %s: %w", path, err)
+			errc <- fmt.Errorf("enter namespace %s: %w", name, err)
 			return
 		}
 		err = fn()
